@@ -1,0 +1,9 @@
+"""keyprep: a BIDS App for brain MRI registration.
+
+Skull stripping, anatomical labels, a panel of registration engines behind one
+interface (ANTs baselines now; KeyMorph, CARL and DIO plug into the same registry),
+ITK transforms in both directions, Dice/Jacobian QC tables and HTML reports.
+"""
+
+__version__ = '0.1.0'
+__all__ = ['__version__']

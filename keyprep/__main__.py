@@ -1,0 +1,4 @@
+from keyprep.bids_app.run import main
+
+if __name__ == '__main__':
+    main()

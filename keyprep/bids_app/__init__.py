@@ -1,0 +1,1 @@
+"""Command line, configuration, BIDS queries, derivatives naming and reports."""

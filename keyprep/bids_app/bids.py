@@ -1,0 +1,207 @@
+"""BIDS queries: validation, the pybids layout, and the anatomical images to process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..pipeline.errors import (
+    EXIT_NO_INPUT,
+    EXIT_NO_MATCH,
+    KeyprepError,
+    MissingInputError,
+    NoMatchError,
+    ValidationError,
+)
+
+__all__ = [
+    'ANAT_QUERIES',
+    'AnatImage',
+    'ProcessingGroup',
+    'collect_groups',
+    'collect_participants',
+    'init_layout',
+    'validate_dataset',
+]
+
+LOGGER = logging.getLogger('keyprep')
+
+#: Default queries; ``--bids-filter-file`` may refine each key.
+ANAT_QUERIES: dict[str, dict] = {
+    't1w': {'datatype': 'anat', 'suffix': 'T1w'},
+    't2w': {'datatype': 'anat', 'suffix': 'T2w'},
+    'pdw': {'datatype': 'anat', 'suffix': 'PDw'},
+    'flair': {'datatype': 'anat', 'suffix': 'FLAIR'},
+}
+
+
+@dataclass
+class AnatImage:
+    """One anatomical image to register."""
+
+    path: Path
+    suffix: str
+    subject: str
+    session: str | None
+    error: str | None = None
+    exit_code: int = 0
+
+    @property
+    def key(self) -> str:
+        """A node-name-safe identifier unique within a subject."""
+        stem = self.path.name.split('.')[0]
+        return re.sub(r'[^A-Za-z0-9]', '_', stem.replace(f'sub-{self.subject}_', ''))
+
+
+@dataclass
+class ProcessingGroup:
+    """A subject, or a subject's session: one QC table and one section of the report."""
+
+    subject: str
+    session: str | None
+    images: list[AnatImage] = field(default_factory=list)
+    errors: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f'sub_{self.subject}' + (f'_ses_{self.session}' if self.session else '')
+
+
+def validate_dataset(bids_dir: Path, participants: list[str] | None = None) -> None:
+    """Check that ``bids_dir`` is a BIDS dataset, raising :class:`ValidationError`.
+
+    Checks ``dataset_description.json`` (present, valid JSON, ``Name`` and
+    ``BIDSVersion``), that there are ``sub-*`` folders, and every file name under the
+    selected subjects against the BIDS schema (the ``bids-validator`` Python package).
+    """
+    desc = bids_dir / 'dataset_description.json'
+    if not desc.is_file():
+        raise ValidationError(f'{bids_dir} is not a BIDS dataset: dataset_description.json is '
+                              'missing (use --skip-bids-validation to go on anyway)')
+    try:
+        meta = json.loads(desc.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError(f'dataset_description.json is not valid JSON: {exc}') from None
+    missing = [k for k in ('Name', 'BIDSVersion') if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValidationError(f'dataset_description.json lacks the required field(s) '
+                              f'{", ".join(missing)}')
+    subjects = sorted(p for p in bids_dir.glob('sub-*') if p.is_dir())
+    if not subjects:
+        raise ValidationError(f'{bids_dir} is not a BIDS dataset: no sub-<label> folders')
+    from bids_validator import BIDSValidator
+
+    validator = BIDSValidator()
+    bad = []
+    for sub in subjects:
+        if participants and sub.name[4:] not in participants:
+            continue
+        for f in sorted(sub.rglob('*')):
+            if f.is_file() and not f.name.startswith('.'):
+                rel = '/' + f.relative_to(bids_dir).as_posix()
+                if not validator.is_bids(rel):
+                    bad.append(rel)
+    if bad:
+        more = f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''
+        raise ValidationError(f'{len(bad)} file name(s) are not valid BIDS: '
+                              f'{", ".join(bad[:5])}{more} (use --skip-bids-validation to go '
+                              'on anyway)')
+
+
+def init_layout(bids_dir: Path, database_dir: Path, participants: list[str] | None = None):
+    """A pybids layout whose SQLite index lives in the work folder."""
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    ignore = ['code', 'stimuli', 'sourcedata', 'models', 'derivatives',
+              re.compile(r'^\.'), re.compile(r'/(beh|dwi|eeg|ieeg|meg|perf|func|fmap|pet)/')]
+    if participants:
+        ignore.append(re.compile(r'sub-(?!(%s)(\b|_))' % '|'.join(map(re.escape, participants))))
+    database_dir.mkdir(parents=True, exist_ok=True)
+    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
+    try:
+        return BIDSLayout(str(bids_dir), validate=False, database_path=str(database_dir),
+                          reset_database=True, indexer=indexer)
+    except Exception as exc:  # pybids raises several types for unreadable datasets
+        raise ValidationError(f'pybids cannot index {bids_dir}: {exc}') from None
+
+
+def collect_participants(layout, labels: list[str] | None) -> list[str]:
+    """Selected participants, as in niworkflows: all when no labels are given, an error
+    when none of the requested labels exist, a warning when some are missing."""
+    available = sorted(layout.get_subjects())
+    if not available:
+        raise NoMatchError('the dataset has no participants')
+    if not labels:
+        return available
+    wanted = sorted(dict.fromkeys(labels))
+    found = [s for s in wanted if s in available]
+    missing = [s for s in wanted if s not in available]
+    if not found:
+        raise NoMatchError(f'none of the requested participants were found: '
+                           f'{", ".join("sub-" + s for s in missing)}')
+    if missing:
+        LOGGER.warning('participants not found and skipped: %s',
+                       ', '.join('sub-' + s for s in missing))
+    return found
+
+
+def collect_groups(layout, subjects: list[str], sessions: list[str] | None = None,
+                   filters: dict | None = None) -> list[ProcessingGroup]:
+    """Anatomical images of each selected subject, grouped by session.
+
+    A subject without any anatomical image gets an error of its own (exit code 66, or 18
+    when filters or session labels excluded its images); the others go on.
+    """
+    filters = filters or {}
+    unknown = sorted(set(filters) - set(ANAT_QUERIES))
+    if unknown:
+        raise KeyprepError(f'unknown query key(s) in --bids-filter-file: {", ".join(unknown)}; '
+                           f'use {", ".join(ANAT_QUERIES)}', 64)
+    filtered = bool(filters) or bool(sessions)
+    groups: list[ProcessingGroup] = []
+    total = 0
+    for subject in subjects:
+        found: dict[str | None, list[AnatImage]] = {}
+        for key, query in ANAT_QUERIES.items():
+            q = {**query, **_clean_filter(filters.get(key, {}))}
+            if sessions:
+                q['session'] = sessions
+            files = layout.get(subject=subject, extension=['.nii', '.nii.gz'],
+                               return_type='object', **q)
+            for f in sorted(files, key=lambda f: f.path):
+                ses = f.entities.get('session')
+                found.setdefault(ses, []).append(
+                    AnatImage(Path(f.path), f.entities['suffix'], subject, ses))
+        if not found:
+            code = EXIT_NO_MATCH if filtered else EXIT_NO_INPUT
+            why = ('no anatomical image matches the session labels/filters' if filtered
+                   else 'no anatomical image (T1w, T2w, PDw, FLAIR) found')
+            groups.append(ProcessingGroup(subject, None, [], [(f'sub-{subject}: {why}', code)]))
+            continue
+        for ses in sorted(found, key=lambda s: s or ''):
+            groups.append(ProcessingGroup(subject, ses, found[ses]))
+            total += len(found[ses])
+    if total == 0:
+        if filtered:
+            raise NoMatchError('the session labels/BIDS filters selected no anatomical image')
+        raise MissingInputError('no anatomical image (T1w, T2w, PDw, FLAIR) in the selected '
+                                'participants')
+    return groups
+
+
+def _clean_filter(query: dict) -> dict:
+    """pybids query from JSON: ``null`` -> Query.NONE, ``"*"`` -> Query.ANY."""
+    from bids.layout import Query
+
+    out = {}
+    for key, value in query.items():
+        if value is None:
+            out[key] = Query.NONE
+        elif value == '*':
+            out[key] = Query.ANY
+        else:
+            out[key] = value
+    return out

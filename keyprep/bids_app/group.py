@@ -1,0 +1,95 @@
+"""Group level: merge the participants' QC tables and plot them."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..pipeline.errors import EXIT_OK, MissingInputError
+from ..pipeline.io import atomic_write_text
+
+__all__ = ['run_group']
+
+LOGGER = logging.getLogger('keyprep')
+
+
+def run_group(output_dir: Path) -> int:
+    """Write ``group_desc-registration_qc.tsv``, ``group_desc-registrationsummary_qc.tsv``
+    (with JSON sidecars) and ``group.html`` into ``output_dir``."""
+    from ..pipeline.figures import plot_group, png_to_data_uri
+    from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, concat_tables, table_sidecar
+    from .reports import _DATA, _table_html
+
+    if not output_dir.is_dir():
+        raise MissingInputError(f'output_dir does not exist: {output_dir}; run the '
+                                'participant level first')
+    tables = {}
+    for desc, cols, text in (
+            ('registration', LONG_COLUMNS, 'Registration QC of all participants: Dice per '
+                                           'engine and label'),
+            ('registrationsummary', SUMMARY_COLUMNS, 'Registration QC summary of all '
+                                                     'participants: one row per engine and '
+                                                     'image')):
+        files = sorted(output_dir.glob(f'sub-*/**/anat/sub-*_desc-{desc}_qc.tsv'))
+        if not files:
+            raise MissingInputError(f'no sub-*_desc-{desc}_qc.tsv tables in {output_dir}; run '
+                                    'the participant level first')
+        df = concat_tables(files)
+        tables[desc] = df
+        out = output_dir / f'group_desc-{desc}_qc.tsv'
+        atomic_write_text(out, df.to_csv(sep='\t', index=False, na_rep='n/a'))
+        atomic_write_text(out.with_suffix('.json'),
+                          json.dumps(table_sidecar(cols, text), indent=2) + '\n')
+        LOGGER.info('wrote %s (%d rows from %d tables)', out, len(df), len(files))
+
+    summary = tables['registrationsummary']
+    figs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for metric, caption in (('dice_mean', 'Mean Dice (tissue labels) per engine'),
+                                ('runtime_s', 'Registration wall time per engine (s)'),
+                                ('jac_neg_frac', 'Fraction of folding voxels per engine'),
+                                ('peak_mem_mb', 'Peak memory per engine (MiB)')):
+            if metric not in summary or summary[metric].isna().all():
+                continue
+            png = Path(tmp) / f'{metric}.png'
+            plot_group(summary, png, metric=metric, by='method', title=caption)
+            figs.append((caption, png_to_data_uri(png)))
+    agg = summary.groupby('method').agg(
+        n=('dice_mean', 'size'), dice_mean=('dice_mean', 'mean'), dice_min=('dice_min', 'min'),
+        jac_neg_frac_max=('jac_neg_frac', 'max'), runtime_s_median=('runtime_s', 'median'),
+        peak_mem_mb_max=('peak_mem_mb', 'max'),
+        n_pass=('status', lambda s: int((s == 'pass').sum())),
+        n_warn=('status', lambda s: int((s == 'warn').sum())),
+        n_fail=('status', lambda s: int((s == 'fail').sum()))).reset_index().round(4)
+    body = [f'<h1>keyprep group report</h1><p>{summary["participant_id"].nunique()} '
+            f'participant(s), {len(summary)} registration(s); keyprep {__version__}; '
+            f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
+            '<section id="engines"><h2>Per engine</h2>', _table_html(agg), '</section>',
+            '<section id="plots"><h2>Plots</h2>']
+    for caption, uri in figs:
+        body.append(f'<figure><figcaption>{html.escape(caption)}</figcaption>'
+                    f'<img src="{uri}" alt="{html.escape(caption)}"></figure>')
+    body.append('</section><section id="table"><h2>All registrations</h2>')
+    cols = [c for c in ('participant_id', 'session_id', 'source', 'method', 'dice_mean',
+                        'dice_min', 'jac_min', 'jac_neg_frac', 'logjac_std', 'runtime_s',
+                        'peak_mem_mb', 'status', 'status_reason') if c in summary]
+    shown = summary[cols].copy()
+    shown['source'] = shown['source'].astype(str).str.rsplit('/', n=1).str[-1]
+    body.append(_table_html(shown, 'status'))
+    body.append('</section>')
+    links = ''.join(f'<a href="{p.name}">{p.stem}</a>'
+                    for p in sorted(output_dir.glob('sub-*.html')))
+    page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<title>keyprep group report</title><style>{(_DATA / "report.css").read_text()}'
+            f'</style></head><body><nav><span class="brand">keyprep {__version__}</span>'
+            f'<a href="#engines">Engines</a><a href="#plots">Plots</a><a href="#table">Table</a>'
+            f'{links}</nav><main>' + '\n'.join(body) + '</main></body></html>')
+    out = output_dir / 'group.html'
+    atomic_write_text(out, page)
+    LOGGER.info('group report: %s', out)
+    return EXIT_OK

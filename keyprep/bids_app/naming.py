@@ -1,0 +1,97 @@
+"""Derivative file names: the living specification of keyprep's output layout.
+
+Names are built with pybids' ``build_path`` from the entities of the raw source file,
+with patterns that extend the NiPreps ones (``seg-`` and ``desc-`` on anatomical
+transforms, ``.nii.gz`` displacement fields, a ``qc`` suffix for the QC tables).
+
+>>> src = 'sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz'
+>>> derivative_name(src, desc='preproc', extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_desc-preproc_T1w.nii.gz'
+>>> derivative_name(src, desc='brain', suffix='mask', extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_desc-brain_mask.nii.gz'
+>>> derivative_name(src, seg='tissue', suffix='dseg', extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_seg-tissue_dseg.nii.gz'
+>>> derivative_name(src, **{'from': 'T1w', 'to': 'MNI152NLin2009aSym'}, mode='image',
+...                 desc='antsSyN', suffix='xfm', extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-antsSyN_xfm.nii.gz'
+>>> derivative_name(src, space='MNI152NLin2009aSym', seg='tissue', desc='antsSyN',
+...                 suffix='dseg', extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_space-MNI152NLin2009aSym_seg-tissue_desc-antsSyN_dseg.nii.gz'
+>>> derivative_name(src, space='MNI152NLin2009aSym', desc='antsSyN', suffix='jacobian',
+...                 extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_space-MNI152NLin2009aSym_desc-antsSyN_jacobian.nii.gz'
+>>> derivative_name(src, datatype='figures', desc='antsSyN', space='MNI152NLin2009aSym',
+...                 extension='.png')
+'sub-01/figures/sub-01_ses-1_run-1_space-MNI152NLin2009aSym_desc-antsSyN_T1w.png'
+>>> qc_table_name('01', '1', 'registration')
+'sub-01/ses-1/anat/sub-01_ses-1_desc-registration_qc.tsv'
+>>> qc_table_name('01', None, 'registrationsummary')
+'sub-01/anat/sub-01_desc-registrationsummary_qc.tsv'
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+__all__ = ['PATTERNS', 'bids_uri', 'derivative_name', 'qc_table_name', 'source_entities']
+
+_ENTITIES = ('[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}]'
+             '[_run-{run}][_from-{from}][_to-{to}][_mode-{mode}][_space-{space}][_seg-{seg}]'
+             '[_desc-{desc}]')
+
+PATTERNS = [
+    'sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}' + _ENTITIES
+    + '_{suffix<T1w|T2w|PDw|FLAIR|mask|dseg|probseg|xfm|jacobian|qc>}'
+      '{extension<.nii|.nii.gz|.json|.txt|.h5|.tsv>}',
+    'sub-{subject}/{datatype<figures>}/sub-{subject}' + _ENTITIES
+    + '_{suffix<T1w|T2w|PDw|FLAIR|mask|dseg|jacobian|qc>}{extension<.png|.svg|.html|.json>}',
+]
+
+
+def source_entities(source_file: str | Path) -> dict:
+    """BIDS entities of a raw file name (subject, session, acquisition, run, suffix...)."""
+    from bids.layout import parse_file_entities
+
+    ents = parse_file_entities(str(source_file))
+    ents.pop('extension', None)
+    ents.setdefault('datatype', 'anat')
+    return ents
+
+
+def derivative_name(source_file: str | Path, **entities) -> str:
+    """Relative path of a derivative of ``source_file`` with ``entities`` overriding the
+    source's (``None`` removes an entity)."""
+    from bids.layout.writing import build_path
+
+    ents = source_entities(source_file)
+    for key, value in entities.items():
+        if value is None:
+            ents.pop(key, None)
+        else:
+            ents[key] = value
+    if ents.get('datatype') != 'figures':
+        ents['datatype'] = 'anat'
+    for key in ('space', 'desc', 'seg', 'from', 'to'):
+        if key in ents and not re.fullmatch(r'[A-Za-z0-9]+', str(ents[key])):
+            raise ValueError(f'entity {key}-{ents[key]} is not a BIDS alphanumeric label')
+    path = build_path(ents, PATTERNS, strict=False)
+    if path is None:
+        raise ValueError(f'no derivative pattern matches entities {ents}')
+    return path
+
+
+def qc_table_name(subject: str, session: str | None, desc: str, extension: str = '.tsv') -> str:
+    """Relative path of a participant's QC table."""
+    ses = f'_ses-{session}' if session else ''
+    ses_dir = f'/ses-{session}' if session else ''
+    return f'sub-{subject}{ses_dir}/anat/sub-{subject}{ses}_desc-{desc}_qc{extension}'
+
+
+def bids_uri(path: str | Path, bids_dir: str | Path, dataset: str = 'raw') -> str:
+    """A BIDS URI (``bids:raw:sub-01/anat/...``) for a file of the input dataset.
+
+    >>> bids_uri('/data/ds/sub-01/anat/sub-01_T1w.nii.gz', '/data/ds')
+    'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
+    """
+    return f'bids:{dataset}:{Path(path).relative_to(bids_dir).as_posix()}'

@@ -1,0 +1,208 @@
+"""Command-line parser in the BIDS Apps convention, with NiPreps spellings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from .. import __version__
+from ..pipeline.errors import EXIT_CODES, EXIT_UNKNOWN_LEVEL, EXIT_USAGE, KeyprepError
+
+__all__ = ['build_parser', 'parse_args', 'parse_mem']
+
+ANALYSIS_LEVELS = ('participant', 'group')
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the documented usage exit code (64) instead of 2."""
+
+    def error(self, message):  # noqa: D102
+        self.print_usage()
+        self.exit(EXIT_USAGE, f'keyprep: error: {message}\n')
+
+
+def parse_mem(value: str) -> float:
+    """Memory in GB from ``--mem``: a number of MB, or with a unit suffix.
+
+    >>> parse_mem('8000'), parse_mem('16G'), parse_mem('1.5T'), parse_mem('512M')
+    (7.8125, 16.0, 1536.0, 0.5)
+    """
+    m = re.fullmatch(r'\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)B?\s*', str(value), flags=re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f'invalid memory value {value!r} (e.g. 8000, 16G)')
+    num, unit = float(m.group(1)), (m.group(2) or 'M').upper()
+    gb = num * {'K': 2**-20, 'M': 2**-10, 'G': 1.0, 'T': 1024.0}[unit]
+    if gb <= 0:
+        raise argparse.ArgumentTypeError('memory must be positive')
+    return gb
+
+
+def _positive_int(value: str) -> int:
+    try:
+        out = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not an integer') from None
+    if out < 1:
+        raise argparse.ArgumentTypeError(f'{value!r} must be 1 or more')
+    return out
+
+
+def _label_list(prefix: str):
+    def strip(value: str) -> str:
+        value = value.strip()
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+        if not re.fullmatch(r'[A-Za-z0-9]+', value):
+            raise argparse.ArgumentTypeError(f'{value!r} is not a valid BIDS label')
+        return value
+
+    return strip
+
+
+def _exit_codes_epilog() -> str:
+    lines = ['exit codes:']
+    lines += [f'  {code:<4} {text}' for code, text in EXIT_CODES.items()]
+    return '\n'.join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``keyprep`` argument parser."""
+    from ..pipeline.engines import DEFAULT_METHODS, available_engines
+
+    engines = available_engines()
+    parser = _Parser(
+        prog='keyprep',
+        description=(f'keyprep {__version__}: skull stripping, anatomical labels and brain MRI '
+                     'registration with a panel of engines, BIDS-Derivatives outputs, '
+                     'Dice/Jacobian QC tables and HTML reports.'),
+        epilog=_exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Arguments as specified by BIDS-Apps: they must go directly with the parser object.
+    parser.add_argument('bids_dir', type=Path, help='the root folder of a BIDS dataset')
+    parser.add_argument('output_dir', type=Path,
+                        help='the output folder (a BIDS-Derivatives dataset); for the group '
+                             'level, the folder the participant level wrote')
+    parser.add_argument('analysis_level', metavar='{participant,group}',
+                        help='participant: process subjects; group: merge their QC tables')
+
+    g = parser.add_argument_group('BIDS filtering')
+    g.add_argument('--participant-label', '--participant_label', nargs='+', default=None,
+                   type=_label_list('sub-'), metavar='LABEL',
+                   help='participants to process (the sub- prefix may be omitted); '
+                        'default: all')
+    g.add_argument('--session-label', '--session_label', nargs='+', default=None,
+                   type=_label_list('ses-'), metavar='LABEL',
+                   help='sessions to process (the ses- prefix may be omitted); default: all')
+    g.add_argument('--bids-filter-file', type=Path, metavar='FILE',
+                   help='JSON file of pybids queries, e.g. {"t1w": {"acquisition": "mprage"}}; '
+                        'keys: t1w, t2w, pdw, flair')
+    g.add_argument('--skip-bids-validation', '--skip_bids_validation', action='store_true',
+                   help='do not validate the input dataset')
+    g.add_argument('--bids-database-dir', type=Path, metavar='DIR',
+                   help='pybids database folder (default: <work-dir>/bids_db)')
+
+    g = parser.add_argument_group('Performance')
+    g.add_argument('--nprocs', '--nthreads', '--n_cpus', '--n-cpus', type=_positive_int,
+                   default=None, metavar='N',
+                   help='maximum number of processes (default: all CPUs)')
+    g.add_argument('--omp-nthreads', type=_positive_int, default=None, metavar='N',
+                   help='threads per process (ANTs, torch); default: min(nprocs, 8)')
+    g.add_argument('--mem', '--mem-mb', '--mem_mb', type=parse_mem, default=None,
+                   metavar='MEM', help='memory limit: MB, or with a unit (16G)')
+    g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
+                   help='torch device for learned engines and skull stripping')
+
+    g = parser.add_argument_group('Workflow')
+    g.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), metavar='METHOD',
+                   help='registration engines to run; available: ' + ', '.join(engines)
+                        + '; default: ' + ' '.join(DEFAULT_METHODS))
+    g.add_argument('--target', default='MNI152NLin2009aSym', metavar='TARGET',
+                   help='registration target: a bundled template (MNI152NLin2009aSym, '
+                        'optionally :res-N for N mm), a NIfTI file, or sub-<label> to '
+                        'register every other subject to that one')
+    g.add_argument('--skull-strip', choices=('auto', 'force', 'skip'), default='auto',
+                   help='auto: strip unless the image is already brain-only; force: always '
+                        'strip; skip: never (the image is taken as brain-only)')
+    g.add_argument('--random-seed', type=int, default=0, metavar='SEED',
+                   help='seed for every random number generator (recorded in QC tables)')
+    g.add_argument('--sloppy', action='store_true',
+                   help='shorter optimisation schedules: for testing only')
+
+    g = parser.add_argument_group('Subsets and other options')
+    g.add_argument('-w', '--work-dir', type=Path, default=Path('work'),
+                   help='work folder; rerunning with the same one resumes (default: ./work)')
+    g.add_argument('--reports-only', action='store_true',
+                   help='only rebuild the HTML reports from existing outputs')
+    g.add_argument('--boilerplate-only', '--boilerplate_only', action='store_true',
+                   help='build the workflow, write the citation boilerplate and exit')
+    g.add_argument('--stop-on-first-crash', action='store_true',
+                   help='stop at the first failed node instead of running the rest')
+    g.add_argument('--write-graph', action='store_true', help='write the workflow graph')
+    g.add_argument('-v', '--verbose', dest='verbose_count', action='count', default=0,
+                   help='more log output (-vv for debug)')
+    g.add_argument('--version', action='version', version=f'keyprep v{__version__}')
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line. Usage errors exit with code 64, an unknown
+    analysis level with 17; errors in the values raise :class:`KeyprepError`."""
+    from ..pipeline.engines import available_engines
+
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if opts.analysis_level not in ANALYSIS_LEVELS:
+        parser.print_usage()
+        parser.exit(EXIT_UNKNOWN_LEVEL,
+                    f'keyprep: error: unknown analysis level {opts.analysis_level!r}; '
+                    f'choose from {", ".join(ANALYSIS_LEVELS)}\n')
+    opts.bids_dir = opts.bids_dir.expanduser().absolute()
+    opts.output_dir = opts.output_dir.expanduser().absolute()
+    opts.work_dir = opts.work_dir.expanduser().absolute()
+    if not opts.bids_dir.is_dir():
+        raise KeyprepError(f'bids_dir does not exist or is not a folder: {opts.bids_dir}',
+                           EXIT_USAGE)
+    if opts.output_dir == opts.bids_dir:
+        raise KeyprepError('output_dir must differ from bids_dir; use e.g. '
+                           f'{opts.bids_dir / "derivatives" / ("keyprep-" + __version__)}',
+                           EXIT_USAGE)
+    if opts.bids_dir in opts.work_dir.parents or opts.work_dir == opts.bids_dir:
+        raise KeyprepError('the work folder must not be inside bids_dir: nothing is ever '
+                           'written into the input dataset', EXIT_USAGE)
+    if opts.bids_dir in opts.output_dir.parents and \
+            opts.output_dir.relative_to(opts.bids_dir).parts[0] != 'derivatives':
+        raise KeyprepError('output_dir is inside bids_dir but not under its derivatives/ '
+                           'folder', EXIT_USAGE)
+    engines = available_engines()
+    names = {k.lower(): k for k in engines}
+    methods = []
+    for m in opts.methods:
+        if m.lower() not in names:
+            raise KeyprepError(f'unknown method {m!r}; available: {", ".join(engines)}',
+                               EXIT_USAGE)
+        if names[m.lower()] not in methods:
+            methods.append(names[m.lower()])
+    opts.methods = methods
+    opts.bids_filters = {}
+    if opts.bids_filter_file is not None:
+        if not opts.bids_filter_file.is_file():
+            raise KeyprepError(f'--bids-filter-file not found: {opts.bids_filter_file}',
+                               EXIT_USAGE)
+        try:
+            opts.bids_filters = json.loads(opts.bids_filter_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise KeyprepError(f'--bids-filter-file is not valid JSON: {exc}', EXIT_USAGE) \
+                from None
+        if not isinstance(opts.bids_filters, dict):
+            raise KeyprepError('--bids-filter-file must hold a JSON object', EXIT_USAGE)
+    ncpus = os.cpu_count() or 1
+    opts.nprocs = opts.nprocs or ncpus
+    opts.omp_nthreads = opts.omp_nthreads or min(opts.nprocs, 8)
+    if opts.omp_nthreads > opts.nprocs:
+        raise KeyprepError(f'--omp-nthreads ({opts.omp_nthreads}) exceeds --nprocs '
+                           f'({opts.nprocs})', EXIT_USAGE)
+    return opts

@@ -1,0 +1,254 @@
+"""``keyprep`` entry point: participant and group levels."""
+
+from __future__ import annotations
+
+import os
+
+# Before nipype is imported anywhere: no network check, no oversubscribed BLAS.
+os.environ.setdefault('NIPYPE_NO_ET', '1')
+os.environ.setdefault('NO_ET', '1')
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from ..pipeline.errors import (  # noqa: E402
+    EXIT_DATA,
+    EXIT_FAILED_NODES,
+    EXIT_NO_INPUT,
+    EXIT_NO_MATCH,
+    EXIT_OK,
+    KeyprepError,
+)
+
+__all__ = ['main', 'run']
+
+LOGGER = logging.getLogger('keyprep')
+
+#: When several problems happened, the exit code reports the first of these.
+_EXIT_PRIORITY = (EXIT_FAILED_NODES, EXIT_DATA, EXIT_NO_INPUT, EXIT_NO_MATCH)
+
+
+def main() -> None:
+    """Console script."""
+    sys.exit(run(sys.argv[1:]))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run keyprep with a command line (without the program name); return the exit code."""
+    from .parser import parse_args
+
+    try:
+        opts = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors (64), level (17)
+        return int(exc.code or 0)
+    except KeyprepError as exc:
+        _setup_logging(0)
+        LOGGER.error('%s', exc)
+        return exc.exit_code
+    _setup_logging(opts.verbose_count)
+    try:
+        if opts.analysis_level == 'group':
+            from .group import run_group
+
+            return run_group(opts.output_dir)
+        return _run_participant(opts, argv if argv is not None else sys.argv[1:])
+    except KeyprepError as exc:
+        LOGGER.error('%s', exc)
+        return exc.exit_code
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('keyprep: %(message)s'))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.setLevel(min(level, logging.INFO))
+    LOGGER.propagate = False
+    for name in ('nipype.workflow', 'nipype.interface', 'nipype.utils'):
+        logging.getLogger(name).setLevel(level if verbose > 1 else logging.WARNING)
+
+
+def _run_participant(opts, argv: list[str]) -> int:
+    from ..pipeline.io import load_image
+    from ..pipeline.targets import parse_target
+    from .bids import collect_groups, collect_participants, init_layout, validate_dataset
+    from .outputs import write_dataset_files, write_run_config
+
+    t0 = time.time()
+    run_uuid = f'{time.strftime("%Y%m%d-%H%M%S")}_{uuid.uuid4()}'
+    out_dir, work_dir, bids_dir = opts.output_dir, opts.work_dir, opts.bids_dir
+
+    target = parse_target(opts.target)
+    if not opts.skip_bids_validation:
+        validate_dataset(bids_dir, opts.participant_label)
+    elif not any(p.is_dir() for p in bids_dir.glob('sub-*')):
+        from ..pipeline.errors import ValidationError
+
+        raise ValidationError(f'{bids_dir} is not a BIDS dataset: no sub-<label> folders')
+    index_subjects = None
+    if opts.participant_label:
+        index_subjects = list(opts.participant_label)
+        if target.subject and target.subject not in index_subjects:
+            index_subjects.append(target.subject)
+    db_dir = opts.bids_database_dir or (work_dir / 'bids_db')
+    layout = init_layout(bids_dir, Path(db_dir), index_subjects)
+    subjects = collect_participants(layout, opts.participant_label)
+
+    target_file, skip_source = _resolve_target_file(layout, target)
+    load_image(target_file, what='target image')  # a bad target stops everything
+
+    groups = collect_groups(layout, subjects, opts.session_label, opts.bids_filters)
+    for group in groups:
+        valid = []
+        for image in group.images:
+            try:
+                load_image(image.path)
+                valid.append(image)
+            except KeyprepError as exc:
+                group.errors.append((str(exc), exc.exit_code))
+        group.images = valid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_dataset_files(out_dir, bids_dir, opts.methods)
+    errors_by_subject: dict[str, list[tuple[str, int]]] = {}
+    for group in groups:
+        for msg, code in group.errors:
+            LOGGER.error('%s', msg)
+            errors_by_subject.setdefault(group.subject, []).append((msg, code))
+    runnable = [g for g in groups if g.images]
+    from .reports import generate_reports, write_boilerplate
+
+    subjects_run = sorted({g.subject for g in groups})
+    if opts.reports_only:
+        failed = generate_reports(out_dir, subjects_run, run_uuid=None, input_errors={})
+        return EXIT_OK if not failed else EXIT_FAILED_NODES
+
+    from ..workflows.base import init_keyprep_wf
+
+    wf = init_keyprep_wf(
+        groups=runnable, target=target, target_file=target_file, skip_source=skip_source,
+        methods=opts.methods, bids_dir=bids_dir, output_dir=out_dir, work_dir=work_dir,
+        run_uuid=run_uuid, skull_strip=opts.skull_strip, omp_nthreads=opts.omp_nthreads,
+        device=_device(opts.device), seed=opts.random_seed, sloppy=opts.sloppy)
+    write_boilerplate(out_dir, opts.methods, target)
+    if opts.boilerplate_only:
+        LOGGER.info('boilerplate written to %s', out_dir / 'logs')
+        return EXIT_OK
+    config = {
+        'version': __version__, 'run_uuid': run_uuid, 'command': ['keyprep', *argv],
+        'bids_dir': str(bids_dir), 'output_dir': str(out_dir), 'work_dir': str(work_dir),
+        'participants': subjects_run, 'methods': opts.methods, 'target': opts.target,
+        'target_file': str(target_file), 'skull_strip': opts.skull_strip,
+        'device': opts.device, 'nprocs': opts.nprocs, 'omp_nthreads': opts.omp_nthreads,
+        'mem_gb': opts.mem, 'random_seed': opts.random_seed, 'sloppy': opts.sloppy,
+    }
+    for subject in subjects_run:
+        write_run_config(out_dir / f'sub-{subject}' / 'log' / run_uuid, config,
+                         errors_by_subject.get(subject, []))
+    (out_dir / 'logs' / run_uuid).mkdir(parents=True, exist_ok=True)
+
+    crashed = False
+    try:
+        if runnable:
+            crashed = not _run_workflow(wf, opts, out_dir / 'logs' / run_uuid)
+    finally:
+        failed_reports = generate_reports(out_dir, subjects_run, run_uuid=run_uuid,
+                                          input_errors=errors_by_subject)
+    crash_files = sorted(out_dir.glob(f'sub-*/log/{run_uuid}/crash-*')) + \
+        sorted((out_dir / 'logs' / run_uuid).glob('crash-*'))
+    codes = []
+    if crash_files or crashed or failed_reports:
+        codes.append(EXIT_FAILED_NODES)
+        for f in crash_files:
+            LOGGER.error('node failed, see %s', f)
+    codes += [code for errs in errors_by_subject.values() for _, code in errs]
+    code = next((c for c in _EXIT_PRIORITY if c in codes), EXIT_OK)
+    minutes = (time.time() - t0) / 60
+    if code == EXIT_OK:
+        LOGGER.info('keyprep finished successfully in %.1f min; reports: %s', minutes,
+                    ', '.join(str(out_dir / f'sub-{s}.html') for s in subjects_run))
+    else:
+        LOGGER.error('keyprep finished with errors (exit code %d) in %.1f min; see the '
+                     'reports: %s', code, minutes,
+                     ', '.join(str(out_dir / f'sub-{s}.html') for s in subjects_run))
+    return code
+
+
+def _device(device: str) -> str:
+    from ..pipeline.resources import resolve_device
+
+    return resolve_device(device)
+
+
+def _resolve_target_file(layout, target):
+    """The image file of the target; for ``sub-<label>``, that subject's first T1w."""
+    from ..pipeline.errors import MissingInputError
+
+    if target.kind != 'subject':
+        return Path(target.path), None
+    files = layout.get(subject=target.subject, datatype='anat', suffix='T1w',
+                       extension=['.nii', '.nii.gz'], return_type='filename')
+    if not files:
+        raise MissingInputError(f'--target sub-{target.subject}: that participant has no T1w '
+                                'image in the dataset')
+    path = Path(sorted(files)[0])
+    return path, path
+
+
+def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
+    """Run the graph with MultiProc; True if every node succeeded."""
+    from nipype import config as ncfg
+
+    ncfg.update_config({
+        'execution': {
+            'crashfile_format': 'txt',
+            'hash_method': 'content',
+            'stop_on_first_crash': opts.stop_on_first_crash,
+            'remove_unnecessary_outputs': False,
+            'check_version': False,
+            'get_linked_libs': False,
+            'crashdump_dir': str(target_crash_dir),
+            'poll_sleep_duration': 0.2,
+        },
+        'monitoring': {'enabled': False},
+    })
+    wf.config['execution'].update({
+        'crashfile_format': 'txt', 'hash_method': 'content',
+        'stop_on_first_crash': opts.stop_on_first_crash, 'remove_unnecessary_outputs': False,
+    })
+    for node_name in wf.list_node_names():
+        node = wf.get_node(node_name)
+        if node is not None and not (node.config or {}).get('execution', {}).get('crashdump_dir'):
+            node.config = node.config or {}
+            node.config.setdefault('execution', {})['crashdump_dir'] = str(target_crash_dir)
+    if opts.write_graph:
+        wf.write_graph(graph2use='colored', format='svg', simple_form=True)
+    plugin_args = {'n_procs': opts.nprocs, 'raise_insufficient': False,
+                   'maxtasksperchild': 1}
+    if opts.mem:
+        plugin_args['memory_gb'] = opts.mem
+    if opts.device != 'cpu':
+        try:
+            import torch
+
+            plugin_args['n_gpu_procs'] = max(1, torch.cuda.device_count())
+        except ImportError:  # pragma: no cover
+            pass
+    try:
+        if opts.nprocs == 1:
+            wf.run(plugin='Linear')
+        else:
+            wf.run(plugin='MultiProc', plugin_args=plugin_args)
+    except (RuntimeError, OSError) as exc:
+        LOGGER.error('workflow did not finish cleanly: %s', str(exc).splitlines()[0])
+        return False
+    return True
+
+
+if __name__ == '__main__':  # pragma: no cover
+    main()

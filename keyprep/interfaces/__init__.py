@@ -1,0 +1,1 @@
+"""Thin Nipype interfaces over :mod:`keyprep.pipeline` (heavy imports inside ``_run_interface``)."""

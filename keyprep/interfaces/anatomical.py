@@ -1,0 +1,248 @@
+"""Nipype interfaces for anatomical preprocessing (thin shells over keyprep.pipeline)."""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+__all__ = ['BiasCorrect', 'ConformImage', 'SkullStrip', 'TissueSegmentation']
+
+
+def _set_threads(n: int) -> None:
+    os.environ['ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS'] = str(n)
+    os.environ['OMP_NUM_THREADS'] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class _ConformInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='anatomical image (NIfTI)')
+    resolution = traits.Float(desc='resample to isotropic voxels of this size (mm)')
+
+
+class _ConformOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc='RAS-oriented float32 image, same world geometry')
+    out_meta = traits.Dict(desc='geometry of the input (shape, zooms, orientation)')
+
+
+class ConformImage(SimpleInterface):
+    """Validate an image and reorient it to RAS (see :func:`keyprep.pipeline.io.conform`).
+
+    An unusable image (corrupt, 4-D, NaN, empty) raises :class:`ImageError` with one line.
+    """
+
+    input_spec = _ConformInputSpec
+    output_spec = _ConformOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nb
+
+        from ..pipeline.io import conform, load_image, save_image
+        from ..pipeline.targets import resample_isotropic
+
+        img = load_image(self.inputs.in_file)
+        out = conform(img)
+        if isdefined(self.inputs.resolution) and self.inputs.resolution > 0:
+            out = conform(resample_isotropic(out, self.inputs.resolution))
+        fname = os.path.join(runtime.cwd, 'conformed.nii.gz')
+        save_image(out, fname)
+        self._results['out_file'] = fname
+        self._results['out_meta'] = {
+            'InputShape': [int(s) for s in img.shape[:3]],
+            'InputVoxelSize': [round(float(z), 4) for z in img.header.get_zooms()[:3]],
+            'InputOrientation': ''.join(nb.aff2axcodes(img.affine)),
+            'Oblique': bool(_is_oblique(img.affine)),
+        }
+        return runtime
+
+
+def _is_oblique(affine) -> bool:
+    import numpy as np
+
+    cosines = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return bool(np.max(np.abs(cosines).max(axis=0)) < 1 - 1e-3 or
+                np.min(np.abs(cosines).max(axis=0)) < 1 - 1e-3)
+
+
+class _SkullStripInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='RAS-conformed image')
+    mode = traits.Enum('auto', 'force', 'skip', usedefault=True,
+                       desc='auto: detect brain-only images; force: always strip; skip: never')
+    brain_extracted = traits.Either(None, traits.Bool, usedefault=True,
+                                    desc='known answer (templates); None: detect')
+    device = traits.Str('cpu', usedefault=True, nohash=True, desc='torch device')
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
+                          desc='declares GPU use to the MultiProc scheduler')
+
+
+class _SkullStripOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc='binary brain mask')
+    out_brain = File(exists=True, desc='brain-extracted image')
+    out_meta = traits.Dict(desc='how the mask was made')
+
+
+class SkullStrip(SimpleInterface):
+    """Brain mask with deepbet, or from the foreground of an already brain-only image."""
+
+    input_spec = _SkullStripInputSpec
+    output_spec = _SkullStripOutputSpec
+
+    def _run_interface(self, runtime):
+        _set_threads(self.inputs.omp_nthreads)
+        import nibabel as nb
+        import numpy as np
+
+        from ..pipeline.anatomy import deepbet_mask, detect_brain_extracted, mask_from_brain
+        from ..pipeline.io import save_image
+        from ..pipeline.resources import resolve_device
+
+        img = nb.load(self.inputs.in_file)
+        data = np.asanyarray(img.dataobj)
+        known = self.inputs.brain_extracted
+        if self.inputs.mode == 'skip':
+            already, reason = True, 'skull stripping skipped (--skull-strip skip)'
+        elif self.inputs.mode == 'force':
+            already, reason = False, 'skull stripping forced (--skull-strip force)'
+        elif known is not None:
+            already, reason = bool(known), 'known brain-extracted template' if known else ''
+        else:
+            already, reason = detect_brain_extracted(data, img.header.get_zooms())
+        if already:
+            mask = mask_from_brain(data)
+            method = 'foreground of the brain-extracted input'
+        else:
+            device = resolve_device(self.inputs.device)
+            mask = deepbet_mask(img, device=device)
+            method = f'deepbet {_version("deepbet")} (packaged weights, {device})'
+        if mask.sum() == 0:
+            from ..pipeline.errors import ImageError
+
+            raise ImageError(f'{os.path.basename(self.inputs.in_file)}: the brain mask is empty')
+        mask_img = nb.Nifti1Image(mask.astype(np.uint8), img.affine)
+        mask_img.set_qform(img.affine, 1)
+        mask_img.set_sform(img.affine, 1)
+        brain = np.where(mask, data, 0).astype(np.float32)
+        brain_img = nb.Nifti1Image(brain, img.affine)
+        brain_img.set_qform(img.affine, 1)
+        brain_img.set_sform(img.affine, 1)
+        self._results['out_mask'] = str(save_image(mask_img, os.path.join(runtime.cwd,
+                                                                          'mask.nii.gz')))
+        self._results['out_brain'] = str(save_image(brain_img, os.path.join(runtime.cwd,
+                                                                            'brain.nii.gz')))
+        vox = float(np.prod(img.header.get_zooms()[:3]))
+        self._results['out_meta'] = {
+            'InputSkullStripped': bool(already),
+            'SkullStripDecision': reason,
+            'SkullStripMethod': method,
+            'BrainVolumeCm3': round(float(mask.sum()) * vox / 1000.0, 1),
+        }
+        return runtime
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return 'unknown'
+
+
+class _BiasCorrectInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    in_mask = File(exists=True, mandatory=True)
+    skip = traits.Bool(False, usedefault=True, desc='pass the image through unchanged')
+    sloppy = traits.Bool(False, usedefault=True)
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _BiasCorrectOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc='bias-corrected image (whole field of view)')
+    out_brain = File(exists=True, desc='bias-corrected brain (outside the mask: 0)')
+
+
+class BiasCorrect(SimpleInterface):
+    """N4 bias-field correction estimated inside the brain mask."""
+
+    input_spec = _BiasCorrectInputSpec
+    output_spec = _BiasCorrectOutputSpec
+
+    def _run_interface(self, runtime):
+        _set_threads(self.inputs.omp_nthreads)
+        import nibabel as nb
+        import numpy as np
+
+        from ..pipeline.anatomy import bias_correct
+        from ..pipeline.io import save_image
+
+        img = nb.load(self.inputs.in_file)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        mask = np.asanyarray(nb.load(self.inputs.in_mask).dataobj) > 0
+        if not self.inputs.skip:
+            data = bias_correct(data, img.affine, mask, sloppy=self.inputs.sloppy)
+        out = nb.Nifti1Image(data, img.affine, img.header)
+        brain = nb.Nifti1Image(np.where(mask, data, 0).astype(np.float32), img.affine, img.header)
+        self._results['out_file'] = str(save_image(out, os.path.join(runtime.cwd, 'n4.nii.gz')))
+        self._results['out_brain'] = str(save_image(brain, os.path.join(runtime.cwd,
+                                                                        'n4_brain.nii.gz')))
+        return runtime
+
+
+class _TissueInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='brain image')
+    in_mask = File(exists=True, mandatory=True)
+    contrast = traits.Enum('T1w', 'T2w', 'PDw', 'FLAIR', usedefault=True)
+    sloppy = traits.Bool(False, usedefault=True)
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _TissueOutputSpec(TraitedSpec):
+    out_dseg = File(exists=True, desc='1=GM 2=WM 3=CSF')
+    out_meta = traits.Dict()
+
+
+class TissueSegmentation(SimpleInterface):
+    """Three tissue classes with ANTs Atropos (see
+    :func:`keyprep.pipeline.anatomy.tissue_segmentation`)."""
+
+    input_spec = _TissueInputSpec
+    output_spec = _TissueOutputSpec
+
+    def _run_interface(self, runtime):
+        _set_threads(self.inputs.omp_nthreads)
+        import nibabel as nb
+        import numpy as np
+
+        from ..pipeline.anatomy import TISSUE_LABELS, tissue_segmentation
+        from ..pipeline.io import save_image
+
+        img = nb.load(self.inputs.in_file)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        mask = np.asanyarray(nb.load(self.inputs.in_mask).dataobj) > 0
+        seg = tissue_segmentation(data, img.affine, mask, self.inputs.contrast,
+                                  sloppy=self.inputs.sloppy)
+        out = nb.Nifti1Image(seg.astype(np.int16), img.affine)
+        out.set_qform(img.affine, 1)
+        out.set_sform(img.affine, 1)
+        self._results['out_dseg'] = str(save_image(out, os.path.join(runtime.cwd,
+                                                                     'dseg.nii.gz')))
+        vox = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+        self._results['out_meta'] = {
+            'Method': 'ANTs Atropos, k-means initialised, MRF 0.2',
+            'VolumesCm3': {TISSUE_LABELS[k][1]: round(float((seg == k).sum()) * vox, 1)
+                           for k in TISSUE_LABELS},
+        }
+        return runtime

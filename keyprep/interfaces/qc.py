@@ -1,0 +1,88 @@
+"""Nipype interfaces computing the registration QC tables."""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+__all__ = ['QCTables', 'RegistrationQC']
+
+
+class _RegQCInputSpec(BaseInterfaceInputSpec):
+    target_dseg = File(exists=True, mandatory=True, desc='labels of the target')
+    warped_dseg = File(exists=True, mandatory=True, desc='moving labels on the target grid')
+    target_mask = File(exists=True, mandatory=True, desc='target brain mask')
+    jacobian = File(exists=True, mandatory=True, desc='Jacobian determinant map')
+    record = File(exists=True, mandatory=True, desc="engine's JSON record")
+    label_set = traits.Str('tissue', usedefault=True)
+    lut = traits.Dict(mandatory=True, desc='label index -> name')
+    subject = traits.Str(mandatory=True)
+    session = traits.Str('', usedefault=True)
+    source = traits.Str(mandatory=True, desc='BIDS URI of the moving image')
+    target = traits.Str(mandatory=True, desc='target name')
+
+
+class _RegQCOutputSpec(TraitedSpec):
+    out_long = File(exists=True, desc='one row per label')
+    out_summary = File(exists=True, desc='one row for this engine')
+
+
+class RegistrationQC(SimpleInterface):
+    """Dice per label and Jacobian statistics of one engine on one image."""
+
+    input_spec = _RegQCInputSpec
+    output_spec = _RegQCOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..pipeline.qcreport import registration_qc_rows
+
+        long, summary = registration_qc_rows(
+            target_dseg=self.inputs.target_dseg, warped_dseg=self.inputs.warped_dseg,
+            target_mask=self.inputs.target_mask, jacobian=self.inputs.jacobian,
+            record=self.inputs.record, label_set=self.inputs.label_set,
+            lut={int(k): v for k, v in self.inputs.lut.items()}, subject=self.inputs.subject,
+            session=self.inputs.session or None, source=self.inputs.source,
+            target=self.inputs.target)
+        self._results['out_long'] = os.path.join(runtime.cwd, 'qc_long.tsv')
+        self._results['out_summary'] = os.path.join(runtime.cwd, 'qc_summary.tsv')
+        long.to_csv(self._results['out_long'], sep='\t', index=False, na_rep='n/a')
+        summary.to_csv(self._results['out_summary'], sep='\t', index=False, na_rep='n/a')
+        return runtime
+
+
+class _QCTablesInputSpec(BaseInterfaceInputSpec):
+    in_long = InputMultiObject(File(exists=True), mandatory=True)
+    in_summary = InputMultiObject(File(exists=True), mandatory=True)
+
+
+class _QCTablesOutputSpec(TraitedSpec):
+    out_long = File(exists=True)
+    out_summary = File(exists=True)
+    long_meta = traits.Dict()
+    summary_meta = traits.Dict()
+
+
+class QCTables(SimpleInterface):
+    """Concatenate the per-engine QC rows of a participant (or session)."""
+
+    input_spec = _QCTablesInputSpec
+    output_spec = _QCTablesOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, concat_tables
+
+        for key, cols in (('long', LONG_COLUMNS), ('summary', SUMMARY_COLUMNS)):
+            files = getattr(self.inputs, f'in_{key}')
+            out = os.path.join(runtime.cwd, f'{key}.tsv')
+            concat_tables(files).to_csv(out, sep='\t', index=False, na_rep='n/a')
+            self._results[f'out_{key}'] = out
+            self._results[f'{key}_meta'] = cols
+        return runtime

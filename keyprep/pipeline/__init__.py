@@ -1,0 +1,1 @@
+"""The science of keyprep as plain, typed functions and small classes (no Nipype here)."""

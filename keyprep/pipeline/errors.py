@@ -1,0 +1,72 @@
+"""Errors that carry the documented exit code of the command line.
+
+Exit codes (also in the README and ``keyprep --help``):
+
+====  =====================================================================
+code  meaning
+====  =====================================================================
+0     success
+1     the workflow ran but at least one node failed (a crash file exists)
+16    the input dataset failed BIDS validation
+17    unknown analysis level
+18    participant/session labels or BIDS filters selected nothing
+64    usage error (bad option, bad option value, output inside input ...)
+65    an input image is unusable (corrupt, truncated, 4-D, NaNs, empty)
+66    a required input is missing (no anatomical image, target not found)
+====  =====================================================================
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED_NODES = 1
+EXIT_VALIDATION = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_MATCH = 18
+EXIT_USAGE = 64
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+
+EXIT_CODES = {
+    EXIT_OK: 'success',
+    EXIT_FAILED_NODES: 'at least one workflow node failed (see crash files)',
+    EXIT_VALIDATION: 'the input dataset failed BIDS validation',
+    EXIT_UNKNOWN_LEVEL: 'unknown analysis level',
+    EXIT_NO_MATCH: 'labels or BIDS filters selected nothing',
+    EXIT_USAGE: 'usage error',
+    EXIT_DATA: 'an input image is unusable',
+    EXIT_NO_INPUT: 'a required input is missing',
+}
+
+
+class KeyprepError(Exception):
+    """Base class of errors that end in one clear line and a documented exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(KeyprepError):
+    exit_code = EXIT_USAGE
+
+
+class ValidationError(KeyprepError):
+    exit_code = EXIT_VALIDATION
+
+
+class NoMatchError(KeyprepError):
+    exit_code = EXIT_NO_MATCH
+
+
+class ImageError(KeyprepError):
+    """An image that exists but cannot be used (corrupt, 4-D, NaN, empty...)."""
+
+    exit_code = EXIT_DATA
+
+
+class MissingInputError(KeyprepError):
+    exit_code = EXIT_NO_INPUT

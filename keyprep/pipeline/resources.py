@@ -1,0 +1,117 @@
+"""Wall time, peak memory, devices and seeds: measured the same way for every engine."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ['Measurement', 'measure', 'resolve_device', 'rss_mb', 'seed_everything']
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open('/proc/self/statm') as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf('SC_PAGE_SIZE') / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class Measurement:
+    """Filled by :func:`measure` when its block ends."""
+
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    baseline_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+
+
+@contextmanager
+def measure(interval: float = 0.05, device: str = 'cpu'):
+    """Measure wall time and the peak resident memory of this process during a block.
+
+    A sampling thread reads the RSS every ``interval`` seconds (this also sees memory
+    allocated by C++ libraries such as ITK, which ``tracemalloc`` would miss). On CUDA
+    the peak allocated device memory is recorded too.
+
+    >>> with measure() as m:
+    ...     x = np.ones(10_000_000)
+    >>> m.peak_rss_mb > m.baseline_rss_mb
+    True
+    """
+    m = Measurement(baseline_rss_mb=rss_mb())
+    m.peak_rss_mb = m.baseline_rss_mb
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            m.peak_rss_mb = max(m.peak_rss_mb, rss_mb())
+            stop.wait(interval)
+
+    cuda = device.startswith('cuda')
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.wall_s = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        m.peak_rss_mb = max(m.peak_rss_mb, rss_mb())
+        if cuda:
+            import torch
+
+            m.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def resolve_device(device: str = 'auto') -> str:
+    """Map ``auto|cpu|cuda[:N]`` to a concrete torch device string.
+
+    >>> resolve_device('cpu')
+    'cpu'
+    """
+    if device == 'cpu':
+        return 'cpu'
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        has_cuda = False
+    if device == 'auto':
+        return 'cuda' if has_cuda else 'cpu'
+    if device.startswith('cuda'):
+        if not has_cuda:
+            from .errors import UsageError
+
+            raise UsageError('--device cuda was requested but no CUDA device is available')
+        return device
+    from .errors import UsageError
+
+    raise UsageError(f'unknown device {device!r}; use auto, cpu or cuda')
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch (all devices) and ANTs (through ``ANTS_RANDOM_SEED``)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    os.environ['ANTS_RANDOM_SEED'] = str(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass

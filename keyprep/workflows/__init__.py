@@ -1,0 +1,1 @@
+"""Nipype workflows (``init_*_wf`` builders) composing :mod:`keyprep.interfaces`."""

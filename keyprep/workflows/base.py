@@ -1,0 +1,304 @@
+"""Top-level workflows: the target, then one sub-workflow per participant (and session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from .. import __version__
+
+__all__ = ['init_keyprep_wf', 'init_participant_wf', 'init_target_wf', 'workflow_name']
+
+
+def workflow_name() -> str:
+    """Top-level name, versioned so that a new minor release never reuses an old cache.
+
+    >>> workflow_name().startswith('keyprep_')
+    True
+    """
+    major, minor = __version__.split('.')[:2]
+    return f'keyprep_{major}_{minor}_wf'
+
+
+def init_target_wf(*, target, target_file: Path, output_dir: Path, omp_nthreads: int = 1,
+                   device: str = 'cpu', sloppy: bool = False,
+                   name: str = 'target_wf') -> pe.Workflow:
+    """Prepare the registration target once per run: brain, mask and tissue labels.
+
+    The target's mask and labels are also written to ``<output_dir>/tpl-<target>/`` so
+    that the reference side of every Dice can be inspected.
+
+    Outputs
+    -------
+    brain, mask, dseg
+        The prepared target.
+    """
+    from ..interfaces.bids import DerivativesDataSink
+    from .anatomical import init_anat_preproc_wf
+
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
+    inputnode.inputs.in_file = str(target_file)
+    outputnode = pe.Node(niu.IdentityInterface(fields=['brain', 'mask', 'dseg']),
+                         name='outputnode')
+    anat_wf = init_anat_preproc_wf(contrast='T1w', skull_strip='auto',
+                                   brain_extracted=target.brain_extracted,
+                                   resolution=target.resolution, device=device,
+                                   omp_nthreads=omp_nthreads, sloppy=sloppy, name='prep_wf')
+    res = f'_res-{target.resolution:g}'.replace('.', 'p') if target.resolution else ''
+    stem = f'tpl-{target.name}/tpl-{target.name}{res}'
+    sinks = {
+        'brain': (f'{stem}_desc-brain_T1w.nii.gz', None, {'SkullStripped': True}),
+        'mask': (f'{stem}_desc-brain_mask.nii.gz', 'uint8', {'Type': 'Brain'}),
+        'dseg': (f'{stem}_seg-tissue_dseg.nii.gz', 'int16',
+                 {'Description': 'Tissue labels of the registration target (1=GM 2=WM 3=CSF)'}),
+    }
+    wf.connect(inputnode, 'in_file', anat_wf, 'inputnode.in_file')
+    for field, (rel, dtype, meta) in sinks.items():
+        ds = pe.Node(DerivativesDataSink(base_directory=str(output_dir), relative_path=rel,
+                                         source_file=str(target_file),
+                                         meta_dict={'Sources': [str(target_file)], **meta}),
+                     name=f'ds_target_{field}', run_without_submitting=True)
+        if dtype:
+            ds.inputs.data_dtype = dtype
+        wf.connect([
+            (anat_wf, ds, [(f'outputnode.{field}', 'in_file')]),
+            (anat_wf, outputnode, [(f'outputnode.{field}', field)]),
+        ])  # fmt:skip
+    return wf
+
+
+def init_participant_wf(*, group, target, skip_source: Path | None, methods: list[str],
+                        bids_dir: Path, output_dir: Path, crash_dir: Path,
+                        skull_strip: str = 'auto', omp_nthreads: int = 1, device: str = 'cpu',
+                        seed: int = 0, sloppy: bool = False) -> pe.Workflow:
+    """All images of one participant (or session): preprocessing, every engine, QC, figures.
+
+    Parameters
+    ----------
+    group
+        A :class:`keyprep.bids_app.bids.ProcessingGroup` (its valid images).
+    target
+        The :class:`keyprep.pipeline.targets.TargetSpec`.
+    skip_source
+        An image not to register (the target itself, with ``--target sub-<label>``).
+
+    Inputs
+    ------
+    target_brain, target_mask, target_dseg
+        From :func:`init_target_wf`.
+    """
+    from ..bids_app.naming import bids_uri, qc_table_name
+    from ..interfaces.bids import DerivativesDataSink
+    from ..interfaces.qc import QCTables
+    from ..interfaces.reports import LabelsFigure, MaskFigure
+    from ..pipeline.anatomy import TISSUE_LABELS
+    from ..pipeline.engines import get_engine
+    from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, table_sidecar
+    from .anatomical import init_anat_preproc_wf
+    from .registration import init_registration_wf
+
+    wf = pe.Workflow(name=group.name + '_wf')
+    wf.config['execution']['crashdump_dir'] = str(crash_dir)
+    inputnode = pe.Node(niu.IdentityInterface(fields=['target_brain', 'target_mask',
+                                                      'target_dseg']), name='inputnode')
+    out = str(output_dir)
+    lut = {k: (v[1], v[2]) for k, v in TISSUE_LABELS.items()}
+
+    def sink(name, source, **kw):
+        return pe.Node(DerivativesDataSink(base_directory=out, source_file=str(source),
+                                           bids_dir=str(bids_dir), **kw),
+                       name=name, run_without_submitting=True)
+
+    qc_long, qc_summary = [], []
+    for image in group.images:
+        src = image.path
+        key = image.key
+        anat_wf = init_anat_preproc_wf(contrast=image.suffix, skull_strip=skull_strip,
+                                       device=device, omp_nthreads=omp_nthreads, sloppy=sloppy,
+                                       name=f'anat_{key}_wf')
+        anat_wf.inputs.inputnode.in_file = str(src)
+        ds_preproc = sink(f'ds_{key}_preproc', src, entities={'desc': 'preproc'},
+                          meta_dict={'SkullStripped': False,
+                                     'Description': 'Reoriented to RAS (world geometry '
+                                                    'unchanged) and N4 bias-field corrected'})
+        ds_mask = sink(f'ds_{key}_mask', src, entities={'desc': 'brain', 'suffix': 'mask'},
+                       meta_dict={'Type': 'Brain'}, data_dtype='uint8')
+        ds_dseg = sink(f'ds_{key}_dseg', src, entities={'seg': 'tissue', 'suffix': 'dseg'},
+                       data_dtype='int16')
+        fig_mask = pe.Node(MaskFigure(title=f'{src.name}: brain mask'),
+                           name=f'fig_{key}_mask', mem_gb=0.5)
+        fig_dseg = pe.Node(LabelsFigure(lut=lut, title=f'{src.name}: tissue labels'),
+                           name=f'fig_{key}_dseg', mem_gb=0.5)
+        ds_fig_mask = sink(f'ds_{key}_fig_mask', src, sidecar=False,
+                           entities={'datatype': 'figures', 'desc': 'brainmask',
+                                     'extension': '.png'})
+        ds_fig_dseg = sink(f'ds_{key}_fig_dseg', src, sidecar=False,
+                           entities={'datatype': 'figures', 'desc': 'tissue',
+                                     'suffix': 'dseg', 'extension': '.png'})
+        wf.connect([
+            (anat_wf, ds_preproc, [('outputnode.preproc', 'in_file'),
+                                   ('outputnode.conform_meta', 'extra_meta')]),
+            (anat_wf, ds_mask, [('outputnode.mask', 'in_file'),
+                                ('outputnode.skullstrip_meta', 'extra_meta')]),
+            (anat_wf, ds_dseg, [('outputnode.dseg', 'in_file'),
+                                ('outputnode.tissue_meta', 'extra_meta')]),
+            (anat_wf, fig_mask, [('outputnode.preproc', 'image'), ('outputnode.mask', 'mask')]),
+            (anat_wf, fig_dseg, [('outputnode.preproc', 'image'), ('outputnode.dseg', 'labels')]),
+            (fig_mask, ds_fig_mask, [('out_file', 'in_file')]),
+            (fig_dseg, ds_fig_dseg, [('out_file', 'in_file')]),
+        ])  # fmt:skip
+        if skip_source is not None and Path(src).resolve() == Path(skip_source).resolve():
+            continue  # this image is the target: nothing to register
+        for method in methods:
+            engine = get_engine(method)
+            reg_wf = init_registration_wf(
+                method=engine.name, subject=group.subject, session=group.session,
+                source=bids_uri(src, bids_dir), target=target.name,
+                omp_nthreads=omp_nthreads, device=device, seed=seed, sloppy=sloppy,
+                name=f'reg_{key}_{engine.name}_wf')
+            ents = {'desc': engine.name}
+            tgt = target.name
+            xfm_meta = {'Engine': engine.name, 'EngineDescription': engine.description,
+                        'Convention': 'ITK/ANTs: apply with antsApplyTransforms or '
+                                      'ants.apply_transforms on the reference grid of the to- '
+                                      'space'}
+            sinks = {
+                'fwd_xfm': sink(f'ds_{key}_{engine.name}_fwd', src,
+                                entities={**ents, 'from': image.suffix, 'to': tgt,
+                                          'mode': 'image', 'suffix': 'xfm'},
+                                meta_dict=dict(xfm_meta)),
+                'inv_xfm': sink(f'ds_{key}_{engine.name}_inv', src,
+                                entities={**ents, 'from': tgt, 'to': image.suffix,
+                                          'mode': 'image', 'suffix': 'xfm'},
+                                meta_dict=dict(xfm_meta)),
+                'warped': sink(f'ds_{key}_{engine.name}_warped', src,
+                               entities={**ents, 'space': tgt},
+                               meta_dict={'SkullStripped': True}),
+                'warped_dseg': sink(f'ds_{key}_{engine.name}_dseg', src,
+                                    entities={**ents, 'space': tgt, 'seg': 'tissue',
+                                              'suffix': 'dseg'}, data_dtype='int16'),
+                'jacobian': sink(f'ds_{key}_{engine.name}_jacobian', src,
+                                 entities={**ents, 'space': tgt, 'suffix': 'jacobian'},
+                                 meta_dict={'Description': 'Jacobian determinant of the '
+                                            f'from-{image.suffix}_to-{tgt} transform on the '
+                                            'target grid (>1: the target region maps to a '
+                                            'larger region of the subject)',
+                                            'Units': 'ratio'}),
+                'fig_registration': sink(f'ds_{key}_{engine.name}_fig_reg', src, sidecar=False,
+                                         entities={**ents, 'space': tgt, 'datatype': 'figures',
+                                                   'extension': '.png'}),
+                'fig_jacobian': sink(f'ds_{key}_{engine.name}_fig_jac', src, sidecar=False,
+                                     entities={**ents, 'space': tgt, 'datatype': 'figures',
+                                               'suffix': 'jacobian', 'extension': '.png'}),
+            }
+            wf.connect([
+                (inputnode, reg_wf, [('target_brain', 'inputnode.target_brain'),
+                                     ('target_mask', 'inputnode.target_mask'),
+                                     ('target_dseg', 'inputnode.target_dseg')]),
+                (anat_wf, reg_wf, [('outputnode.brain', 'inputnode.moving_brain'),
+                                   ('outputnode.mask', 'inputnode.moving_mask'),
+                                   ('outputnode.dseg', 'inputnode.moving_dseg')]),
+            ])  # fmt:skip
+            for field, node in sinks.items():
+                wf.connect(reg_wf, f'outputnode.{field}', node, 'in_file')
+            for field in ('fwd_xfm', 'inv_xfm', 'warped'):
+                wf.connect(reg_wf, 'outputnode.record_dict', sinks[field], 'extra_meta')
+            qc_long.append((reg_wf, 'outputnode.qc_long'))
+            qc_summary.append((reg_wf, 'outputnode.qc_summary'))
+
+    if qc_long:
+        n = len(qc_long)
+        merge_long = pe.Node(niu.Merge(n), name='merge_qc_long', run_without_submitting=True)
+        merge_summary = pe.Node(niu.Merge(n), name='merge_qc_summary',
+                                run_without_submitting=True)
+        for i, ((w1, f1), (w2, f2)) in enumerate(zip(qc_long, qc_summary), start=1):
+            wf.connect(w1, f1, merge_long, f'in{i}')
+            wf.connect(w2, f2, merge_summary, f'in{i}')
+        tables = pe.Node(QCTables(), name='qc_tables', run_without_submitting=True)
+        first = group.images[0].path
+        ds_long = sink('ds_qc_long', first,
+                       relative_path=qc_table_name(group.subject, group.session, 'registration'))
+        ds_summary = sink('ds_qc_summary', first,
+                          relative_path=qc_table_name(group.subject, group.session,
+                                                      'registrationsummary'))
+        ds_long_meta = sink('ds_qc_long_json', first, sidecar=False,
+                            relative_path=qc_table_name(group.subject, group.session,
+                                                        'registration', '.json'))
+        ds_summary_meta = sink('ds_qc_summary_json', first, sidecar=False,
+                               relative_path=qc_table_name(group.subject, group.session,
+                                                           'registrationsummary', '.json'))
+        long_json = pe.Node(niu.Function(function=_write_json, input_names=['obj', 'fname'],
+                                         output_names=['out']), name='qc_long_json',
+                            run_without_submitting=True)
+        long_json.inputs.obj = table_sidecar(
+            LONG_COLUMNS, 'Registration QC: Dice per engine and label')
+        long_json.inputs.fname = 'registration_qc.json'
+        summary_json = pe.Node(niu.Function(function=_write_json, input_names=['obj', 'fname'],
+                                            output_names=['out']), name='qc_summary_json',
+                               run_without_submitting=True)
+        summary_json.inputs.obj = table_sidecar(
+            SUMMARY_COLUMNS, 'Registration QC summary: one row per engine and image')
+        summary_json.inputs.fname = 'registrationsummary_qc.json'
+        wf.connect([
+            (merge_long, tables, [('out', 'in_long')]),
+            (merge_summary, tables, [('out', 'in_summary')]),
+            (tables, ds_long, [('out_long', 'in_file')]),
+            (tables, ds_summary, [('out_summary', 'in_file')]),
+            (long_json, ds_long_meta, [('out', 'in_file')]),
+            (summary_json, ds_summary_meta, [('out', 'in_file')]),
+        ])  # fmt:skip
+    for node_name in wf.list_node_names():
+        node = wf.get_node(node_name)
+        if node is not None:
+            node.config = node.config or {}
+            node.config.setdefault('execution', {})['crashdump_dir'] = str(crash_dir)
+    return wf
+
+
+def _write_json(obj, fname):
+    """Write ``obj`` as JSON into the node's folder (a Function-node body)."""
+    import json
+    import os
+
+    out = os.path.abspath(fname)
+    with open(out, 'w') as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write('\n')
+    return out
+
+
+def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | None,
+                    methods: list[str], bids_dir: Path, output_dir: Path, work_dir: Path,
+                    run_uuid: str, skull_strip: str = 'auto', omp_nthreads: int = 1,
+                    device: str = 'cpu', seed: int = 0, sloppy: bool = False) -> pe.Workflow:
+    """The whole participant-level run.
+
+    Parameters
+    ----------
+    groups
+        :class:`keyprep.bids_app.bids.ProcessingGroup` objects with valid images.
+    target, target_file
+        The resolved target and the image file it comes from.
+    """
+    wf = pe.Workflow(name=workflow_name(), base_dir=str(work_dir))
+    target_wf = init_target_wf(target=target, target_file=target_file, output_dir=output_dir,
+                               omp_nthreads=omp_nthreads, device=device, sloppy=sloppy)
+    for group in groups:
+        if not group.images:
+            continue
+        crash_dir = output_dir / f'sub-{group.subject}' / 'log' / run_uuid
+        part_wf = init_participant_wf(
+            group=group, target=target, skip_source=skip_source, methods=methods,
+            bids_dir=bids_dir, output_dir=output_dir, crash_dir=crash_dir,
+            skull_strip=skull_strip, omp_nthreads=omp_nthreads, device=device, seed=seed,
+            sloppy=sloppy)
+        wf.connect([
+            (target_wf, part_wf, [('outputnode.brain', 'inputnode.target_brain'),
+                                  ('outputnode.mask', 'inputnode.target_mask'),
+                                  ('outputnode.dseg', 'inputnode.target_dseg')]),
+        ])  # fmt:skip
+    wf.add_nodes([target_wf])
+    return wf
