@@ -8,7 +8,6 @@ import os
 os.environ.setdefault('NIPYPE_NO_ET', '1')
 os.environ.setdefault('NO_ET', '1')
 
-import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -60,6 +59,21 @@ def run(argv: list[str] | None = None) -> int:
     except KeyprepError as exc:
         LOGGER.error('%s', exc)
         return exc.exit_code
+    except KeyboardInterrupt:
+        LOGGER.error('interrupted; rerun with the same --work-dir to resume')
+        return 130
+    except Exception as exc:  # an internal error: one line here, the traceback in a file
+        import traceback
+
+        log = opts.work_dir / 'keyprep-internal-error.txt'
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+        except OSError:
+            log = None
+        LOGGER.error('internal error: %s: %s%s', type(exc).__name__, exc,
+                     f' (traceback in {log})' if log else '')
+        return EXIT_FAILED_NODES
 
 
 def _setup_logging(verbose: int) -> None:
@@ -138,7 +152,8 @@ def _run_participant(opts, argv: list[str]) -> int:
     write_boilerplate(out_dir, opts.methods, target)
     if opts.boilerplate_only:
         LOGGER.info('boilerplate written to %s', out_dir / 'logs')
-        return EXIT_OK
+        codes = [code for errs in errors_by_subject.values() for _, code in errs]
+        return next((c for c in _EXIT_PRIORITY if c in codes), EXIT_OK)
     config = {
         'version': __version__, 'run_uuid': run_uuid, 'command': ['keyprep', *argv],
         'bids_dir': str(bids_dir), 'output_dir': str(out_dir), 'work_dir': str(work_dir),
@@ -203,6 +218,7 @@ def _resolve_target_file(layout, target):
 def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
     """Run the graph with MultiProc; True if every node succeeded."""
     from nipype import config as ncfg
+    from nipype import logging as nlogging
 
     ncfg.update_config({
         'execution': {
@@ -216,7 +232,11 @@ def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
             'poll_sleep_duration': 0.2,
         },
         'monitoring': {'enabled': False},
+        'logging': {'workflow_level': 'INFO' if opts.verbose_count > 1 else 'WARNING',
+                    'interface_level': 'INFO' if opts.verbose_count > 1 else 'WARNING',
+                    'utils_level': 'WARNING'},
     })
+    nlogging.update_logging(ncfg)
     wf.config['execution'].update({
         'crashfile_format': 'txt', 'hash_method': 'content',
         'stop_on_first_crash': opts.stop_on_first_crash, 'remove_unnecessary_outputs': False,

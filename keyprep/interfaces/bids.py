@@ -55,7 +55,7 @@ class DerivativesDataSink(SimpleInterface):
         from pathlib import Path
 
         from ..bids_app.naming import bids_uri, derivative_name
-        from ..pipeline.io import atomic_write_text
+        from ..pipeline.io import publish_file, atomic_write_text
 
         base = Path(self.inputs.base_directory)
         src = self.inputs.source_file
@@ -91,7 +91,7 @@ class DerivativesDataSink(SimpleInterface):
                 os.replace(tmp + ('.nii.gz' if str(out).endswith('.gz') else '.nii'), tmp)
             else:
                 shutil.copyfile(in_file, tmp)
-            os.replace(tmp, out)
+            publish_file(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -25,6 +25,7 @@ __all__ = [
     'check_image',
     'conform',
     'load_image',
+    'publish_file',
     'save_image',
 ]
 
@@ -140,7 +141,7 @@ def save_image(img: nb.Nifti1Image, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         img.to_filename(tmp)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -155,7 +156,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, 'wb') as fh:
             fh.write(data)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -165,6 +166,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write text (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode('utf-8'))
+
+
+def _umask_mode() -> int:
+    """Permissions a normally created file gets (``0o666`` less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish_file(tmp: str, path: Path) -> None:
+    """Give ``tmp`` ordinary permissions (mkstemp makes it private), then rename it."""
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
 
 
 def _short(exc: BaseException) -> str:

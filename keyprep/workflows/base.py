@@ -300,5 +300,6 @@ def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | No
                                   ('outputnode.mask', 'inputnode.target_mask'),
                                   ('outputnode.dseg', 'inputnode.target_dseg')]),
         ])  # fmt:skip
-    wf.add_nodes([target_wf])
+    if not any(g.images for g in groups):
+        wf.add_nodes([target_wf])
     return wf

@@ -1,0 +1,354 @@
+"""``keyprep-demo``: build a small real BIDS dataset with known answers, then run keyprep on it.
+
+Every subject of the demo dataset is Colin27 (one real head, with its skull) moved by a
+known random rotation, translation and scaling, resampled onto its own grid (voxel sizes
+that differ between subjects, anisotropic and oblique ones, other voxel orders) with a
+mild intensity change. The AAL labels and the exact transforms are written as a
+BIDS-Derivatives ground-truth dataset next to it, so the registrations that keyprep
+produces can be checked against the truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from .. import __version__
+from ..pipeline import perturb as pt
+from ..pipeline.io import atomic_write_text, save_image
+
+__all__ = ['COLIN27_DIR', 'build_demo_dataset', 'demo_parameters', 'main']
+
+#: Where Debian's ``mricron-data`` package installs Colin27 and the AAL atlas.
+COLIN27_DIR = Path('/usr/share/mricron/templates')
+
+#: Grids of the first subjects (voxel sizes in mm at full resolution, voxel order, obliquity
+#: in degrees, extra field of view in mm); further subjects get random grids.
+SUBJECT_GRIDS: tuple[dict, ...] = (
+    {'voxel_size': (1.0, 1.0, 1.0), 'orientation': 'RAS', 'obliquity_deg': 0.0, 'margin_mm': 8},
+    {'voxel_size': (1.2, 1.0, 1.4), 'orientation': 'LAS', 'obliquity_deg': 15.0,
+     'margin_mm': 8},
+    {'voxel_size': (1.5, 1.5, 1.5), 'orientation': 'LIA', 'obliquity_deg': 6.0, 'margin_mm': 20},
+)
+
+_PARAMS_FILE = Path('code') / 'keyprep_demo.json'
+_SPACE = 'colin27'
+
+
+def _colin(name: str) -> Path:
+    path = COLIN27_DIR / name
+    if not path.exists():
+        from ..pipeline.errors import MissingInputError
+
+        raise MissingInputError(f'{path} not found: install Colin27 and AAL with '
+                                '`apt-get install mricron-data`')
+    return path
+
+
+def _subject_grid_spec(index: int, rng: np.random.Generator) -> dict:
+    if index < len(SUBJECT_GRIDS):
+        return dict(SUBJECT_GRIDS[index])
+    return {
+        'voxel_size': tuple(float(v) for v in np.round(rng.uniform(0.9, 1.5, size=3), 2)),
+        'orientation': str(rng.choice(['RAS', 'LAS', 'LPS', 'LIA', 'RPI'])),
+        'obliquity_deg': float(np.round(rng.uniform(0.0, 20.0), 1)),
+        'margin_mm': int(rng.integers(5, 20)),
+    }
+
+
+def demo_parameters(n_subjects: int = 3, seed: int = 42, max_rotation: float = 90.0,
+                    resolution: float | None = None) -> dict:
+    """The parameters that determine a demo dataset (recorded in ``code/keyprep_demo.json``).
+
+    >>> demo_parameters(2, 1)['n_subjects']
+    2
+    """
+    return {'n_subjects': int(n_subjects), 'seed': int(seed),
+            'max_rotation': float(max_rotation),
+            'resolution': None if resolution is None else float(resolution),
+            'keyprep_version': __version__}
+
+
+def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: int = 42,
+                       max_rotation: float = 90.0, resolution: float | None = None) -> Path:
+    """Write the demo BIDS dataset (and its ground truth) to ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir
+        Root of the BIDS dataset to write (created; files already there are overwritten).
+    n_subjects
+        Number of subjects (``sub-01``...); each is Colin27 moved differently.
+    seed
+        Seed of every random choice: the same seed gives the same dataset.
+    max_rotation
+        Largest rotation in degrees (the angle is uniform in ``[0, max_rotation]`` about
+        an axis uniform on the sphere).
+    resolution
+        When given (mm), every subject's voxel sizes are multiplied by it, e.g. 3.0 for
+        fast tests; by default the voxels are about 1 mm.
+
+    Returns
+    -------
+    Path
+        The dataset root. The ground truth is in ``<root>/derivatives/groundtruth``:
+        ``sub-XX_atlas-AAL_dseg.nii.gz`` and ``sub-XX_desc-brain_mask.nii.gz`` on each
+        subject's grid, and the ITK transforms ``sub-XX_from-colin27_to-T1w_mode-image_xfm.txt``
+        (maps T1w points to Colin27 points: it resamples Colin27 onto the subject) and
+        ``sub-XX_from-T1w_to-colin27_mode-image_xfm.txt`` (the inverse).
+    """
+    if n_subjects < 1:
+        raise ValueError('n_subjects must be at least 1')
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    gt = root / 'derivatives' / 'groundtruth'
+    params = demo_parameters(n_subjects, seed, max_rotation, resolution)
+    marker = root / _PARAMS_FILE
+    if marker.exists():
+        marker.unlink()  # rewritten last: its presence means the dataset is complete
+
+    head = nb.load(str(_colin('ch2.nii.gz')))
+    brain = nb.load(str(_colin('ch2bet.nii.gz')))
+    aal = nb.load(str(_colin('aal.nii.gz')))
+    mask = nb.Nifti1Image((np.asanyarray(brain.dataobj) > 0).astype(np.uint8), brain.affine)
+    center = pt.center_of_mass(head)
+    head_points = pt.foreground_points(head, 0, step=2)
+
+    _write_dataset_files(root, gt, n_subjects, params)
+    rows = ['participant_id\tsource_image\trotation_deg\tscale']
+    for index in range(n_subjects):
+        sub = f'sub-{index + 1:02d}'
+        rng = np.random.default_rng([int(seed), index])
+        spec = _subject_grid_spec(index, rng)
+        motion = pt.random_similarity(rng, max_rotation, 15.0, (0.92, 1.08), center=center)
+        xfm = pt.KnownTransform(motion)
+        zooms = np.asarray(spec['voxel_size'], dtype=float) * (resolution or 1.0)
+        oblique = (pt.rotation_about_axis(pt.random_axis(rng), spec['obliquity_deg'])
+                   if spec['obliquity_deg'] else None)
+        grid = pt.fitting_grid(xfm.push(head_points), zooms, rotation=oblique,
+                               orientation=spec['orientation'], margin_mm=spec['margin_mm'])
+        moved, (labels, brain_mask) = pt.apply_known_transform(head, xfm, grid,
+                                                               labels=[aal, mask])
+        data = moved.get_fdata(dtype=np.float32)
+        # a mild intensity change: smooth bias, gamma, Rician noise; then 0-1000 in int16
+        bias_strength = float(rng.uniform(0.1, 0.2))
+        gamma = float(np.exp(rng.uniform(-0.15, 0.15)))
+        data = data * pt.bias_field(rng, grid.shape, grid.zooms, strength=bias_strength)
+        data = pt.apply_gamma(data, gamma)
+        noise = 0.01 * float(np.percentile(data[data > 0], 99)) if np.any(data > 0) else 0.0
+        data = pt.add_noise(rng, data, noise)
+        data = np.clip(np.rint(data * (1000.0 / max(float(data.max()), 1e-6))), 0, 1000)
+
+        anat = root / sub / 'anat'
+        save_image(_int_image(data.astype(np.int16), grid.affine), anat / f'{sub}_T1w.nii.gz')
+        desc = pt.describe_similarity(motion, center)
+        sidecar = {
+            'SeriesDescription': 'Colin27 T1w moved by a known transform (keyprep demo)',
+            'ImageComments': (
+                f'Colin27 head rotated by {desc["angle_deg"]:.1f} deg, scaled by '
+                f'{desc["scale"]:.3f}, translated by {np.linalg.norm(desc["translation_mm"]):.1f}'
+                f' mm; resampled to {"x".join(f"{z:g}" for z in grid.zooms)} mm '
+                f'{spec["orientation"]} voxels'
+                f'{", oblique" if spec["obliquity_deg"] else ""}; intensity changed '
+                f'(bias {bias_strength:.2f}, gamma {gamma:.2f}, noise). Ground truth in '
+                'derivatives/groundtruth.'),
+        }
+        atomic_write_text(anat / f'{sub}_T1w.json', json.dumps(sidecar, indent=2) + '\n')
+
+        gt_anat = gt / sub / 'anat'
+        save_image(_int_image(np.asanyarray(labels.dataobj).astype(np.uint8), grid.affine),
+                   gt_anat / f'{sub}_atlas-AAL_dseg.nii.gz')
+        save_image(_int_image(np.asanyarray(brain_mask.dataobj).astype(np.uint8), grid.affine),
+                   gt_anat / f'{sub}_desc-brain_mask.nii.gz')
+        info = {
+            'Motion': desc,
+            'VoxelSize': [round(z, 4) for z in grid.zooms],
+            'Orientation': spec['orientation'],
+            'ObliquityDeg': spec['obliquity_deg'],
+            'Shape': list(grid.shape),
+            'BiasStrength': round(bias_strength, 4),
+            'Gamma': round(gamma, 4),
+            'NoiseSigma': round(noise, 4),
+        }
+        pull = xfm.write_itk(gt_anat / f'{sub}_from-{_SPACE}_to-T1w_mode-image_xfm.txt')
+        push = xfm.write_itk(gt_anat / f'{sub}_from-T1w_to-{_SPACE}_mode-image_xfm.txt',
+                             inverse=True)
+        for path, what in ((pull, 'Colin27 onto this subject\'s T1w grid'),
+                           (push, 'this subject\'s T1w onto the Colin27 grid')):
+            meta = {'Description': f'Exact known transform (ITK affine, LPS): resamples {what} '
+                                   'with ants.apply_transforms.', **info}
+            atomic_write_text(path.with_name(path.name.replace('.txt', '.json')),
+                              json.dumps(meta, indent=2) + '\n')
+        rows.append(f'{sub}\tColin27 (ch2.nii.gz)\t{desc["angle_deg"]:.2f}\t{desc["scale"]:.4f}')
+    atomic_write_text(root / 'participants.tsv', '\n'.join(rows) + '\n')
+    atomic_write_text(marker, json.dumps(params, indent=2) + '\n')
+    return root
+
+
+def _int_image(data: np.ndarray, affine: np.ndarray) -> nb.Nifti1Image:
+    img = nb.Nifti1Image(data, affine)
+    img.set_data_dtype(data.dtype)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header['xyzt_units'] = 10
+    img.header['scl_slope'] = 1.0
+    img.header['scl_inter'] = 0.0
+    return img
+
+
+def _write_dataset_files(root: Path, gt: Path, n_subjects: int, params: dict) -> None:
+    license_text = ('BSD-3-Clause (Colin27 and AAL as distributed in the Debian package '
+                    'mricron-data; see /usr/share/doc/mricron-data/copyright)')
+    desc = {
+        'Name': 'keyprep demo: Colin27 moved by known transforms',
+        'BIDSVersion': '1.9.0',
+        'DatasetType': 'raw',
+        'License': license_text,
+        'Authors': ['keyprep developers'],
+        'ReferencesAndLinks': [
+            'Holmes CJ et al. (1998) Enhancement of MR images using registration for signal '
+            'averaging. J Comput Assist Tomogr 22(2):324-333 (Colin27)',
+            'Tzourio-Mazoyer N et al. (2002) Automated anatomical labeling of activations in '
+            'SPM. NeuroImage 15(1):273-289 (AAL)',
+        ],
+        'GeneratedBy': [{'Name': 'keyprep-demo', 'Version': __version__}],
+    }
+    atomic_write_text(root / 'dataset_description.json', json.dumps(desc, indent=2) + '\n')
+    atomic_write_text(root / 'README', (
+        'keyprep demo dataset\n====================\n\n'
+        f'{n_subjects} subject(s). Every T1w image is the Colin27 head (one real person, 27 '
+        'scans averaged; with its skull) moved by a known random rotation (up to '
+        f'{params["max_rotation"]:g} degrees about a random axis), translation and scaling, '
+        'resampled onto its own grid (different voxel sizes, anisotropic and oblique '
+        'grids, different voxel orders) with a mild intensity change (smooth bias field, '
+        'gamma, Rician noise). All subjects are the same person: this dataset exists to test '
+        'registration, not to study anatomy.\n\n'
+        'The ground truth (AAL labels and brain mask on each subject\'s grid, exact ITK '
+        'transforms to and from Colin27) is in derivatives/groundtruth. Built by '
+        '`keyprep-demo` (parameters in code/keyprep_demo.json).\n'))
+    atomic_write_text(root / 'participants.json', json.dumps({
+        'participant_id': {'Description': 'Participant label'},
+        'source_image': {'Description': 'The real image that was moved to make this subject'},
+        'rotation_deg': {'Description': 'Angle of the known rotation', 'Units': 'degree'},
+        'scale': {'Description': 'Isotropic scale factor of the known transform'},
+    }, indent=2) + '\n')
+
+    gt_desc = {
+        'Name': 'keyprep demo ground truth: labels and exact transforms',
+        'BIDSVersion': '1.9.0',
+        'DatasetType': 'derivative',
+        'License': license_text,
+        'GeneratedBy': [{'Name': 'keyprep-demo', 'Version': __version__,
+                         'Description': 'Colin27 labels carried by the known transforms'}],
+    }
+    atomic_write_text(gt / 'dataset_description.json', json.dumps(gt_desc, indent=2) + '\n')
+    atomic_write_text(gt / 'README', (
+        'Ground truth of the keyprep demo dataset.\n\n'
+        '* sub-XX_atlas-AAL_dseg.nii.gz: AAL (116 regions) carried onto the subject\'s T1w '
+        'grid by the known transform (nearest neighbour); names in atlas-AAL_dseg.tsv.\n'
+        '* sub-XX_desc-brain_mask.nii.gz: the Colin27 brain (ch2bet) mask, carried likewise.\n'
+        '* sub-XX_from-colin27_to-T1w_mode-image_xfm.txt: ITK affine (LPS) mapping T1w points '
+        'to Colin27 points; ants.apply_transforms(fixed=T1w, moving=colin27, [this]) '
+        'resamples Colin27 onto the subject.\n'
+        '* sub-XX_from-T1w_to-colin27_mode-image_xfm.txt: the inverse.\n'))
+    names = ['index\tname']
+    for line in _colin('aal.nii.txt').read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit():
+            names.append(f'{int(parts[0])}\t{parts[1]}')
+    atomic_write_text(gt / 'atlas-AAL_dseg.tsv', '\n'.join(names) + '\n')
+
+
+def _dataset_is_current(bids_dir: Path, params: dict) -> bool:
+    marker = bids_dir / _PARAMS_FILE
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == params
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='keyprep-demo',
+        description='Build a small BIDS dataset from Colin27 moved by known random transforms '
+                    '(ground truth in bids/derivatives/groundtruth), then run keyprep on it '
+                    '(participant and group levels) and print where the reports are.')
+    parser.add_argument('--out', type=Path, default=Path('keyprep-demo'), metavar='DIR',
+                        help='folder for bids/, derivatives/keyprep/ and work/ '
+                             '(default: ./keyprep-demo)')
+    parser.add_argument('--n-subjects', type=int, default=3, metavar='N',
+                        help='number of subjects (default: 3)')
+    parser.add_argument('--nprocs', type=int, default=os.cpu_count() or 1, metavar='N',
+                        help='processes for keyprep (default: all cores)')
+    parser.add_argument('--quick', action='store_true',
+                        help='2 mm grids, --sloppy and --target MNI152NLin2009aSym:res-2: '
+                             'a quick look, not a result')
+    parser.add_argument('--seed', type=int, default=42, help='seed of the dataset (default: 42)')
+    parser.add_argument('--max-rotation', type=float, default=90.0, metavar='DEG',
+                        help='largest rotation of a subject, in degrees (default: 90)')
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``keyprep-demo``; returns (and exits with) keyprep's exit code."""
+    opts = _build_parser().parse_args(argv)
+    if opts.n_subjects < 1 or opts.nprocs < 1:
+        print('keyprep-demo: --n-subjects and --nprocs must be at least 1', file=sys.stderr)
+        return _exit(64, argv)
+    out = opts.out.expanduser().resolve()
+    bids_dir, deriv, work = out / 'bids', out / 'derivatives' / 'keyprep', out / 'work'
+    resolution = 2.0 if opts.quick else None
+    params = demo_parameters(opts.n_subjects, opts.seed, opts.max_rotation, resolution)
+    if _dataset_is_current(bids_dir, params):
+        print(f'keyprep-demo: reusing the dataset in {bids_dir}')
+    else:
+        if bids_dir.exists() and any(bids_dir.iterdir()):
+            if not (bids_dir / _PARAMS_FILE).exists() and not (
+                    bids_dir / 'derivatives' / 'groundtruth').exists():
+                print(f'keyprep-demo: {bids_dir} exists and was not made by keyprep-demo; '
+                      'choose another --out', file=sys.stderr)
+                return _exit(64, argv)
+            shutil.rmtree(bids_dir)
+        print(f'keyprep-demo: building {opts.n_subjects} subject(s) in {bids_dir} ...')
+        build_demo_dataset(bids_dir, opts.n_subjects, opts.seed, opts.max_rotation, resolution)
+
+    from .run import run
+
+    common = ['-w', str(work), '--nprocs', str(opts.nprocs)]
+    if opts.quick:
+        common += ['--sloppy', '--target', 'MNI152NLin2009aSym:res-2']
+    print('keyprep-demo: running keyprep (participant level) ...')
+    code = run([str(bids_dir), str(deriv), 'participant', *common])
+    print(f'keyprep-demo: participant level finished with exit code {code}')
+    group_code = run([str(bids_dir), str(deriv), 'group', *common])
+    print(f'keyprep-demo: group level finished with exit code {group_code}')
+    code = code or group_code
+    reports = sorted(deriv.glob('sub-*.html'))
+    for report in reports:
+        print(f'  subject report: {report}')
+    if (deriv / 'group.html').exists():
+        print(f'  group report:   {deriv / "group.html"}')
+    if not reports:
+        print(f'  no report was written in {deriv}')
+    print(f'  ground truth:   {bids_dir / "derivatives" / "groundtruth"}')
+    return _exit(code, argv)
+
+
+def _exit(code: int, argv: list[str] | None) -> int:
+    """Exit with ``code`` when run as the console script; return it when called."""
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == '__main__':  # pragma: no cover
+    main()
