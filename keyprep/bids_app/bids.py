@@ -128,10 +128,15 @@ def init_layout(bids_dir: Path, database_dir: Path, participants: list[str] | No
         raise ValidationError(f'pybids cannot index {bids_dir}: {exc}') from None
 
 
-def collect_participants(layout, labels: list[str] | None) -> list[str]:
+def collect_participants(bids_dir: Path, labels: list[str] | None) -> list[str]:
     """Selected participants, as in niworkflows: all when no labels are given, an error
-    when none of the requested labels exist, a warning when some are missing."""
-    available = sorted(layout.get_subjects())
+    when none of the requested labels exist, a warning when some are missing.
+
+    Participants are the ``sub-<label>`` folders, so that one without any anatomical
+    image is reported as such instead of silently ignored.
+    """
+    available = sorted(p.name[4:] for p in Path(bids_dir).glob('sub-*')
+                       if p.is_dir() and re.fullmatch(r'sub-[A-Za-z0-9]+', p.name))
     if not available:
         raise NoMatchError('the dataset has no participants')
     if not labels:

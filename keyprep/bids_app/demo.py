@@ -137,17 +137,18 @@ def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: in
         moved, (labels, brain_mask) = pt.apply_known_transform(head, xfm, grid,
                                                                labels=[aal, mask])
         data = moved.get_fdata(dtype=np.float32)
-        # a mild intensity change: smooth bias, gamma, Rician noise; then 0-1000 in int16
+        # a mild intensity change: smooth bias, gamma, Rician noise; stored as uint8 like ch2
         bias_strength = float(rng.uniform(0.1, 0.2))
         gamma = float(np.exp(rng.uniform(-0.15, 0.15)))
         data = data * pt.bias_field(rng, grid.shape, grid.zooms, strength=bias_strength)
         data = pt.apply_gamma(data, gamma)
         noise = 0.01 * float(np.percentile(data[data > 0], 99)) if np.any(data > 0) else 0.0
         data = pt.add_noise(rng, data, noise)
-        data = np.clip(np.rint(data * (1000.0 / max(float(data.max()), 1e-6))), 0, 1000)
+        top = float(np.percentile(data, 99.95)) if data.max() > 0 else 1.0
+        data = np.clip(np.rint(data * (240.0 / max(top, 1e-6))), 0, 255)
 
         anat = root / sub / 'anat'
-        save_image(_int_image(data.astype(np.int16), grid.affine), anat / f'{sub}_T1w.nii.gz')
+        save_image(_int_image(data.astype(np.uint8), grid.affine), anat / f'{sub}_T1w.nii.gz')
         desc = pt.describe_similarity(motion, center)
         sidecar = {
             'SeriesDescription': 'Colin27 T1w moved by a known transform (keyprep demo)',

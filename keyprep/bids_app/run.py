@@ -111,7 +111,7 @@ def _run_participant(opts, argv: list[str]) -> int:
             index_subjects.append(target.subject)
     db_dir = opts.bids_database_dir or (work_dir / 'bids_db')
     layout = init_layout(bids_dir, Path(db_dir), index_subjects)
-    subjects = collect_participants(layout, opts.participant_label)
+    subjects = collect_participants(bids_dir, opts.participant_label)
 
     target_file, skip_source = _resolve_target_file(layout, target)
     load_image(target_file, what='target image')  # a bad target stops everything

@@ -293,17 +293,21 @@ class _Layout:
     fig: Any
     axes: list[list[Any]]
     footer: tuple[float, float, float, float] | None  # figure fraction rect of the footer
-    height_in: float
+    height_px: int
 
 
 def _setup_matplotlib() -> None:
+    """Select the non-interactive ``Agg`` backend unless pyplot is already in use.
+
+    The figures are drawn on :class:`matplotlib.figure.Figure` objects with an explicit Agg
+    canvas, never through pyplot, so they do not depend on (or leak into) pyplot's state.
+    """
+    import sys
+
     import matplotlib
 
-    if matplotlib.get_backend().lower() != 'agg':
-        try:
-            matplotlib.use('Agg', force=True)
-        except Exception:  # pragma: no cover - pyplot already bound to another backend
-            pass
+    if 'matplotlib.pyplot' not in sys.modules:
+        matplotlib.use('Agg')
 
 
 def _mosaic(rows: list[list[_Panel]], title: str | None = None,
@@ -365,7 +369,7 @@ def _annotate(ax: Any, panel: _Panel, affine: np.ndarray, first: bool) -> None:
     """World coordinate of the slice (nilearn style) and L/R on the first panel."""
     from matplotlib import patheffects
 
-    axis, h, _, letter = _VIEW_AXES[panel.view]
+    axis, _, _, letter = _VIEW_AXES[panel.view]
     vox = np.zeros(4)
     vox[3] = 1.0
     vox[axis] = panel.index

@@ -71,7 +71,7 @@ def jacobian_stats(jac: np.ndarray, mask: np.ndarray | None = None) -> dict[str,
     >>> s['jac_min'], s['jac_max'], s['jac_neg_frac']
     (-1.0, 2.0, 0.25)
     >>> round(s['logjac_std'], 4)
-    0.5659
+    0.566
     """
     values = np.asarray(jac, dtype=np.float64)
     if mask is not None:

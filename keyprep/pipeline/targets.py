@@ -126,8 +126,8 @@ def resample_isotropic(img: nb.Nifti1Image, resolution: float, order: int = 1) -
     """Resample an image to isotropic voxels of ``resolution`` mm covering the same field of view.
 
     >>> img = nb.Nifti1Image(np.ones((10, 10, 10), 'f4'), np.eye(4))
-    >>> resample_isotropic(img, 2.0).header.get_zooms()
-    (2.0, 2.0, 2.0)
+    >>> [float(z) for z in resample_isotropic(img, 2.0).header.get_zooms()]
+    [2.0, 2.0, 2.0]
     """
     from nibabel.processing import resample_to_output
 
