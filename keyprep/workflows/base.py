@@ -209,6 +209,8 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
             qc_long.append((reg_wf, 'outputnode.qc_long'))
             qc_summary.append((reg_wf, 'outputnode.qc_summary'))
 
+    if not qc_long:
+        wf.add_nodes([inputnode])  # nothing registered (this participant is the target)
     if qc_long:
         n = len(qc_long)
         merge_long = pe.Node(niu.Merge(n), name='merge_qc_long', run_without_submitting=True)

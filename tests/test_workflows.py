@@ -1,0 +1,141 @@
+"""Workflow graphs are built and connected for every combination of options, and a new
+engine registered later appears in the CLI, the workflow, the outputs and QC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nipype.pipeline.engine.utils import generate_expanded_graph
+
+from keyprep.bids_app.bids import AnatImage, ProcessingGroup
+from keyprep.pipeline.engines import base as engine_base
+from keyprep.pipeline.engines.base import Engine, RegistrationResult, register_engine
+from keyprep.pipeline.targets import parse_target
+from keyprep.workflows.base import init_keyprep_wf
+
+
+def _groups(root: Path, sessions=(None,), suffixes=('T1w',)):
+    groups = []
+    for sub in ('01', '02'):
+        for ses in sessions:
+            g = ProcessingGroup(sub, ses)
+            for suffix in suffixes:
+                ses_part = f'_ses-{ses}' if ses else ''
+                ses_dir = f'ses-{ses}/' if ses else ''
+                path = root / f'sub-{sub}/{ses_dir}anat/sub-{sub}{ses_part}_{suffix}.nii.gz'
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()  # graph building only needs the file to exist
+                g.images.append(AnatImage(path, suffix, sub, ses))
+            groups.append(g)
+    return groups
+
+
+def _build(tmp_path, groups, methods, target='MNI152NLin2009aSym', skip=None, **kw):
+    spec = parse_target(target)
+    target_file = spec.path if spec.path else groups[0].images[0].path
+    return init_keyprep_wf(groups=groups, target=spec, target_file=target_file,
+                           skip_source=skip, methods=methods, bids_dir=tmp_path,
+                           output_dir=tmp_path / 'out', work_dir=tmp_path / 'work',
+                           run_uuid='test', **kw)
+
+
+@pytest.mark.parametrize('sessions', [(None,), ('1', '2')])
+@pytest.mark.parametrize('suffixes', [('T1w',), ('T1w', 'T2w', 'FLAIR')])
+@pytest.mark.parametrize('methods', [['antsRigid'], ['antsRigid', 'antsAffine', 'antsSyN']])
+def test_graph_builds_and_expands(tmp_path, sessions, suffixes, methods):
+    groups = _groups(tmp_path, sessions, suffixes)
+    wf = _build(tmp_path, groups, methods, sloppy=True)
+    flat = wf._create_flat_graph()
+    expanded = generate_expanded_graph(flat)
+    names = {n.fullname for n in expanded.nodes()}
+    n_images = len(groups) * len(suffixes)
+    regs = [n for n in names if n.endswith('.register')]
+    assert len(regs) == n_images * len(methods)
+    assert len([n for n in names if n.endswith('.qc_tables')]) == len(groups)
+    assert len([n for n in names if n.endswith('target_wf.prep_wf.tissue_seg')]) == 1
+    # every registration is connected to the target's preparation
+    for node in expanded.nodes():
+        if node.fullname.endswith('.register'):
+            preds = {p.fullname.split('.')[-1] for p in expanded.predecessors(node)}
+            assert {'skull_strip', 'bias_correct'} <= preds
+
+
+def test_subject_target_skips_registering_itself(tmp_path):
+    groups = _groups(tmp_path)
+    skip = groups[0].images[0].path
+    wf = _build(tmp_path, groups, ['antsRigid'], target='sub-01', skip=skip)
+    names = {n.fullname for n in generate_expanded_graph(wf._create_flat_graph()).nodes()}
+    assert not [n for n in names if 'sub_01_wf' in n and n.endswith('.register')]
+    assert [n for n in names if 'sub_02_wf' in n and n.endswith('.register')]
+
+
+def test_cuda_device_declares_gpu_use(tmp_path):
+    wf = _build(tmp_path, _groups(tmp_path), ['antsRigid'], device='cuda')
+    strip = [n for n in generate_expanded_graph(wf._create_flat_graph()).nodes()
+             if n.fullname.endswith('skull_strip')]
+    assert strip and all(n.inputs.use_gpu for n in strip)
+
+
+class _CentroidEngine(Engine):
+    """A real (if crude) engine: translation aligning the centres of mass."""
+
+    name = 'testCentroid'
+    family = 'test'
+    transform_kind = 'linear'
+    description = 'translation between centres of mass'
+
+    def run(self, fixed, moving, out_dir, options, fixed_mask=None, moving_mask=None):
+        import nibabel as nb
+        from scipy import ndimage as ndi
+
+        from keyprep.pipeline.antsutils import import_ants
+        from keyprep.pipeline.transforms import LPS, apply_transforms
+
+        ants = import_ants()
+        centres = []
+        for f in (fixed, moving):
+            img = nb.load(str(f))
+            com = ndi.center_of_mass(np.asanyarray(img.dataobj) > 0)
+            centres.append(img.affine[:3, :3] @ com + img.affine[:3, 3])
+        shift = LPS @ (centres[1] - centres[0])  # fixed point -> moving point, in LPS
+        tx = ants.create_ants_transform(transform_type='AffineTransform', dimension=3,
+                                        translation=tuple(shift))
+        fwd = str(Path(out_dir) / 'centroid.txt')
+        ants.write_transform(tx, fwd)
+        warped = apply_transforms(moving, fixed, [fwd], Path(out_dir) / 'warped.nii.gz')
+        return RegistrationResult([fwd], [fwd], [True], str(warped))
+
+
+@pytest.fixture
+def centroid_engine():
+    register_engine(_CentroidEngine)
+    yield _CentroidEngine
+    engine_base._REGISTRY.pop(_CentroidEngine.name, None)
+
+
+def test_new_engine_plugs_in_everywhere(centroid_engine, tmp_path, small_brains, capsys):
+    from keyprep.bids_app.parser import build_parser, parse_args
+    from keyprep.pipeline.registration import run_engine
+    from keyprep.pipeline.transforms import apply_transforms
+
+    assert 'testCentroid' in build_parser().format_help()
+    (tmp_path / 'ds').mkdir()
+    opts = parse_args([str(tmp_path / 'ds'), str(tmp_path / 'o'), 'participant',
+                       '--methods', 'testcentroid', 'antsRigid'])
+    assert opts.methods == ['testCentroid', 'antsRigid']
+    wf = _build(tmp_path, _groups(tmp_path), opts.methods)
+    names = {n.fullname for n in generate_expanded_graph(wf._create_flat_graph()).nodes()}
+    assert any('reg_T1w_testCentroid_wf.register' in n for n in names)
+    assert any('ds_T1w_testCentroid_fwd' in n for n in names)
+    assert any('reg_T1w_testCentroid_wf.qc' in n for n in names)
+    run = run_engine('testCentroid', small_brains['fixed'], small_brains['moving'],
+                     tmp_path / 'run')
+    again = apply_transforms(small_brains['moving'], small_brains['fixed'], [run.fwd_xfm],
+                             tmp_path / 'again.nii.gz')
+    import nibabel as nb
+
+    assert np.allclose(nb.load(str(again)).get_fdata(), nb.load(run.warped).get_fdata(),
+                       atol=1e-3)
+    assert run.runtime_s >= 0 and run.peak_mem_mb > 0
