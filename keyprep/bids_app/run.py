@@ -150,10 +150,6 @@ def _run_participant(opts, argv: list[str]) -> int:
         run_uuid=run_uuid, skull_strip=opts.skull_strip, omp_nthreads=opts.omp_nthreads,
         device=_device(opts.device), seed=opts.random_seed, sloppy=opts.sloppy)
     write_boilerplate(out_dir, opts.methods, target)
-    if opts.boilerplate_only:
-        LOGGER.info('boilerplate written to %s', out_dir / 'logs')
-        codes = [code for errs in errors_by_subject.values() for _, code in errs]
-        return next((c for c in _EXIT_PRIORITY if c in codes), EXIT_OK)
     config = {
         'version': __version__, 'run_uuid': run_uuid, 'command': ['keyprep', *argv],
         'bids_dir': str(bids_dir), 'output_dir': str(out_dir), 'work_dir': str(work_dir),
@@ -165,6 +161,10 @@ def _run_participant(opts, argv: list[str]) -> int:
     for subject in subjects_run:
         write_run_config(out_dir / f'sub-{subject}' / 'log' / run_uuid, config,
                          errors_by_subject.get(subject, []))
+    if opts.boilerplate_only:
+        LOGGER.info('boilerplate written to %s', out_dir / 'logs')
+        codes = [code for errs in errors_by_subject.values() for _, code in errs]
+        return next((c for c in _EXIT_PRIORITY if c in codes), EXIT_OK)
     (out_dir / 'logs' / run_uuid).mkdir(parents=True, exist_ok=True)
 
     crashed = False
