@@ -1,0 +1,191 @@
+"""End to end on real data at reduced resolution: participant level with skull stripping,
+two engines, a bad participant, the group level, a resumed rerun, and the reports rendered
+in headless Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nb
+import pandas as pd
+import pytest
+
+from keyprep.bids_app.run import run
+from keyprep.pipeline import errors as E
+
+from .conftest import CH2, coarse, rotated_copy, write_bids
+
+pytestmark = pytest.mark.slow
+
+EXPECTED_ANAT = [
+    'sub-01_desc-brain_mask.nii.gz',
+    'sub-01_desc-preproc_T1w.nii.gz',
+    'sub-01_desc-registration_qc.tsv',
+    'sub-01_desc-registrationsummary_qc.tsv',
+    'sub-01_from-MNI152NLin2009aSym_to-T1w_mode-image_desc-antsRigid_xfm.txt',
+    'sub-01_from-MNI152NLin2009aSym_to-T1w_mode-image_desc-antsSyN_xfm.nii.gz',
+    'sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-antsRigid_xfm.txt',
+    'sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-antsSyN_xfm.nii.gz',
+    'sub-01_seg-tissue_dseg.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_desc-antsRigid_T1w.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_desc-antsRigid_jacobian.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_desc-antsSyN_T1w.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_desc-antsSyN_jacobian.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_seg-tissue_desc-antsRigid_dseg.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_seg-tissue_desc-antsSyN_dseg.nii.gz',
+]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def e2e(tmp_path_factory):
+    root = tmp_path_factory.mktemp('e2e')
+    head = rotated_copy(coarse(CH2, 4.0), 20.0, axis=0, shift=(5.0, 0.0, -4.0))  # oblique head
+    truncated = root / 'bad.nii.gz'
+    head.to_filename(truncated)
+    bids = write_bids(root / 'ds', {'01': head, '02': truncated.read_bytes()[:3000]})
+    raw = _digest(bids)
+    out, work = root / 'out', root / 'work'
+    args = [str(bids), str(out), 'participant', '-w', str(work), '--nprocs', '2',
+            '--omp-nthreads', '1', '--methods', 'antsRigid', 'antsSyN', '--sloppy',
+            '--target', 'MNI152NLin2009aSym:res-4', '--random-seed', '7']
+    code = run(args)
+    return {'root': root, 'bids': bids, 'out': out, 'work': work, 'args': args, 'code': code,
+            'raw': raw}
+
+
+def test_exit_code_reports_the_bad_participant(e2e):
+    assert e2e['code'] == E.EXIT_DATA  # sub-02 is truncated; sub-01 ran
+    assert _digest(e2e['bids']) == e2e['raw']  # nothing written into the input dataset
+
+
+def test_derivatives(e2e):
+    out = e2e['out']
+    anat = sorted(p.name for p in (out / 'sub-01' / 'anat').iterdir()
+                  if not p.name.endswith('.json'))
+    assert anat == EXPECTED_ANAT
+    assert not (out / 'sub-02' / 'anat').exists()
+    assert not [p for p in out.rglob('.*') if p.name != '.bidsignore']  # no temporary files
+    desc = json.loads((out / 'dataset_description.json').read_text())
+    assert desc['DatasetType'] == 'derivative'
+    assert (out / 'seg-tissue_dseg.tsv').read_text().startswith('index\tname')
+    side = json.loads((out / 'sub-01/anat/sub-01_desc-preproc_T1w.json').read_text())
+    assert side['SkullStripped'] is False and side['Oblique'] is True
+    assert side['Sources'] == ['bids:raw:sub-01/anat/sub-01_T1w.nii.gz']
+    mask = json.loads((out / 'sub-01/anat/sub-01_desc-brain_mask.json').read_text())
+    assert mask['InputSkullStripped'] is False and 'deepbet' in mask['SkullStripMethod']
+    xfm = json.loads((out / 'sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_'
+                            'desc-antsSyN_xfm.json').read_text())
+    assert xfm['seed'] == 7 and xfm['parameters']['type_of_transform'] == 'SyN'
+    assert nb.load(out / 'sub-01/anat/sub-01_desc-brain_mask.nii.gz').get_data_dtype() == 'uint8'
+
+
+def test_qc_tables(e2e):
+    out = e2e['out']
+    long = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registration_qc.tsv', sep='\t')
+    assert list(long.columns[:8]) == ['participant_id', 'session_id', 'source', 'method',
+                                      'label_set', 'label_index', 'label_name', 'dice']
+    assert len(long) == 2 * 3 and long['dice'].between(0, 1).all()
+    summ = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registrationsummary_qc.tsv', sep='\t')
+    assert set(summ['method']) == {'antsRigid', 'antsSyN'}
+    assert set(summ['status']) <= {'pass', 'warn', 'fail'}
+    rigid = summ.set_index('method').loc['antsRigid']
+    assert rigid['jac_min'] == pytest.approx(1.0, abs=1e-4)  # a rigid transform keeps volume
+    syn = summ.set_index('method').loc['antsSyN']
+    assert syn['dice_mean'] > 0.4 and syn['jac_neg_frac'] == 0
+    assert (summ['seed'] == 7).all() and summ['versions'].str.contains('antspyx').all()
+    meta = json.loads((out / 'sub-01/anat/sub-01_desc-registrationsummary_qc.json').read_text())
+    assert 'status' in meta and 'Description' in meta['dice_mean']
+
+
+def test_transform_derivative_reproduces_the_warped_image(e2e):
+    from keyprep.pipeline.transforms import apply_transforms
+
+    out, anat = e2e['out'], e2e['out'] / 'sub-01' / 'anat'
+    brain = e2e['root'] / 'brain.nii.gz'
+    pre = nb.load(anat / 'sub-01_desc-preproc_T1w.nii.gz')
+    mask = nb.load(anat / 'sub-01_desc-brain_mask.nii.gz').get_fdata() > 0
+    nb.Nifti1Image(pre.get_fdata() * mask, pre.affine).to_filename(brain)
+    ref = out / 'tpl-MNI152NLin2009aSym' / 'tpl-MNI152NLin2009aSym_res-4_desc-brain_T1w.nii.gz'
+    mine = apply_transforms(brain, ref, [anat / 'sub-01_from-T1w_to-MNI152NLin2009aSym_mode-'
+                                         'image_desc-antsSyN_xfm.nii.gz'],
+                            e2e['root'] / 'mine.nii.gz')
+    theirs = nb.load(anat / 'sub-01_space-MNI152NLin2009aSym_desc-antsSyN_T1w.nii.gz')
+    diff = abs(nb.load(mine).get_fdata() - theirs.get_fdata()).max()
+    assert diff <= 1e-3 * theirs.get_fdata().max()
+
+
+def test_reports_and_errors(e2e):
+    out = e2e['out']
+    page = (out / 'sub-01.html').read_text()
+    for section in ('summary', 'anatomical', 'registration', 'qc', 'about', 'boilerplate',
+                    'errors'):
+        assert f'id="{section}"' in page
+    assert page.count('data:image/png;base64') == 6  # mask, labels, 2 x (before/after, J)
+    assert 'Figure not produced' not in page
+    assert 'No errors to report' in page
+    bad = (out / 'sub-02.html').read_text()
+    assert 'truncated' in bad and 'Input error' in bad
+
+
+def test_group_level(e2e):
+    out = e2e['out']
+    assert run([str(e2e['bids']), str(out), 'group']) == E.EXIT_OK
+    group = pd.read_csv(out / 'group_desc-registrationsummary_qc.tsv', sep='\t')
+    assert len(group) == 2
+    assert len(pd.read_csv(out / 'group_desc-registration_qc.tsv', sep='\t')) == 6
+    html = (out / 'group.html').read_text()
+    assert html.count('data:image/png;base64') >= 2
+
+
+def test_rerun_resumes_from_the_work_dir(e2e):
+    results = sorted(e2e['work'].rglob('register/result_register.pklz'))
+    assert len(results) == 2
+    stamps = [p.stat().st_mtime_ns for p in results]
+    args = [a for a in e2e['args']] + ['--participant-label', '01']
+    assert run(args) == E.EXIT_OK
+    assert [p.stat().st_mtime_ns for p in results] == stamps  # nothing recomputed
+
+
+def _chromium():
+    for name in ('chromium', 'chromium-browser', 'google-chrome'):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(e2e, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip('Chromium is not installed (scripts/install.sh installs it)')
+    flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+             '--disable-background-networking', '--disable-component-update', '--disable-sync',
+             f'--user-data-dir={tmp_path / "profile"}']
+    url = (e2e['out'] / 'sub-01.html').as_uri()
+    # A copy of the report with a probe that counts the images the browser decoded.
+    probe = tmp_path / 'probe.html'
+    script = ('<script>window.addEventListener("load",function(){var imgs=[...document.images];'
+              'document.title="ok:"+imgs.filter(i=>i.complete&&i.naturalWidth>0).length+"/"+'
+              'imgs.length+":"+document.querySelectorAll("section").length;});</script>')
+    probe.write_text((e2e['out'] / 'sub-01.html').read_text().replace('</body>',
+                                                                       script + '</body>'))
+    dom = subprocess.run([exe, *flags, '--virtual-time-budget=5000', '--dump-dom',
+                          probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert '<title>ok:6/6:7</title>' in dom, dom[:300]
+    shot = tmp_path / 'report.png'
+    subprocess.run([exe, *flags, '--window-size=1400,3000', f'--screenshot={shot}', url],
+                   capture_output=True, timeout=120)
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert('L'), dtype=float)
+    assert pixels.std() > 20  # a rendered page with figures, not a blank one
