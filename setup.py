@@ -37,7 +37,7 @@ setup(
         'jinja2>=3.0',
     ],
     extras_require={
-        'test': ['pytest>=7', 'pytest-benchmark>=4'],
+        'test': ['pytest>=7'],
     },
     entry_points={
         'console_scripts': [

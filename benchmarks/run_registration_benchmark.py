@@ -454,8 +454,9 @@ def write_summary(rows: list[dict], path: Path, *, info: dict, resolution: float
     if not errors.empty:
         lines += ['', '## Errors', '']
         lines += [f'* {r.pair} / {r.method}: {r.status}' for r in errors.itertuples()]
-    lines += ['', '## Pairs', '', '| pair | moving voxel size (mm) | voxel order | obliquity '
-              '(deg) | rotation axis | scale | translation (mm) |', '|---|---|---|---|---|---|---|']
+    lines += ['', '## Pairs', '',
+              '| pair | moving voxel size (mm) | voxel order | obliquity (deg) | rotation axis '
+              '| scale | translation (mm) |', '|---|---|---|---|---|---|---|']
     for name in order:
         if name not in pairs:
             continue
