@@ -24,13 +24,6 @@ def _require(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _doctest_tmp(doctest_namespace, tmp_path):
-    doctest_namespace['tmp_path'] = tmp_path
-    doctest_namespace['np'] = np
-    doctest_namespace['nb'] = nb
-
-
 def coarse(path: Path, resolution: float) -> nb.Nifti1Image:
     """A real image resampled to ``resolution`` mm (float32, RAS)."""
     from keyprep.pipeline.io import conform, load_image
