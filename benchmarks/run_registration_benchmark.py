@@ -48,6 +48,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 from keyprep.pipeline import perturb as pt  # noqa: E402
+from keyprep.pipeline.io import make_image  # noqa: E402
 
 COLIN27_DIR = Path('/usr/share/mricron/templates')
 
@@ -111,12 +112,7 @@ class Pair:
 # Building the fixed image and the pairs
 # --------------------------------------------------------------------------------------
 
-def _nifti(data: np.ndarray, affine: np.ndarray) -> nb.Nifti1Image:
-    img = nb.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header['xyzt_units'] = 10
-    return img
+
 
 
 def _colin(name: str) -> nb.Nifti1Image:
@@ -146,10 +142,10 @@ def build_fixed(work: Path, resolution: float) -> Fixed:
                        order=0)
     mask = ndi.binary_fill_holes(mask > 0)
     tissue = tissue_segmentation(t1, grid.affine, mask, 'T1w')
-    _nifti(t1.astype(np.float32), grid.affine).to_filename(fixed.t1)
-    _nifti(labels.astype(np.uint8), grid.affine).to_filename(fixed.aal)
-    _nifti(mask.astype(np.uint8), grid.affine).to_filename(fixed.mask)
-    _nifti(tissue.astype(np.uint8), grid.affine).to_filename(fixed.tissue)
+    make_image(t1.astype(np.float32), grid.affine).to_filename(fixed.t1)
+    make_image(labels.astype(np.uint8), grid.affine).to_filename(fixed.aal)
+    make_image(mask.astype(np.uint8), grid.affine).to_filename(fixed.mask)
+    make_image(tissue.astype(np.uint8), grid.affine).to_filename(fixed.tissue)
     return fixed
 
 
@@ -198,10 +194,10 @@ def build_pair(spec: PairSpec, fixed: Fixed, work: Path, resolution: float,
         data = pt.apply_gamma(data * pt.bias_field(rng, grid.shape, grid.zooms,
                                                    strength=strength), gamma)
         intensity = {'bias_strength': round(strength, 4), 'gamma': gamma}
-    _nifti(data.astype(np.float32), grid.affine).to_filename(files['moving'])
-    _nifti(np.asanyarray(m_aal.dataobj).astype(np.uint8), grid.affine).to_filename(
+    make_image(data.astype(np.float32), grid.affine).to_filename(files['moving'])
+    make_image(np.asanyarray(m_aal.dataobj).astype(np.uint8), grid.affine).to_filename(
         files['moving_aal'])
-    _nifti(m_tissue.astype(np.uint8), grid.affine).to_filename(files['moving_tissue'])
+    make_image(m_tissue.astype(np.uint8), grid.affine).to_filename(files['moving_tissue'])
     # the registration's forward transform maps fixed points to moving points: push
     if xfm.is_linear:
         truth = xfm.write_itk(out / 'truth_fwd.txt', inverse=True)

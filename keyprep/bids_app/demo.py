@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..pipeline import perturb as pt
-from ..pipeline.io import atomic_write_text, save_image
+from ..pipeline.io import atomic_write_text, make_image, save_image
 
 __all__ = ['COLIN27_DIR', 'build_demo_dataset', 'demo_parameters', 'main']
 
@@ -194,11 +194,7 @@ def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: in
 
 
 def _int_image(data: np.ndarray, affine: np.ndarray) -> nb.Nifti1Image:
-    img = nb.Nifti1Image(data, affine)
-    img.set_data_dtype(data.dtype)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header['xyzt_units'] = 10
+    img = make_image(data, affine)
     img.header['scl_slope'] = 1.0
     img.header['scl_inter'] = 0.0
     return img

@@ -106,7 +106,7 @@ class SkullStrip(SimpleInterface):
         import numpy as np
 
         from ..pipeline.anatomy import deepbet_mask, detect_brain_extracted, mask_from_brain
-        from ..pipeline.io import save_image
+        from ..pipeline.io import make_image, save_image
         from ..pipeline.resources import resolve_device
 
         img = nb.load(self.inputs.in_file)
@@ -131,13 +131,8 @@ class SkullStrip(SimpleInterface):
             from ..pipeline.errors import ImageError
 
             raise ImageError(f'{os.path.basename(self.inputs.in_file)}: the brain mask is empty')
-        mask_img = nb.Nifti1Image(mask.astype(np.uint8), img.affine)
-        mask_img.set_qform(img.affine, 1)
-        mask_img.set_sform(img.affine, 1)
-        brain = np.where(mask, data, 0).astype(np.float32)
-        brain_img = nb.Nifti1Image(brain, img.affine)
-        brain_img.set_qform(img.affine, 1)
-        brain_img.set_sform(img.affine, 1)
+        mask_img = make_image(mask.astype(np.uint8), img.affine)
+        brain_img = make_image(np.where(mask, data, 0).astype(np.float32), img.affine)
         self._results['out_mask'] = str(save_image(mask_img, os.path.join(runtime.cwd,
                                                                           'mask.nii.gz')))
         self._results['out_brain'] = str(save_image(brain_img, os.path.join(runtime.cwd,
@@ -227,16 +222,14 @@ class TissueSegmentation(SimpleInterface):
         import numpy as np
 
         from ..pipeline.anatomy import TISSUE_LABELS, tissue_segmentation
-        from ..pipeline.io import save_image
+        from ..pipeline.io import make_image, save_image
 
         img = nb.load(self.inputs.in_file)
         data = np.asanyarray(img.dataobj).astype(np.float32)
         mask = np.asanyarray(nb.load(self.inputs.in_mask).dataobj) > 0
         seg = tissue_segmentation(data, img.affine, mask, self.inputs.contrast,
                                   sloppy=self.inputs.sloppy)
-        out = nb.Nifti1Image(seg.astype(np.int16), img.affine)
-        out.set_qform(img.affine, 1)
-        out.set_sform(img.affine, 1)
+        out = make_image(seg.astype(np.int16), img.affine)
         self._results['out_dseg'] = str(save_image(out, os.path.join(runtime.cwd,
                                                                      'dseg.nii.gz')))
         vox = float(np.prod(img.header.get_zooms()[:3])) / 1000.0

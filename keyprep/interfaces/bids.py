@@ -55,7 +55,7 @@ class DerivativesDataSink(SimpleInterface):
         from pathlib import Path
 
         from ..bids_app.naming import bids_uri, derivative_name
-        from ..pipeline.io import publish_file, atomic_write_text
+        from ..pipeline.io import atomic_write_text, make_image, publish_file
 
         base = Path(self.inputs.base_directory)
         src = self.inputs.source_file
@@ -83,10 +83,7 @@ class DerivativesDataSink(SimpleInterface):
                 dtype = np.dtype(self.inputs.data_dtype)
                 if np.issubdtype(dtype, np.integer):
                     data = np.rint(data)
-                new = nb.Nifti1Image(data.astype(dtype), img.affine)
-                new.set_qform(img.affine, 1)
-                new.set_sform(img.affine, 1)
-                new.header['xyzt_units'] = 10
+                new = make_image(data.astype(dtype), img.affine)
                 new.to_filename(tmp + ('.nii.gz' if str(out).endswith('.gz') else '.nii'))
                 os.replace(tmp + ('.nii.gz' if str(out).endswith('.gz') else '.nii'), tmp)
             else:

@@ -6,7 +6,6 @@ import os
 import sys
 import tempfile
 
-import nibabel as nb
 import numpy as np
 
 __all__ = ['import_ants', 'to_ants']
@@ -38,9 +37,9 @@ def import_ants(threads: int | None = None):
 def to_ants(data: np.ndarray, affine: np.ndarray):
     """Array + affine -> ANTsImage, through a NIfTI file so that ITK reads the geometry itself."""
     ants = import_ants()
-    img = nb.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    from .io import make_image
+
+    img = make_image(np.asarray(data, dtype=np.float32), affine)
     with tempfile.TemporaryDirectory() as tmp:
         fname = os.path.join(tmp, 'img.nii')
         img.to_filename(fname)

@@ -25,6 +25,7 @@ __all__ = [
     'check_image',
     'conform',
     'load_image',
+    'make_image',
     'publish_file',
     'save_image',
 ]
@@ -102,6 +103,23 @@ def check_image(data: np.ndarray, affine: np.ndarray, name: str = 'image') -> No
         raise ImageError(f'{name}: the header has a singular or non-finite affine')
 
 
+def make_image(data: np.ndarray, affine: np.ndarray, dtype=None) -> nb.Nifti1Image:
+    """A NIfTI image whose qform and sform both hold ``affine`` (units: mm), so that
+    nibabel and ITK/ANTs read the same geometry.
+
+    >>> img = make_image(np.zeros((2, 2, 2), 'u1'), np.diag([2.0, 2.0, 2.0, 1.0]))
+    >>> int(img.header['qform_code']), int(img.header['sform_code']), img.get_data_dtype()
+    (1, 1, dtype('uint8'))
+    """
+    data = np.asarray(data) if dtype is None else np.asarray(data).astype(dtype)
+    img = nb.Nifti1Image(data, affine)
+    img.set_data_dtype(data.dtype)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header['xyzt_units'] = 10  # mm, s
+    return img
+
+
 def conform(img: nb.Nifti1Image, dtype: type = np.float32) -> nb.Nifti1Image:
     """Reorient to the closest RAS voxel order, keeping the exact world geometry.
 
@@ -120,15 +138,7 @@ def conform(img: nb.Nifti1Image, dtype: type = np.float32) -> nb.Nifti1Image:
     """
     ras = nb.as_closest_canonical(img)
     data = np.asanyarray(ras.dataobj).astype(dtype, copy=False)
-    affine = ras.affine.copy()
-    hdr = nb.Nifti1Header()
-    hdr.set_data_dtype(dtype)
-    out = nb.Nifti1Image(data, affine, hdr)
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    hdr = out.header
-    hdr['xyzt_units'] = 10  # mm, s
-    return out
+    return make_image(data, ras.affine.copy())
 
 
 def save_image(img: nb.Nifti1Image, path: str | os.PathLike) -> Path:

@@ -52,6 +52,8 @@ import nibabel as nb
 import numpy as np
 from scipy import ndimage as ndi
 
+from .io import make_image
+
 __all__ = [
     'NITRANSFORMS_FSL_FIELD',
     'DisplacementField',
@@ -538,10 +540,8 @@ def write_itk_displacement_field(disp_ras: np.ndarray, affine: np.ndarray,
     data = np.asarray(disp_ras, dtype=np.float32).copy()
     data[..., 0] *= -1.0
     data[..., 1] *= -1.0
-    img = nb.Nifti1Image(data[:, :, :, np.newaxis, :], affine)
+    img = make_image(data[:, :, :, np.newaxis, :], affine)
     img.header.set_intent('vector', (), '')
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.to_filename(str(path))
@@ -619,14 +619,6 @@ def resample(data: np.ndarray, affine: np.ndarray, grid: Grid,
     return out
 
 
-def _nifti(data: np.ndarray, affine: np.ndarray) -> nb.Nifti1Image:
-    img = nb.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header['xyzt_units'] = 10
-    return img
-
-
 def apply_known_transform(image: nb.spatialimages.SpatialImage, transform: KnownTransform,
                           grid: Grid, *, labels: Sequence[nb.spatialimages.SpatialImage] = (),
                           order: int = 1, antialias: bool = True
@@ -650,9 +642,9 @@ def apply_known_transform(image: nb.spatialimages.SpatialImage, transform: Known
         data = np.asanyarray(lab.dataobj)
         if not np.issubdtype(data.dtype, np.integer):
             data = np.rint(data).astype(np.int32)
-        out_labels.append(_nifti(resample(data, lab.affine, grid, transform, order=0),
+        out_labels.append(make_image(resample(data, lab.affine, grid, transform, order=0),
                                  grid.affine))
-    return _nifti(moved, grid.affine), out_labels
+    return make_image(moved, grid.affine), out_labels
 
 
 # --------------------------------------------------------------------------------------

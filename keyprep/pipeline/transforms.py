@@ -23,6 +23,7 @@ import nibabel as nb
 import numpy as np
 
 from .antsutils import import_ants
+from .io import make_image
 
 __all__ = [
     'LPS',
@@ -144,7 +145,4 @@ def jacobian_map(xfm: str | Path, reference: str | Path, kind: str) -> nb.Nifti1
         data = ants.create_jacobian_determinant_image(
             ants.image_read(str(reference)), str(xfm), do_log=False, geom=False).numpy()
         data = data.astype(np.float32)
-    out = nb.Nifti1Image(data, ref.affine)
-    out.set_qform(ref.affine, code=1)
-    out.set_sform(ref.affine, code=1)
-    return out
+    return make_image(data, ref.affine)
