@@ -248,6 +248,10 @@ def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
             node.config.setdefault('execution', {})['crashdump_dir'] = str(target_crash_dir)
     if opts.write_graph:
         wf.write_graph(graph2use='colored', format='svg', simple_form=True)
+    # Worker processes inherit these before any of them imports ANTs (ITK reads its thread
+    # count once, at import) or torch.
+    for var in ('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ[var] = str(opts.omp_nthreads)
     plugin_args = {'n_procs': opts.nprocs, 'raise_insufficient': False,
                    'maxtasksperchild': 1}
     if opts.mem:

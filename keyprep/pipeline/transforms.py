@@ -16,7 +16,7 @@ Conventions (the same as ANTs and sMRIPrep):
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import nibabel as nb
@@ -67,11 +67,22 @@ def export_transforms(fwd: list[str], inv: list[str], inv_invert: list[bool], *,
     fwd_path = out_fwd.with_name(out_fwd.name + '.nii.gz')
     inv_path = out_inv.with_name(out_inv.name + '.nii.gz')
     tmp_f = ants.apply_transforms(fix, mov, list(fwd), compose=str(out_fwd) + '_tmp')
-    shutil.move(tmp_f, fwd_path)
+    _save_field_float32(tmp_f, fwd_path)
     tmp_i = ants.apply_transforms(mov, fix, list(inv), whichtoinvert=list(inv_invert),
                                   compose=str(out_inv) + '_tmp')
-    shutil.move(tmp_i, inv_path)
+    _save_field_float32(tmp_i, inv_path)
     return fwd_path, inv_path
+
+
+def _save_field_float32(src: str, dst: Path) -> None:
+    """ANTs composes fields in double precision; single precision (~1e-7 relative) halves
+    the files and is what ITK's own registration writes."""
+    img = nb.load(src)
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    out = nb.Nifti1Image(data, img.affine, img.header)
+    out.set_data_dtype(np.float32)
+    out.to_filename(str(dst))
+    os.unlink(src)
 
 
 def apply_transforms(moving: str | Path, reference: str | Path, transforms: list[str | Path],
