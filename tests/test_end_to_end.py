@@ -189,3 +189,43 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert('L'), dtype=float)
     assert pixels.std() > 20  # a rendered page with figures, not a blank one
+
+
+def test_failed_node_gives_crash_file_exit_code_and_report(tmp_path):
+    from keyprep.pipeline.engines import base as engine_base
+    from keyprep.pipeline.engines.base import Engine, register_engine
+
+    class Broken(Engine):
+        name = 'testBroken'
+        family = 'test'
+        transform_kind = 'linear'
+        description = 'always fails'
+
+        def run(self, fixed, moving, out_dir, options, fixed_mask=None, moving_mask=None):
+            raise RuntimeError('this engine always fails')
+
+    register_engine(Broken)
+    try:
+        brain = coarse(CH2, 6.0)
+        bids = write_bids(tmp_path / 'ds', {'01': brain})
+        out = tmp_path / 'out'
+        code = run([str(bids), str(out), 'participant', '-w', str(tmp_path / 'work'),
+                    '--nprocs', '2', '--methods', 'antsRigid', 'testBroken', '--sloppy',
+                    '--target', 'MNI152NLin2009aSym:res-6'])
+    finally:
+        engine_base._REGISTRY.pop('testBroken', None)
+    assert code == E.EXIT_FAILED_NODES
+    crashes = list(out.glob('sub-01/log/*/crash-*.txt'))
+    assert len(crashes) == 1 and 'this engine always fails' in crashes[0].read_text()
+    # the other engine still delivered its outputs
+    assert (out / 'sub-01/anat/sub-01_space-MNI152NLin2009aSym_desc-antsRigid_T1w.nii.gz').exists()
+    page = (out / 'sub-01.html').read_text()
+    assert 'Node failed' in page and 'this engine always fails' in page
+    # the QC table lists both engines: the working one measured, the broken one failed
+    summ = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registrationsummary_qc.tsv', sep='\t')
+    rows = summ.set_index('method')
+    assert rows.loc['testBroken', 'status'] == 'fail'
+    assert 'crash' in rows.loc['testBroken', 'status_reason']
+    assert rows.loc['antsRigid', 'dice_mean'] > 0
+    long = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registration_qc.tsv', sep='\t')
+    assert set(long['method']) == {'antsRigid'}

@@ -213,15 +213,17 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                    'figures': fig_objs, 'status': None, 'reason': '', 'metrics': ''}
             if row is not None:
                 reg['status'] = row['status']
+                measured = pd.notna(row.get('dice_mean')) and pd.notna(row.get('threads'))
                 reason = row.get('status_reason')
                 reg['reason'] = '' if not isinstance(reason, str) else reason
-                reg['metrics'] = (
+                reg['metrics'] = '' if not measured else (
                     f"mean Dice {row['dice_mean']:.3f} (min {row['dice_min']:.3f}) | "
                     f"Jacobian {row['jac_min']:.3f}..{row['jac_max']:.3f}, folding "
                     f"{row['jac_neg_frac']:.3%}, std log J {row['logjac_std']:.3f} | "
                     f"{row['runtime_s']:.1f} s, {row['peak_mem_mb']:.0f} MiB, {row['device']}, "
                     f"{int(row['threads'])} thread(s)")
-                cells.append({'status': row['status'], 'dice': f"{row['dice_mean']:.3f}",
+                dice = f"{row['dice_mean']:.3f}" if measured else 'n/a'
+                cells.append({'status': row['status'], 'dice': dice,
                               'reason': reg['reason']})
             else:
                 cells.append(None)

@@ -172,10 +172,18 @@ def _run_participant(opts, argv: list[str]) -> int:
         if runnable:
             crashed = not _run_workflow(wf, opts, out_dir / 'logs' / run_uuid)
     finally:
+        crash_files = sorted(out_dir.glob(f'sub-*/log/{run_uuid}/crash-*')) + \
+            sorted((out_dir / 'logs' / run_uuid).glob('crash-*'))
+        if crash_files:
+            from ..workflows.base import workflow_name
+            from .qctables import complete_qc_tables, crashed_nodes
+
+            complete_qc_tables(out_dir=out_dir, work_dir=work_dir, wf_name=workflow_name(),
+                               groups=runnable, methods=opts.methods, target=target.name,
+                               bids_dir=bids_dir, skip_source=skip_source,
+                               crashes=crashed_nodes(crash_files))
         failed_reports = generate_reports(out_dir, subjects_run, run_uuid=run_uuid,
                                           input_errors=errors_by_subject)
-    crash_files = sorted(out_dir.glob(f'sub-*/log/{run_uuid}/crash-*')) + \
-        sorted((out_dir / 'logs' / run_uuid).glob('crash-*'))
     codes = []
     if crash_files or crashed or failed_reports:
         codes.append(EXIT_FAILED_NODES)
@@ -269,7 +277,9 @@ def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
         else:
             wf.run(plugin='MultiProc', plugin_args=plugin_args)
     except (RuntimeError, OSError) as exc:
-        LOGGER.error('workflow did not finish cleanly: %s', str(exc).splitlines()[0])
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        LOGGER.error('workflow did not finish cleanly (%s)',
+                     lines[-1].strip() if lines else type(exc).__name__)
         return False
     return True
 

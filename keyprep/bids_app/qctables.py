@@ -1,0 +1,87 @@
+"""QC tables that survive a failed engine.
+
+Nipype runs nothing downstream of a failed node, so when one engine crashes the workflow's
+own table node never runs. After such a run, this module writes the participant's tables
+from the QC rows of the engines that finished (their nodes' outputs in the work folder)
+plus one ``fail`` row for each registration that did not, naming the crash file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from ..pipeline.io import atomic_write_text
+from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, table_sidecar
+from .naming import bids_uri, qc_table_name
+
+__all__ = ['crashed_nodes', 'complete_qc_tables']
+
+LOGGER = logging.getLogger('keyprep')
+
+
+def crashed_nodes(crash_files: list[Path]) -> dict[str, Path]:
+    """Full node names (``keyprep_0_1_wf.sub_01_wf...register``) -> their crash file."""
+    out = {}
+    for f in crash_files:
+        for line in f.read_text(errors='replace').splitlines():
+            if line.startswith('Node:'):
+                out[line.split(':', 1)[1].strip()] = f
+                break
+    return out
+
+
+def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, methods,
+                       target: str, bids_dir: Path, skip_source: Path | None,
+                       crashes: dict[str, Path]) -> list[Path]:
+    """Write the QC tables of every participant whose workflow had a failed node."""
+    written = []
+    target_failed = any(n.startswith(f'{wf_name}.target_wf.') for n in crashes)
+    for group in groups:
+        gwf = f'{wf_name}.{group.name}_wf.'
+        if not group.images or not (target_failed or any(n.startswith(gwf) for n in crashes)):
+            continue
+        longs, summaries = [], []
+        for image in group.images:
+            if skip_source is not None and image.path.resolve() == Path(skip_source).resolve():
+                continue
+            anat_failed = [f for n, f in crashes.items()
+                           if n.startswith(f'{gwf}anat_{image.key}_wf.')]
+            for method in methods:
+                reg = f'reg_{image.key}_{method}_wf'
+                failed = anat_failed + [f for n, f in crashes.items()
+                                        if n.startswith(f'{gwf}{reg}.')]
+                qc_dir = work_dir / wf_name / f'{group.name}_wf' / reg / 'qc'
+                if not failed and not target_failed and (qc_dir / 'qc_summary.tsv').exists():
+                    longs.append(pd.read_csv(qc_dir / 'qc_long.tsv', sep='\t',
+                                             keep_default_na=False))
+                    summaries.append(pd.read_csv(qc_dir / 'qc_summary.tsv', sep='\t',
+                                                 keep_default_na=False))
+                    continue
+                where = (f'{failed[0].relative_to(out_dir)}' if failed
+                         else 'the crash files of this run')
+                summaries.append(pd.DataFrame([{
+                    'participant_id': f'sub-{group.subject}',
+                    'session_id': f'ses-{group.session}' if group.session else 'n/a',
+                    'source': bids_uri(image.path, bids_dir), 'method': method,
+                    'target': target, 'status': 'fail',
+                    'status_reason': f'the registration did not complete: see {where}',
+                }], columns=list(SUMMARY_COLUMNS)))
+        for desc, frames, cols, text in (
+                ('registration', longs, LONG_COLUMNS, 'Registration QC: Dice per engine and '
+                                                      'label'),
+                ('registrationsummary', summaries, SUMMARY_COLUMNS,
+                 'Registration QC summary: one row per engine and image')):
+            df = (pd.concat(frames, ignore_index=True) if frames
+                  else pd.DataFrame(columns=list(cols)))
+            path = out_dir / qc_table_name(group.subject, group.session, desc)
+            atomic_write_text(path, df.to_csv(sep='\t', index=False, na_rep='n/a'))
+            atomic_write_text(path.with_suffix('.json'),
+                              json.dumps(table_sidecar(cols, text), indent=2) + '\n')
+            written.append(path)
+        LOGGER.warning('sub-%s: QC tables written with the failed registrations marked fail',
+                       group.subject)
+    return written
