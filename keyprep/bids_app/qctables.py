@@ -36,8 +36,13 @@ def crashed_nodes(crash_files: list[Path]) -> dict[str, Path]:
 
 def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, methods,
                        target: str, bids_dir: Path, skip_source: Path | None,
-                       crashes: dict[str, Path]) -> list[Path]:
-    """Write the QC tables of every participant whose workflow had a failed node."""
+                       crashes: dict[str, Path], since: float | None = None) -> list[Path]:
+    """Write the QC tables of every participant whose workflow had a failed node.
+
+    With ``since`` (a time stamp: the run stopped at its first crash, so nodes after it may
+    not have run), only QC outputs written after it are used; older ones could belong to
+    earlier inputs, and those registrations are marked as not completed.
+    """
     written = []
     target_failed = any(n.startswith(f'{wf_name}.target_wf.') for n in crashes)
     for group in groups:
@@ -55,7 +60,9 @@ def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, m
                 failed = anat_failed + [f for n, f in crashes.items()
                                         if n.startswith(f'{gwf}{reg}.')]
                 qc_dir = work_dir / wf_name / f'{group.name}_wf' / reg / 'qc'
-                if not failed and not target_failed and (qc_dir / 'qc_summary.tsv').exists():
+                fresh = (qc_dir / 'qc_summary.tsv').exists() and (
+                    since is None or (qc_dir / 'qc_summary.tsv').stat().st_mtime >= since)
+                if not failed and not target_failed and fresh:
                     longs.append(pd.read_csv(qc_dir / 'qc_long.tsv', sep='\t',
                                              keep_default_na=False))
                     summaries.append(pd.read_csv(qc_dir / 'qc_summary.tsv', sep='\t',

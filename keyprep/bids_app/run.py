@@ -181,7 +181,8 @@ def _run_participant(opts, argv: list[str]) -> int:
             complete_qc_tables(out_dir=out_dir, work_dir=work_dir, wf_name=workflow_name(),
                                groups=runnable, methods=opts.methods, target=target.name,
                                bids_dir=bids_dir, skip_source=skip_source,
-                               crashes=crashed_nodes(crash_files))
+                               crashes=crashed_nodes(crash_files),
+                               since=t0 if opts.stop_on_first_crash else None)
         failed_reports = generate_reports(out_dir, subjects_run, run_uuid=run_uuid,
                                           input_errors=errors_by_subject)
     codes = []

@@ -71,7 +71,8 @@ class DerivativesDataSink(SimpleInterface):
             rel = derivative_name(src, **ents)
         out = base / rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', dir=out.parent)
+        ext = '.nii.gz' if out.name.endswith('.nii.gz') else out.suffix
+        fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix=ext, dir=out.parent)
         os.close(fd)
         try:
             if isdefined(self.inputs.data_dtype) and str(out).endswith(('.nii', '.nii.gz')):
@@ -84,8 +85,7 @@ class DerivativesDataSink(SimpleInterface):
                 if np.issubdtype(dtype, np.integer):
                     data = np.rint(data)
                 new = make_image(data.astype(dtype), img.affine)
-                new.to_filename(tmp + ('.nii.gz' if str(out).endswith('.gz') else '.nii'))
-                os.replace(tmp + ('.nii.gz' if str(out).endswith('.gz') else '.nii'), tmp)
+                new.to_filename(tmp)  # the temporary name keeps the extension
             else:
                 shutil.copyfile(in_file, tmp)
             publish_file(tmp, out)
