@@ -1,0 +1,200 @@
+"""Inference of keyprep's SynthSeg-style label network on any image.
+
+The network works on an axis-aligned RAS grid at its training resolution (2 mm for the shipped
+CPU model) covering the image's field of view. The image is low-pass filtered to that
+resolution, resampled, intensity-normalised ([0, 1] between its minimum and a robust maximum),
+labelled (optionally averaged with its left/right mirror, labels swapped), and the class
+probabilities are resampled trilinearly back to the image's own grid before the arg-max, so
+labels come out on the native grid with sub-voxel boundaries. The brain mask is where the
+background probability is below one half (largest component, holes filled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MissingInputError
+from .generator import gaussian_blur, identity_grid, sample_field
+from .labels import OUTPUT_LABELS, flip_lut
+from .unet import UNet3D, UNetConfig
+
+__all__ = ['LabelNetwork', 'LabelResult', 'default_weights', 'label_image', 'MODEL_DIR']
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / 'models' / 'synthseg'
+WEIGHTS_NAME = 'keyprep-synthseg-2mm.pt'
+
+
+def default_weights() -> Path:
+    """The weights that ship inside the package."""
+    return MODEL_DIR / WEIGHTS_NAME
+
+
+@dataclass
+class LabelResult:
+    labels: nib.Nifti1Image  # FreeSurfer numbering, native grid, int16
+    mask: nib.Nifti1Image  # brain mask, native grid, uint8
+    timings: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None  # network-grid probabilities (if asked)
+    network_affine: np.ndarray | None = None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class LabelNetwork:
+    """The trained U-Net with its geometry; ``weights=None`` uses the shipped model."""
+
+    _cache: dict[tuple[str, str], 'LabelNetwork'] = {}
+
+    def __init__(self, weights: str | Path | None = None, device: str = 'cpu'):
+        path = Path(weights) if weights is not None else default_weights()
+        if not path.is_file():
+            raise MissingInputError(
+                f'label-network weights not found: {path} (they ship with keyprep; '
+                'reinstall it, or pass the path of weights trained with `keyprep train synthseg`)')
+        payload = torch.load(path, map_location='cpu', weights_only=False)
+        if not isinstance(payload, dict) or 'state_dict' not in payload:
+            raise MissingInputError(f'{path} is not a keyprep label-network weights file')
+        self.path = path
+        self.sha256 = _sha256(path)
+        self.device = torch.device(device)
+        self.config = UNetConfig(**payload['unet'])
+        self.res_mm = float(payload['res_mm'])
+        self.labels = tuple(int(v) for v in payload['labels'])
+        self.step = int(payload.get('step', -1))
+        self.model = UNet3D(self.config)
+        self.model.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
+        self.model.to(self.device).eval()
+        self.flip = torch.as_tensor(flip_lut(self.labels), device=self.device)
+
+    @classmethod
+    def cached(cls, weights: str | Path | None = None, device: str = 'cpu') -> 'LabelNetwork':
+        key = (str(weights or default_weights()), str(device))
+        if key not in cls._cache:
+            cls._cache[key] = cls(weights, device)
+        return cls._cache[key]
+
+    # ------------------------------------------------------------------ geometry
+    def network_grid(self, img: nib.spatialimages.SpatialImage) -> tuple[tuple[int, int, int], np.ndarray]:
+        """Shape and affine of the RAS grid (``res_mm``) covering the image's field of view."""
+        shape = np.asarray(img.shape[:3])
+        corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                            for k in (0, shape[2] - 1)], dtype=float)
+        world = (img.affine @ corners.T)[:3].T
+        lo, hi = world.min(0), world.max(0)
+        div = self.config.divisor
+        n = np.ceil((hi - lo) / self.res_mm).astype(int) + 1
+        n = (np.ceil(n / div) * div).astype(int)
+        centre = (lo + hi) / 2
+        aff = np.diag([self.res_mm] * 3 + [1.0])
+        aff[:3, 3] = centre - self.res_mm * (n - 1) / 2
+        return tuple(int(v) for v in n), aff
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, img: nib.spatialimages.SpatialImage, flip_tta: bool = True,
+                keep_probabilities: bool = False) -> LabelResult:
+        t0 = time.perf_counter()
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if data.ndim > 3:
+            data = data[..., 0]
+        data = np.nan_to_num(data)
+        zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+        shape, net_aff = self.network_grid(img)
+        dev = self.device
+        vol = torch.as_tensor(data, device=dev)[None, None]
+        # anti-aliasing: FWHM of the network's voxel, in native voxels
+        sig = [0.42 * self.res_mm / z if self.res_mm > z * 1.2 else 0.0 for z in zooms]
+        vol = gaussian_blur(vol, sig)
+        to_native = torch.as_tensor(np.linalg.inv(img.affine) @ net_aff, dtype=torch.float32, device=dev)
+        grid = identity_grid(shape, dev)
+        coords = torch.einsum('ab,bijk->aijk', to_native[:3, :3], grid) + to_native[:3, 3].view(3, 1, 1, 1)
+        x = sample_field(vol, coords[None], mode='bilinear', padding_mode='zeros')
+        lo = float(x.min())
+        pos = x[x > lo]
+        hi = float(torch.quantile(pos[torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(0))
+                                      [:1_000_000].to(dev)], 0.995)) if pos.numel() else lo + 1
+        x = ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
+        t1 = time.perf_counter()
+        probs = self.model(x).softmax(1)
+        if flip_tta:
+            pf = self.model(x.flip(2)).softmax(1).flip(2)
+            probs = 0.5 * (probs + pf[:, self.flip])
+        t2 = time.perf_counter()
+        labels, mask = self._to_native(probs, net_aff, img)
+        t3 = time.perf_counter()
+        lab_img = nib.Nifti1Image(labels, img.affine)
+        lab_img.header.set_data_dtype(np.int16)
+        lab_img.set_qform(img.affine, 1)
+        lab_img.set_sform(img.affine, 1)
+        mask_img = nib.Nifti1Image(mask, img.affine)
+        mask_img.header.set_data_dtype(np.uint8)
+        mask_img.set_qform(img.affine, 1)
+        mask_img.set_sform(img.affine, 1)
+        return LabelResult(labels=lab_img, mask=mask_img,
+                           timings={'resample_s': t1 - t0, 'network_s': t2 - t1, 'native_s': t3 - t2},
+                           probabilities=probs[0].cpu().numpy() if keep_probabilities else None,
+                           network_affine=net_aff)
+
+    def _to_native(self, probs: torch.Tensor, net_aff: np.ndarray, img) -> tuple[np.ndarray, np.ndarray]:
+        """Labels on the native grid.
+
+        The probabilities are upsampled trilinearly, in the network's own frame, to about the
+        native voxel size (slab by slab, to bound memory), the arg-max is taken there, and each
+        native voxel takes the label of the nearest upsampled voxel (error at most half a
+        native voxel)."""
+        from scipy import ndimage
+
+        zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+        factor = int(np.clip(np.round(self.res_mm / zooms.min()), 1, 4))
+        shape_net = probs.shape[2:]
+        up_shape = [(n - 1) * factor + 1 for n in shape_net]
+        fine = np.zeros(up_shape, dtype=np.uint8)
+        slab = 8
+        for start in range(0, shape_net[0] - 1, slab):
+            stop = min(shape_net[0], start + slab + 1)
+            chunk = probs[:, :, start:stop]
+            size = [(stop - start - 1) * factor + 1, up_shape[1], up_shape[2]]
+            up = F.interpolate(chunk, size=size, mode='trilinear', align_corners=True)
+            fine[start * factor:start * factor + size[0]] = (
+                up[0].permute(1, 2, 3, 0).contiguous().argmax(-1).to(torch.uint8).cpu().numpy())
+        fine_aff = net_aff.copy()
+        fine_aff[:3, :3] = net_aff[:3, :3] / factor
+        # nearest fine voxel of every native voxel
+        to_fine = np.linalg.inv(fine_aff) @ img.affine
+        shape = img.shape[:3]
+        labels = np.zeros(shape, dtype=np.int16)
+        lut = np.asarray(self.labels, dtype=np.int16)
+        jj, kk = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing='ij')
+        for i in range(shape[0]):
+            pts = to_fine[:3, :3] @ np.stack([np.full(jj.size, i), jj.ravel(), kk.ravel()]) \
+                + to_fine[:3, 3:4]
+            idx = np.rint(pts).astype(np.int64)
+            ok = np.all((idx >= 0) & (idx < np.asarray(up_shape)[:, None]), axis=0)
+            vals = np.zeros(jj.size, dtype=np.int16)
+            vals[ok] = lut[fine[idx[0, ok], idx[1, ok], idx[2, ok]]]
+            labels[i] = vals.reshape(jj.shape)
+        brain = labels > 0
+        if brain.any():
+            comp, n = ndimage.label(brain)
+            if n > 1:
+                sizes = ndimage.sum(brain, comp, range(1, n + 1))
+                brain = comp == (int(np.argmax(sizes)) + 1)
+            brain = ndimage.binary_fill_holes(brain)
+        labels[~brain] = 0
+        return labels, brain.astype(np.uint8)
+
+
+def label_image(img: nib.spatialimages.SpatialImage, weights: str | Path | None = None,
+                device: str = 'cpu', flip_tta: bool = True) -> LabelResult:
+    """Label one image with the (cached) network."""
+    return LabelNetwork.cached(weights, device).predict(img, flip_tta=flip_tta)

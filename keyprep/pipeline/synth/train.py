@@ -1,0 +1,241 @@
+"""Train the label network on synthetic images only (``keyprep train synthseg``).
+
+Every step draws a fresh batch from :class:`~.generator.Synthesizer`, seeded by
+``(seed, step)``, so an interrupted run resumed from its checkpoint sees exactly the batches it
+would have seen. Curves go to ``train_log.tsv`` (every step) and ``val_log.tsv`` (held-out
+synthetic volumes, every ``val_every`` steps); the checkpoint is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .generator import LabelMap, SynthConfig, Synthesizer, load_label_map
+from .labels import OUTPUT_LABELS
+from .unet import UNet3D, UNetConfig
+
+__all__ = ['TrainConfig', 'RECIPES', 'soft_dice_loss', 'dice_per_class', 'train', 'train_step',
+           'load_training_maps', 'HELD_OUT', 'export_weights']
+
+#: SynthSeg training maps kept out of training for evaluation.
+HELD_OUT: tuple[str, ...] = ('training_seg_14', 'training_seg_15', 'training_seg_16')
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 1
+    lr: float = 1e-3
+    lr_final: float = 1e-4
+    warmup: int = 50
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    seed: int = 1234
+    checkpoint_every: int = 50
+    val_every: int = 250
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    val_shape: tuple[int, int, int] = (96, 112, 96)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'TrainConfig':
+        d = dict(d)
+        d['synth'] = SynthConfig.from_dict(d['synth'])
+        d['unet'] = UNetConfig(**d['unet'])
+        d['val_shape'] = tuple(d['val_shape'])
+        return cls(**d)
+
+
+#: Named recipes: the CPU one is what ships; the GPU one is SynthSeg-sized.
+RECIPES: dict[str, TrainConfig] = {
+    'cpu-2mm': TrainConfig(synth=SynthConfig(translation_mm=40.0)),
+    'gpu-1mm': TrainConfig(
+        steps=100_000, batch_size=1, lr=1e-4, lr_final=1e-5, checkpoint_every=500, val_every=2000,
+        synth=SynthConfig(shape=(160, 160, 160), res_mm=1.0, max_iso_res_mm=4.0, max_slice_mm=9.0,
+                          nonlin_std_mm=4.0),
+        unet=UNetConfig(features=24, levels=5, max_features=384), val_shape=(192, 224, 192)),
+}
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean soft Dice over classes (``logits [B, C, ...]``, ``target [B, ...]`` indices)."""
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0,) + tuple(range(2, probs.ndim))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> np.ndarray:
+    """Hard Dice per class (NaN where the class is absent from both)."""
+    out = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        p, t = pred == c, target == c
+        denom = int(p.sum() + t.sum())
+        if denom:
+            out[c] = 2 * int((p & t).sum()) / denom
+    return out
+
+
+def load_training_maps(folder: str | Path, held_out: Sequence[str] = HELD_OUT
+                       ) -> tuple[list[LabelMap], list[LabelMap]]:
+    """Read every ``*.nii.gz`` label map of ``folder``: (training maps, held-out maps)."""
+    folder = Path(folder)
+    files = sorted(folder.glob('*.nii.gz'))
+    if not files:
+        raise FileNotFoundError(f'no label maps (*.nii.gz) in {folder}')
+    maps = [load_label_map(f) for f in files]
+    train = [m for m in maps if m.name not in held_out]
+    test = [m for m in maps if m.name in held_out]
+    return train, test
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * t))
+
+
+def train_step(model: UNet3D, optimiser: torch.optim.Optimizer, batch: dict, cfg: TrainConfig,
+               device: torch.device) -> dict[str, float]:
+    """One optimisation step on a synthetic batch; returns the loss terms."""
+    model.train()
+    image = batch['image'].to(device)
+    target = batch['labels'].to(device)
+    logits = model(image)
+    dice = soft_dice_loss(logits, target)
+    ce = F.cross_entropy(logits, target)
+    loss = cfg.dice_weight * dice + cfg.ce_weight * ce
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return {'loss': float(loss.detach()), 'dice_loss': float(dice.detach()), 'ce': float(ce.detach())}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _validation_set(held_out: Sequence[LabelMap], cfg: TrainConfig, device) -> list[dict]:
+    """Fixed held-out synthetic volumes: random contrast and a T2-like one per held-out map."""
+    items = []
+    for k, contrast in enumerate([None, 't2']):
+        synth = Synthesizer(held_out, replace(cfg.synth.evaluation(contrast), shape=cfg.val_shape),
+                            device=device)
+        for i in range(len(held_out)):
+            s = synth.synthesize(i, torch.Generator().manual_seed(10_000 + 100 * k + i))
+            items.append({'image': s['image'][None, None], 'labels': s['labels'][None],
+                          'name': f'{held_out[i].name}:{contrast or "random"}'})
+    return items
+
+
+@torch.no_grad()
+def evaluate(model: UNet3D, items: list[dict], device) -> dict[str, float]:
+    model.eval()
+    scores = []
+    for it in items:
+        pred = model(it['image'].to(device)).argmax(1).cpu()
+        scores.append(dice_per_class(pred, it['labels'], len(OUTPUT_LABELS))[1:])
+    scores = np.array(scores)
+    return {'val_dice': float(np.nanmean(scores))}
+
+
+def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainConfig(),
+          device: str = 'cpu', held_out: Sequence[str] = HELD_OUT, extra_maps: Sequence[LabelMap] = (),
+          log=print, max_minutes: float | None = None) -> Path:
+    """Train (or resume) the label network; returns the checkpoint path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    train_maps, test_maps = load_training_maps(label_maps, held_out)
+    train_maps = train_maps + list(extra_maps)
+    log(f'training maps: {", ".join(m.name for m in train_maps)}')
+    log(f'held-out maps: {", ".join(m.name for m in test_maps)}')
+    synth = Synthesizer(train_maps, cfg.synth, device=dev)
+    torch.manual_seed(cfg.seed)
+    model = UNet3D(cfg.unet).to(dev)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    ckpt_path = out / 'checkpoint.pt'
+    step = 0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if TrainConfig.from_dict(ckpt['config']).unet != cfg.unet:
+            raise ValueError(f'{ckpt_path} was trained with another architecture')
+        model.load_state_dict(ckpt['model'])
+        optimiser.load_state_dict(ckpt['optimiser'])
+        step = int(ckpt['step'])
+        log(f'resumed from {ckpt_path} at step {step}')
+    (out / 'train_config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
+    val_items = _validation_set(test_maps, cfg, dev) if test_maps and cfg.val_every else []
+    tlog = out / 'train_log.tsv'
+    vlog = out / 'val_log.tsv'
+    if not tlog.exists():
+        tlog.write_text('step\tloss\tdice_loss\tce\tlr\tsynth_s\tstep_s\n')
+    if not vlog.exists():
+        vlog.write_text('step\tval_dice\n')
+    t_start = time.time()
+
+    def save():
+        _atomic_save({'model': model.state_dict(), 'optimiser': optimiser.state_dict(), 'step': step,
+                      'config': cfg.to_dict(), 'train_maps': [m.name for m in train_maps],
+                      'held_out': [m.name for m in test_maps]}, ckpt_path)
+
+    while step < cfg.steps:
+        for group in optimiser.param_groups:
+            group['lr'] = _lr(cfg, step)
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        batch = synth.sample(cfg.batch_size, gen)
+        t1 = time.time()
+        terms = train_step(model, optimiser, batch, cfg, dev)
+        t2 = time.time()
+        step += 1
+        with open(tlog, 'a') as fh:
+            fh.write(f"{step}\t{terms['loss']:.5f}\t{terms['dice_loss']:.5f}\t{terms['ce']:.5f}\t"
+                     f"{_lr(cfg, step - 1):.3g}\t{t1 - t0:.3f}\t{t2 - t1:.3f}\n")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save()
+        if val_items and (step % cfg.val_every == 0 or step == cfg.steps):
+            res = evaluate(model, val_items, dev)
+            with open(vlog, 'a') as fh:
+                fh.write(f"{step}\t{res['val_dice']:.4f}\n")
+            log(f"step {step}: loss {terms['loss']:.4f}, held-out Dice {res['val_dice']:.4f}")
+        if max_minutes is not None and (time.time() - t_start) > 60 * max_minutes:
+            save()
+            log(f'stopping after {max_minutes} min at step {step} (resume to continue)')
+            break
+    return ckpt_path
+
+
+def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = True) -> dict:
+    """Write the shipped weights (state dict, float16 by default) and return their metadata."""
+    import hashlib
+
+    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt['model'].items()}
+    cfg = TrainConfig.from_dict(ckpt['config'])
+    payload = {'state_dict': state, 'unet': cfg.unet.to_dict(), 'res_mm': cfg.synth.res_mm,
+               'labels': list(OUTPUT_LABELS), 'step': int(ckpt['step'])}
+    out_path = Path(out_path)
+    _atomic_save(payload, out_path)
+    sha = hashlib.sha256(out_path.read_bytes()).hexdigest()
+    return {'path': str(out_path), 'sha256': sha, 'step': int(ckpt['step']),
+            'bytes': out_path.stat().st_size}
