@@ -273,3 +273,28 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a model')
     with pytest.raises(Exception):
         LabelNetwork(tmp_path / 'junk.pt')
+
+
+# ---------------------------------------------------------------- pose search
+@pytest.mark.parametrize('angle', [0.0, 75.0, 150.0])
+def test_pose_search_finds_any_starting_orientation(angle):
+    from keyprep.pipeline import perturb as pt
+    from keyprep.pipeline.synth.orient import estimate_pose
+
+    from .conftest import CH2
+
+    head = nib.load(str(CH2))
+    ref = estimate_pose(head).matrix
+    rng = np.random.default_rng(int(angle) + 1)
+    motion = pt.random_similarity(rng, 180.0, 10.0, (1.0, 1.0), center=pt.center_of_mass(head),
+                                  angle_deg=angle)
+    xfm = pt.KnownTransform(motion)
+    grid = pt.fitting_grid(xfm.push(pt.foreground_points(head, 0, step=3)), (2.0, 2.0, 2.0), margin_mm=5)
+    moved, _ = pt.apply_known_transform(head, xfm, grid)
+    found = estimate_pose(moved)
+    expected = motion @ ref
+    rel = found.matrix[:3, :3] @ expected[:3, :3].T
+    err_deg = np.degrees(np.arccos(np.clip((np.trace(rel) - 1) / 2, -1, 1)))
+    assert err_deg < 5.0
+    assert np.linalg.norm(found.matrix[:3, 3] - expected[:3, 3]) < 4.0
+    assert found.score > 0.8

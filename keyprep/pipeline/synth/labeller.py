@@ -44,6 +44,7 @@ class LabelResult:
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: np.ndarray | None = None  # network-grid probabilities (if asked)
     network_affine: np.ndarray | None = None
+    pose: dict | None = None  # the estimated head pose (``pose='auto'``)
 
 
 def _sha256(path: Path) -> str:
@@ -99,17 +100,42 @@ class LabelNetwork:
         aff[:3, 3] = centre - self.res_mm * (n - 1) / 2
         return tuple(int(v) for v in n), aff
 
+    def template_grid(self, pose: np.ndarray, template: str = 'MNI152NLin2009aSym'
+                      ) -> tuple[tuple[int, int, int], np.ndarray]:
+        """The network grid over the template's field of view, carried into the image by
+        ``pose`` (template world -> image world, rigid)."""
+        from ..targets import template_file
+
+        tpl = nib.load(str(template_file(template)))
+        shape, aff = self.network_grid(tpl)
+        return shape, pose @ aff
+
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, img: nib.spatialimages.SpatialImage, flip_tta: bool = True,
-                keep_probabilities: bool = False) -> LabelResult:
+                keep_probabilities: bool = False, pose: str = 'header') -> LabelResult:
+        """Label ``img``. ``pose='header'`` trusts the image's orientation (as SynthSeg does);
+        ``pose='auto'`` first finds the head's pose from any starting orientation
+        (:func:`~.orient.estimate_pose`, about 1-5 s) and labels on a grid aligned with it."""
         t0 = time.perf_counter()
         data = np.asarray(img.dataobj, dtype=np.float32)
         if data.ndim > 3:
             data = data[..., 0]
         data = np.nan_to_num(data)
         zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
-        shape, net_aff = self.network_grid(img)
+        pose_info = None
+        if pose == 'auto':
+            from .orient import estimate_pose
+
+            found = estimate_pose(img)
+            pose_info = {'matrix': found.matrix.round(6).tolist(), 'score': round(found.score, 4),
+                         'header_score': round(found.identity_score, 4),
+                         'seconds': round(time.perf_counter() - t0, 2)}
+            shape, net_aff = self.template_grid(found.matrix)
+        elif pose == 'header':
+            shape, net_aff = self.network_grid(img)
+        else:
+            raise ValueError(f"pose must be 'header' or 'auto', not {pose!r}")
         dev = self.device
         vol = torch.as_tensor(data, device=dev)[None, None]
         # anti-aliasing: FWHM of the network's voxel, in native voxels
@@ -143,7 +169,7 @@ class LabelNetwork:
         return LabelResult(labels=lab_img, mask=mask_img,
                            timings={'resample_s': t1 - t0, 'network_s': t2 - t1, 'native_s': t3 - t2},
                            probabilities=probs[0].cpu().numpy() if keep_probabilities else None,
-                           network_affine=net_aff)
+                           network_affine=net_aff, pose=pose_info)
 
     def _to_native(self, probs: torch.Tensor, net_aff: np.ndarray, img) -> tuple[np.ndarray, np.ndarray]:
         """Labels on the native grid.
@@ -195,6 +221,6 @@ class LabelNetwork:
 
 
 def label_image(img: nib.spatialimages.SpatialImage, weights: str | Path | None = None,
-                device: str = 'cpu', flip_tta: bool = True) -> LabelResult:
-    """Label one image with the (cached) network."""
-    return LabelNetwork.cached(weights, device).predict(img, flip_tta=flip_tta)
+                device: str = 'cpu', flip_tta: bool = True, pose: str = 'header') -> LabelResult:
+    """Label one image with the (cached) network (``pose``: see :meth:`LabelNetwork.predict`)."""
+    return LabelNetwork.cached(weights, device).predict(img, flip_tta=flip_tta, pose=pose)
