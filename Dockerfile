@@ -1,35 +1,42 @@
-# keyprep: BIDS App for brain MRI registration (CPU image).
-#   docker build -t keyprep:0.1.0 .
-#   docker run --rm -v /data/bids:/data:ro -v /data/out:/out keyprep:0.1.0 /data /out participant
-# GPU hosts: build with --build-arg TORCH_SPEC=torch==2.13.0 and the CUDA wheel index of
-# PyTorch in PIP_EXTRA_INDEX_URL, then run with --gpus all (docker) or --nv (apptainer).
+# keyprep: BIDS App for brain MRI registration.
+#   docker build -t keyprep:0.1.0 .                                    # CPU torch (default)
+#   docker build --build-arg TORCH_VARIANT=cu128 -t keyprep:0.1.0-cuda .  # a CUDA build of torch
+#   docker run --rm -u $(id -u):$(id -g) -v /data/bids:/data:ro -v /data/out:/out \
+#       -v /scratch/work:/work keyprep:0.1.0 /data /out participant -w /work
+# GPU hosts: run the CUDA image with --gpus all (docker) or --nv (apptainer); the host driver
+# is used, no driver is installed in the image. HPC use: docs/hpc.md.
+#
+# Everything is installed by scripts/install_keyprep.sh, the same script that CI runs in a
+# clean virtual environment (tests/test_install_script.py). The image holds keyprep, torch,
+# the bundled template and the skull-stripping weights: nothing is downloaded at run time.
 FROM python:3.11-slim-bookworm
 
+# cpu, or a CUDA wheel index of PyTorch (cu126, cu128, ...: see pytorch.org for the
+# variants built for the pinned torch version).
+ARG TORCH_VARIANT=cpu
 ARG TORCH_SPEC="torch==2.13.0"
-ARG PIP_EXTRA_INDEX_URL=""
 ARG VERSION=0.1.0
 ARG BUILD_DATE
 ARG VCS_REF
 
-# Debian: Colin27/AAL atlases (demo), Chromium (report checks in the test stage).
-RUN apt-get update -qq \
- && apt-get install -y -qq --no-install-recommends mricron-data \
- && rm -rf /var/lib/apt/lists/*
-
 # The ANTs/ITK and BLAS thread pools are set per node by keyprep (--omp-nthreads).
 ENV OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NIPYPE_NO_ET=1 NO_ET=1 \
     MPLCONFIGDIR=/tmp/matplotlib KEYPREP_DOCKER_TAG=${VERSION} \
-    PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL}
+    PATH=/opt/keyprep/bin:${PATH}
 
-RUN pip install -q "${TORCH_SPEC}"
+# The build context is filtered by .dockerignore (no .venv, work folders or benchmarks).
 COPY . /src/keyprep
-RUN pip install -q /src/keyprep \
- && python -c "import keyprep, ants, deepbet; from keyprep.pipeline.targets import template_file; template_file('MNI152NLin2009aSym')" \
- && keyprep --version > /version
+# One virtual environment in /opt/keyprep; Debian's mricron-data (Colin27/AAL, demo).
+RUN PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore KEYPREP_TORCH_SPEC="${TORCH_SPEC}" \
+    bash /src/keyprep/scripts/install_keyprep.sh --venv /opt/keyprep \
+      --torch-variant "${TORCH_VARIANT}" --with-system-packages \
+ && keyprep --version > /version \
+ && rm -rf /src/keyprep
 
-# A non-root user whose home is readable when the image runs under Apptainer.
+# A non-root user with a HOME that any user id can write (docker run -u, Apptainer).
 RUN useradd -m -s /bin/bash -G users keyprep && chmod -R go=u /home/keyprep
 ENV HOME=/home/keyprep
+USER keyprep
 WORKDIR /tmp
 
 LABEL org.label-schema.name="keyprep" \

@@ -19,7 +19,9 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['keyprep', 'keyprep.*']),
     include_package_data=True,
-    package_data={'keyprep': ['data/*', 'data/**/*']},
+    # the label network's weights and model card live outside any Python package folder
+    package_data={'keyprep': ['data/*', 'data/**/*', 'models/synthseg/*.pt',
+                              'models/synthseg/*.md']},
     install_requires=[
         'nipype>=1.10',
         'pybids>=0.16',
@@ -35,6 +37,7 @@ setup(
         'nitransforms>=24.0',
         'matplotlib>=3.7',
         'jinja2>=3.0',
+        'pyyaml>=5.1',  # --use-plugin files
     ],
     extras_require={
         'test': ['pytest>=7'],
@@ -43,6 +46,8 @@ setup(
         'console_scripts': [
             'keyprep=keyprep.bids_app.run:main',
             'keyprep-demo=keyprep.bids_app.demo:main',
+            'keyprep-slurm=keyprep.bids_app.slurm:main',
+            'keyprep-train=keyprep.bids_app.train:main',
         ],
     },
 )

@@ -30,11 +30,14 @@ EXPECTED_ANAT = [
     'sub-01_from-MNI152NLin2009aSym_to-T1w_mode-image_desc-antsSyN_xfm.nii.gz',
     'sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-antsRigid_xfm.txt',
     'sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_desc-antsSyN_xfm.nii.gz',
+    'sub-01_seg-synthseg_dseg.nii.gz',
     'sub-01_seg-tissue_dseg.nii.gz',
     'sub-01_space-MNI152NLin2009aSym_desc-antsRigid_T1w.nii.gz',
     'sub-01_space-MNI152NLin2009aSym_desc-antsRigid_jacobian.nii.gz',
     'sub-01_space-MNI152NLin2009aSym_desc-antsSyN_T1w.nii.gz',
     'sub-01_space-MNI152NLin2009aSym_desc-antsSyN_jacobian.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_seg-synthseg_desc-antsRigid_dseg.nii.gz',
+    'sub-01_space-MNI152NLin2009aSym_seg-synthseg_desc-antsSyN_dseg.nii.gz',
     'sub-01_space-MNI152NLin2009aSym_seg-tissue_desc-antsRigid_dseg.nii.gz',
     'sub-01_space-MNI152NLin2009aSym_seg-tissue_desc-antsSyN_dseg.nii.gz',
 ]
@@ -71,7 +74,7 @@ def test_derivatives(e2e):
     out = e2e['out']
     anat = sorted(p.name for p in (out / 'sub-01' / 'anat').iterdir()
                   if not p.name.endswith('.json'))
-    assert anat == EXPECTED_ANAT
+    assert anat == sorted(EXPECTED_ANAT)
     assert not (out / 'sub-02' / 'anat').exists()
     assert not [p for p in out.rglob('.*') if p.name != '.bidsignore']  # no temporary files
     desc = json.loads((out / 'dataset_description.json').read_text())
@@ -88,20 +91,77 @@ def test_derivatives(e2e):
     assert nb.load(out / 'sub-01/anat/sub-01_desc-brain_mask.nii.gz').get_data_dtype() == 'uint8'
 
 
+def _weights_sha256():
+    from keyprep.workflows.anatomical import synthseg_weights
+
+    return hashlib.sha256(synthseg_weights().read_bytes()).hexdigest()
+
+
+def test_label_network_derivatives(e2e):
+    """seg-synthseg dseg files for the image and the target, with the root look-up table."""
+    import numpy as np
+
+    from keyprep.pipeline.synth.labels import OUTPUT_LABELS, lut_tsv
+
+    out = e2e['out']
+    lut = (out / 'seg-synthseg_dseg.tsv').read_text()
+    assert lut == lut_tsv() and lut.startswith('index\tname\tabbreviation\tcolor\n')
+    assert len(lut.splitlines()) == 1 + 32
+    sha = _weights_sha256()
+    anat = out / 'sub-01' / 'anat'
+    pre = nb.load(anat / 'sub-01_desc-preproc_T1w.nii.gz')
+    tpl = out / 'tpl-MNI152NLin2009aSym'
+    for dseg, grid in ((anat / 'sub-01_seg-synthseg_dseg.nii.gz', pre),
+                       (tpl / 'tpl-MNI152NLin2009aSym_res-4_seg-synthseg_dseg.nii.gz',
+                        nb.load(tpl / 'tpl-MNI152NLin2009aSym_res-4_desc-brain_T1w.nii.gz'))):
+        img = nb.load(dseg)
+        assert img.get_data_dtype() == 'int16'
+        assert img.shape == grid.shape and np.allclose(img.affine, grid.affine, atol=1e-4)
+        values = set(np.unique(np.asanyarray(img.dataobj)).tolist())
+        assert values <= set(OUTPUT_LABELS) and len(values) > 1
+        side = json.loads(dseg.with_name(dseg.name.replace('.nii.gz', '.json')).read_text())
+        assert side['NetworkWeightsSha256'] == sha
+        assert isinstance(side['NetworkTrainingStep'], int) and side['Sources']
+        assert side['SoftwareVersions']['torch'] and side['RandomSeed'] == 7
+    side = json.loads((anat / 'sub-01_seg-synthseg_dseg.json').read_text())
+    assert side['Sources'] == ['bids:raw:sub-01/anat/sub-01_T1w.nii.gz']
+    assert (out / 'sub-01/figures/sub-01_desc-synthseg_dseg.png').is_file()
+    assert (tpl / 'figures/tpl-MNI152NLin2009aSym_res-4_desc-synthseg_dseg.png').is_file()
+
+
 def test_qc_tables(e2e):
     out = e2e['out']
     long = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registration_qc.tsv', sep='\t')
     assert list(long.columns[:8]) == ['participant_id', 'session_id', 'source', 'method',
                                       'label_set', 'label_index', 'label_name', 'dice']
-    assert len(long) == 2 * 3 and long['dice'].between(0, 1).all()
+    assert len(long) == 2 * (32 + 3)
+    from keyprep.pipeline.synth.labels import OUTPUT_NAMES
+
+    for method in ('antsRigid', 'antsSyN'):  # per-structure rows for each engine
+        rows = long[(long['method'] == method) & (long['label_set'] == 'synthseg')]
+        assert list(rows['label_index']) == [k for k in OUTPUT_NAMES if k]
+        assert list(rows['label_name']) == [v for k, v in OUTPUT_NAMES.items() if k]
+        assert rows['dice'].dropna().between(0, 1).all() and rows['dice'].notna().sum() >= 2
+        tissue = long[(long['method'] == method) & (long['label_set'] == 'tissue')]
+        assert list(tissue['label_name']) == ['GM', 'WM', 'CSF']
+        assert tissue['dice'].between(0, 1).all()
     summ = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registrationsummary_qc.tsv', sep='\t')
     assert set(summ['method']) == {'antsRigid', 'antsSyN'}
     assert set(summ['status']) <= {'pass', 'warn', 'fail'}
+    assert (summ['label_set'] == 'synthseg').all() and (summ['n_labels'] >= 2).all()
+    assert summ['dice_mean'].between(0, 1).all()
+    assert (summ['synthseg_weights_sha256'] == _weights_sha256()).all()
     rigid = summ.set_index('method').loc['antsRigid']
     assert rigid['jac_min'] == pytest.approx(1.0, abs=1e-4)  # a rigid transform keeps volume
     syn = summ.set_index('method').loc['antsSyN']
-    assert syn['dice_mean'] > 0.4 and syn['jac_neg_frac'] == 0
+    assert syn['tissue_dice_mean'] > 0.4 and syn['jac_neg_frac'] == 0
     assert (summ['seed'] == 7).all() and summ['versions'].str.contains('antspyx').all()
+    # the status follows the mean structure Dice
+    from keyprep.pipeline import qc
+
+    for _, row in summ.iterrows():
+        if row['dice_mean'] < qc.DICE_FAIL:
+            assert row['status'] == 'fail' and 'structure Dice' in row['status_reason']
     meta = json.loads((out / 'sub-01/anat/sub-01_desc-registrationsummary_qc.json').read_text())
     assert 'status' in meta and 'Description' in meta['dice_mean']
 
@@ -129,7 +189,10 @@ def test_reports_and_errors(e2e):
     for section in ('summary', 'anatomical', 'registration', 'qc', 'about', 'boilerplate',
                     'errors'):
         assert f'id="{section}"' in page
-    assert page.count('data:image/png;base64') == 6  # mask, labels, 2 x (before/after, J)
+    # mask, tissue and structure labels, the target's labels, 2 x (before/after, J), and
+    # the per-structure Dice plot
+    assert page.count('data:image/png;base64') == 9
+    assert 'Dice per structure' in page and 'Left-Hippocampus' in page
     assert 'Figure not produced' not in page
     assert 'No errors to report' in page
     bad = (out / 'sub-02.html').read_text()
@@ -141,14 +204,20 @@ def test_group_level(e2e):
     assert run([str(e2e['bids']), str(out), 'group']) == E.EXIT_OK
     group = pd.read_csv(out / 'group_desc-registrationsummary_qc.tsv', sep='\t')
     assert len(group) == 2
-    assert len(pd.read_csv(out / 'group_desc-registration_qc.tsv', sep='\t')) == 6
+    long = pd.read_csv(out / 'group_desc-registration_qc.tsv', sep='\t')
+    assert len(long) == 2 * (32 + 3)
+    assert set(long['label_set']) == {'synthseg', 'tissue'}
     html = (out / 'group.html').read_text()
     assert html.count('data:image/png;base64') >= 2
+    assert 'id="structures"' in html and 'Right-Hippocampus' in html
 
 
 def test_rerun_resumes_from_the_work_dir(e2e):
     results = sorted(e2e['work'].rglob('register/result_register.pklz'))
     assert len(results) == 2
+    # the label network ran once for the image and once for the target, and is not rerun
+    results += sorted(e2e['work'].rglob('synthseg/result_synthseg.pklz'))
+    assert len(results) == 4
     stamps = [p.stat().st_mtime_ns for p in results]
     args = [a for a in e2e['args']] + ['--participant-label', '01']
     assert run(args) == E.EXIT_OK
@@ -180,7 +249,7 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
                                                                        script + '</body>'))
     dom = subprocess.run([exe, *flags, '--virtual-time-budget=5000', '--dump-dom',
                           probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert '<title>ok:6/6:7</title>' in dom, dom[:300]
+    assert '<title>ok:9/9:7</title>' in dom, dom[:300]
     shot = tmp_path / 'report.png'
     subprocess.run([exe, *flags, '--window-size=1400,3000', f'--screenshot={shot}', url],
                    capture_output=True, timeout=120)

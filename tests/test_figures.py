@@ -223,6 +223,25 @@ def test_plot_group(tmp_path):
     assert figures.plot_group(empty, tmp_path / 'empty.png', 'dice_mean').is_file()
 
 
+def test_plot_structure_dice(tmp_path):
+    import pandas as pd
+
+    from keyprep.pipeline.synth.labels import OUTPUT_NAMES
+
+    rng = np.random.default_rng(1)
+    names = [(k, v) for k, v in OUTPUT_NAMES.items() if k]
+    rows = [{'method': m, 'label_set': 'synthseg', 'label_index': k, 'label_name': v,
+             'dice': rng.uniform(0.3, 0.9)} for m in ('antsRigid', 'antsSyN') for k, v in names]
+    rows += [{'method': 'antsSyN', 'label_set': 'tissue', 'label_index': 1,
+              'label_name': 'GM', 'dice': 0.7}]
+    df = pd.DataFrame(rows)
+    out = figures.plot_structure_dice(df, tmp_path / 'dice.png', title='Dice per structure')
+    rgb = _rgb(out)
+    assert rgb.shape[0] > rgb.shape[1] / 2 and rgb.var() > 0
+    empty = figures.plot_structure_dice(df.assign(dice=np.nan), tmp_path / 'empty.png')
+    assert empty.is_file()
+
+
 def test_png_to_data_uri(data, tmp_path):
     png = figures.plot_mask(data['image'], data['mask'], tmp_path / 'm.png')
     uri = figures.png_to_data_uri(png)

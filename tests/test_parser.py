@@ -76,3 +76,30 @@ def test_filter_file(bids, tmp_path):
 @pytest.mark.parametrize('value, gb', [('1024', 1.0), ('2G', 2.0), ('2GB', 2.0), ('0.5T', 512.0)])
 def test_parse_mem(value, gb):
     assert parse_mem(value) == pytest.approx(gb)
+
+
+@pytest.mark.parametrize('args, mode, method', [
+    ([], 'auto', 'deepbet'),
+    (['--skull-strip', 'synth'], 'auto', 'synth'),
+    (['--skull-strip', 'synth', '--skull-strip-method', 'synth'], 'auto', 'synth'),
+    (['--skull-strip', 'force', '--skull-strip-method', 'synth'], 'force', 'synth'),
+    (['--skull-strip-method', 'synth'], 'auto', 'synth'),
+    (['--skull-strip', 'skip'], 'skip', 'deepbet'),
+])
+def test_skull_strip_choices(bids, tmp_path, args, mode, method):
+    opts = parse_args([str(bids), str(tmp_path / 'o'), 'participant', *args])
+    assert (opts.skull_strip, opts.skull_strip_method) == (mode, method)
+
+
+@pytest.mark.parametrize('args', [
+    ['--skull-strip', 'synth', '--skull-strip-method', 'deepbet'],
+    ['--skull-strip', 'skip', '--skull-strip-method', 'synth'],
+])
+def test_contradictory_skull_strip_options(bids, tmp_path, args):
+    assert run([str(bids), str(tmp_path / 'out'), 'participant', *args]) == EXIT_USAGE
+
+
+def test_help_documents_skull_strip_synth(capsys):
+    assert run(['--help']) == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    assert '{auto,force,skip,synth}' in text and "label network's brain mask" in text

@@ -42,3 +42,97 @@ def test_jacobian_stats_mask_and_log():
 ])
 def test_status_thresholds(dice, neg, expected):
     assert qc.qc_status(dice, {'jac_neg_frac': neg, 'logjac_std': 0.1})[0] == expected
+
+
+def _label_files(tmp_path, ref, test, prefix='', zooms=(2.0, 2.0, 2.0)):
+    import nibabel as nb
+
+    aff = np.diag([*zooms, 1.0])
+    out = []
+    for name, data in (('ref', ref), ('test', test)):
+        f = tmp_path / f'{prefix}{name}.nii.gz'
+        nb.Nifti1Image(np.asarray(data, np.int16), aff).to_filename(f)
+        out.append(str(f))
+    return out
+
+
+def test_structure_rows_with_known_overlap(tmp_path):
+    """Per-structure Dice, volumes and the mean over the structures present in the target."""
+    from keyprep.pipeline.qcreport import LONG_COLUMNS, label_set_rows
+
+    ref = np.zeros((20, 20, 20), int)
+    test = np.zeros_like(ref)
+    ref[2:12, 2:12, 2:12] = 17       # left hippocampus, 1000 voxels
+    test[4:14, 2:12, 2:12] = 17      # shifted by 2: overlap 800 -> Dice 0.8
+    ref[14:18, 14:18, 14:18] = 53    # right hippocampus, 64 voxels, absent from the test: 0
+    test[0:2, 0:2, 0:2] = 4          # a structure only in the moving labels: 0, not averaged
+    lut = {17: 'Left-Hippocampus', 53: 'Right-Hippocampus', 4: 'Left-Lateral-Ventricle',
+           10: 'Left-Thalamus'}      # thalamus absent from both: NaN
+    groups = {17: 'hippocampus', 53: 'hippocampus', 4: 'lateral-ventricles'}
+    rows, stats = label_set_rows(*_label_files(tmp_path, ref, test), lut, 'synthseg', groups)
+    by = {r['label_name']: r for r in rows}
+    assert [r['label_index'] for r in rows] == [4, 10, 17, 53]
+    assert by['Left-Hippocampus']['dice'] == pytest.approx(0.8)
+    assert by['Right-Hippocampus']['dice'] == 0.0
+    assert by['Left-Lateral-Ventricle']['dice'] == 0.0
+    assert np.isnan(by['Left-Thalamus']['dice'])
+    assert by['Left-Hippocampus']['target_cm3'] == pytest.approx(8.0)  # 1000 x 8 mm3
+    assert by['Left-Lateral-Ventricle']['warped_cm3'] == pytest.approx(0.064)
+    assert by['Right-Hippocampus']['structure_group'] == 'hippocampus'
+    assert stats == {'mean': pytest.approx(0.4), 'min': 0.0, 'n': 2}
+    assert set(rows[0]) <= set(LONG_COLUMNS)
+
+
+def test_registration_rows_per_structure_and_tissue(tmp_path):
+    """The long table has one row per structure and per tissue class; the summary's status
+    follows the mean structure Dice while the tissue Dice stays in its own columns."""
+    import nibabel as nb
+
+    from keyprep.pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, registration_qc_rows
+    from keyprep.pipeline.synth.labels import BRAIN_OUTPUT_LABELS
+
+    shape = (24, 24, 24)
+    struct_ref = np.zeros(shape, int)
+    struct_ref[2:12, 2:12, 2:12] = 2     # left cerebral WM
+    struct_ref[12:22, 2:12, 2:12] = 41   # right cerebral WM
+    struct_test = np.zeros(shape, int)
+    struct_test[2:12, 2:12, 2:12] = 2    # perfect
+    struct_test[12:22, 2:12, 2:12] = 0   # missing: Dice 0 -> mean 0.5 -> warn
+    tissue = np.zeros(shape, int)
+    tissue[2:22, 2:12, 2:12] = 2
+    t_ref, t_test = _label_files(tmp_path, tissue, tissue, prefix='tissue_')
+    s_ref, s_test = _label_files(tmp_path, struct_ref, struct_test)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask, jac = tmp_path / 'mask.nii.gz', tmp_path / 'jac.nii.gz'
+    nb.Nifti1Image((tissue > 0).astype(np.uint8), aff).to_filename(mask)
+    nb.Nifti1Image(np.ones(shape, np.float32), aff).to_filename(jac)
+    record = {'method': 'antsRigid', 'transform_kind': 'linear', 'runtime_s': 1.0,
+              'peak_mem_mb': 10.0, 'device': 'cpu', 'threads': 1, 'seed': 3,
+              'versions': {'keyprep': 'x'}}
+    kw = dict(target_dseg=t_ref, warped_dseg=t_test, target_mask=str(mask), jacobian=str(jac),
+              record=record, label_set='tissue', lut={1: 'GM', 2: 'WM', 3: 'CSF'},
+              subject='01', session=None, source='bids:raw:sub-01/anat/sub-01_T1w.nii.gz',
+              target='tpl')
+    long, summary = registration_qc_rows(
+        **kw, target_synthseg=s_ref, warped_synthseg=s_test,
+        synthseg_meta={'NetworkWeightsSha256': 'ab' * 32, 'NetworkTrainingStep': 50})
+    assert list(long.columns) == list(LONG_COLUMNS)
+    assert list(summary.columns) == list(SUMMARY_COLUMNS)
+    synth = long[long['label_set'] == 'synthseg']
+    assert len(synth) == len(BRAIN_OUTPUT_LABELS) == 32
+    assert len(long[long['label_set'] == 'tissue']) == 3
+    dice = synth.set_index('label_name')['dice']
+    assert dice['Left-Cerebral-White-Matter'] == 1.0
+    assert dice['Right-Cerebral-White-Matter'] == 0.0
+    assert dice.drop(['Left-Cerebral-White-Matter', 'Right-Cerebral-White-Matter']).isna().all()
+    row = summary.iloc[0]
+    assert row['label_set'] == 'synthseg' and row['n_labels'] == 2
+    assert row['dice_mean'] == pytest.approx(0.5) and row['dice_min'] == 0.0
+    assert row['tissue_dice_mean'] == 1.0  # the tissue Dice stays available
+    assert row['status'] == 'warn' and 'mean structure Dice 0.500' in row['status_reason']
+    assert row['synthseg_weights_sha256'] == 'ab' * 32 and row['synthseg_weights_step'] == 50
+    # without structure labels: the tissue Dice sets the status, as before
+    long_t, summary_t = registration_qc_rows(**kw)
+    assert set(long_t['label_set']) == {'tissue'}
+    assert summary_t.iloc[0]['label_set'] == 'tissue'
+    assert summary_t.iloc[0]['dice_mean'] == 1.0 and summary_t.iloc[0]['status'] == 'pass'

@@ -78,6 +78,83 @@ def test_cuda_device_declares_gpu_use(tmp_path):
     assert strip and all(n.inputs.use_gpu for n in strip)
 
 
+def _expanded(wf):
+    return generate_expanded_graph(wf._create_flat_graph())
+
+
+def _short(node):
+    return node.fullname.split('.')[-1]
+
+
+def test_label_network_nodes_exist_and_connect(tmp_path):
+    groups = _groups(tmp_path, suffixes=('T1w', 'T2w'))
+    graph = _expanded(_build(tmp_path, groups, ['antsRigid', 'antsSyN']))
+    nodes = {n.fullname: n for n in graph.nodes()}
+    labels = [n for name, n in nodes.items() if name.endswith('.synthseg')]
+    # one per image (2 subjects x 2 contrasts) and one for the target
+    assert len(labels) == 5
+    target = [n for n in labels if '.target_wf.' in n.fullname]
+    assert len(target) == 1
+    for node in labels:
+        assert {_short(p) for p in graph.predecessors(node)} == {'conform'}
+    # the target's labels reach the QC of every registration (2 x 2 images x 2 engines)
+    target_succ = {n.fullname for n in graph.successors(target[0])}
+    qcs = [name for name in nodes if name.endswith('.qc')]
+    assert len(qcs) == 8 and set(qcs) <= target_succ
+    assert any(name.endswith('ds_target_synthseg') for name in target_succ)
+    assert any(name.endswith('target_wf.fig_synthseg') for name in target_succ)
+    for node in labels:
+        if node is target[0]:
+            continue
+        succ = {_short(n) for n in graph.successors(node)}
+        key = node.fullname.split('.')[-2].split('_')[1]  # anat_<key>_wf
+        assert {f'ds_{key}_synthseg', f'fig_{key}_synthseg', 'warp_synthseg'} <= succ
+        assert 'skull_strip' not in succ  # deepbet by default
+        assert node.inputs.device == 'cpu' and node.inputs.seed == 0 and node.inputs.flip_tta
+    for name in qcs:
+        preds = {_short(n) for n in graph.predecessors(nodes[name])}
+        assert {'warp_synthseg', 'warp_dseg', 'synthseg'} <= preds
+    warp = [n for name, n in nodes.items() if name.endswith('.warp_synthseg')]
+    assert len(warp) == 8 and all(n.inputs.interpolation == 'genericLabel' for n in warp)
+    assert all({'register', 'synthseg'} <= {_short(p) for p in graph.predecessors(n)}
+               for n in warp)
+    sinks = [name for name in nodes if name.endswith('_synthseg') and '.ds_' in name]
+    figs = [name for name in sinks if '_fig_' in name]
+    assert len(sinks) - len(figs) == 4 + 8 + 1  # per image, per registration, the target
+    assert len(figs) == 4 + 1  # a labels figure per image and for the target
+
+
+def test_skull_strip_synth_graph(tmp_path):
+    groups = _groups(tmp_path)
+    graph = _expanded(_build(tmp_path, groups, ['antsRigid'], skull_strip='synth', seed=5))
+    strips = [n for n in graph.nodes() if n.fullname.endswith('.skull_strip')]
+    assert len(strips) == 3  # 2 images and the target
+    for node in strips:
+        assert node.inputs.mode == 'auto' and node.inputs.method == 'synth'
+        assert 'synthseg' in {_short(p) for p in graph.predecessors(node)}
+    labels = [n for n in graph.nodes() if n.fullname.endswith('.synthseg')]
+    assert all(n.inputs.seed == 5 for n in labels)
+    graph = _expanded(_build(tmp_path, groups, ['antsRigid'], sloppy=True))
+    labels = [n for n in graph.nodes() if n.fullname.endswith('.synthseg')]
+    assert labels and not any(n.inputs.flip_tta for n in labels)  # --sloppy: no TTA
+    # force + synth method, and the default (deepbet): no mask edge
+    graph = _expanded(_build(tmp_path, groups, ['antsRigid'], skull_strip='force',
+                             skull_strip_method='synth'))
+    strips = [n for n in graph.nodes() if n.fullname.endswith('.skull_strip')]
+    moving = [n for n in strips if '.target_wf.' not in n.fullname]
+    assert all(n.inputs.mode == 'force' and n.inputs.method == 'synth' for n in moving)
+    with pytest.raises(ValueError, match='cannot be combined'):
+        _build(tmp_path, groups, ['antsRigid'], skull_strip='synth',
+               skull_strip_method='deepbet')
+
+
+def test_packaged_weights_path():
+    from keyprep.pipeline.synth.labeller import default_weights
+    from keyprep.workflows.anatomical import synthseg_weights
+
+    assert synthseg_weights() == default_weights()
+
+
 class _CentroidEngine(Engine):
     """A real (if crude) engine: translation aligning the centres of mass."""
 

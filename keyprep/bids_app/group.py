@@ -31,7 +31,9 @@ def run_group(output_dir: Path) -> int:
     tables = {}
     for desc, cols, text in (
             ('registration', LONG_COLUMNS, 'Registration QC of all participants: Dice per '
-                                           'engine and label'),
+                                           'engine and label (label_set synthseg: the '
+                                           'structures of the label network; tissue: the '
+                                           'tissue classes)'),
             ('registrationsummary', SUMMARY_COLUMNS, 'Registration QC summary of all '
                                                      'participants: one row per engine and '
                                                      'image')):
@@ -50,7 +52,8 @@ def run_group(output_dir: Path) -> int:
     summary = tables['registrationsummary']
     figs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for metric, caption in (('dice_mean', 'Mean Dice (tissue labels) per engine'),
+        for metric, caption in (('dice_mean', 'Mean structure Dice (label network) per engine'),
+                                ('tissue_dice_mean', 'Mean tissue-class Dice per engine'),
                                 ('runtime_s', 'Registration wall time per engine (s)'),
                                 ('jac_neg_frac', 'Fraction of folding voxels per engine'),
                                 ('peak_mem_mb', 'Peak memory per engine (MiB)')):
@@ -59,8 +62,11 @@ def run_group(output_dir: Path) -> int:
             png = Path(tmp) / f'{metric}.png'
             plot_group(summary, png, metric=metric, by='method', title=caption)
             figs.append((caption, png_to_data_uri(png)))
+    if 'tissue_dice_mean' not in summary:  # tables written before structure labels existed
+        summary = summary.assign(tissue_dice_mean=float('nan'))
     agg = summary.groupby('method').agg(
         n=('dice_mean', 'size'), dice_mean=('dice_mean', 'mean'), dice_min=('dice_min', 'min'),
+        tissue_dice_mean=('tissue_dice_mean', 'mean'),
         jac_neg_frac_max=('jac_neg_frac', 'max'), runtime_s_median=('runtime_s', 'median'),
         peak_mem_mb_max=('peak_mem_mb', 'max'),
         n_pass=('status', lambda s: int((s == 'pass').sum())),
@@ -69,15 +75,20 @@ def run_group(output_dir: Path) -> int:
     body = [f'<h1>keyprep group report</h1><p>{summary["participant_id"].nunique()} '
             f'participant(s), {len(summary)} registration(s); keyprep {__version__}; '
             f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
-            '<section id="engines"><h2>Per engine</h2>', _table_html(agg), '</section>',
+            '<section id="engines"><h2>Per engine</h2>', _table_html(agg),
+            '<p>dice_mean: mean structure Dice (the structures of the label network present '
+            'in the target); tissue_dice_mean: mean Dice over GM, WM and CSF.</p></section>',
+            '<section id="structures"><h2>Per structure</h2>',
+            _structure_table(tables['registration']), '</section>',
             '<section id="plots"><h2>Plots</h2>']
     for caption, uri in figs:
         body.append(f'<figure><figcaption>{html.escape(caption)}</figcaption>'
                     f'<img src="{uri}" alt="{html.escape(caption)}"></figure>')
     body.append('</section><section id="table"><h2>All registrations</h2>')
     cols = [c for c in ('participant_id', 'session_id', 'source', 'method', 'dice_mean',
-                        'dice_min', 'jac_min', 'jac_neg_frac', 'logjac_std', 'runtime_s',
-                        'peak_mem_mb', 'status', 'status_reason') if c in summary]
+                        'dice_min', 'tissue_dice_mean', 'jac_min', 'jac_neg_frac',
+                        'logjac_std', 'runtime_s', 'peak_mem_mb', 'status', 'status_reason')
+            if c in summary]
     shown = summary[cols].copy()
     shown['source'] = shown['source'].astype(str).str.rsplit('/', n=1).str[-1]
     body.append(_table_html(shown, 'status'))
@@ -87,9 +98,29 @@ def run_group(output_dir: Path) -> int:
     page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<title>keyprep group report</title><style>{(_DATA / "report.css").read_text()}'
             f'</style></head><body><nav><span class="brand">keyprep {__version__}</span>'
-            f'<a href="#engines">Engines</a><a href="#plots">Plots</a><a href="#table">Table</a>'
+            f'<a href="#engines">Engines</a><a href="#structures">Structures</a>'
+            f'<a href="#plots">Plots</a><a href="#table">Table</a>'
             f'{links}</nav><main>' + '\n'.join(body) + '</main></body></html>')
     out = output_dir / 'group.html'
     atomic_write_text(out, page)
     LOGGER.info('group report: %s', out)
     return EXIT_OK
+
+
+def _structure_table(long) -> str:
+    """Mean Dice (over registrations) of every structure, one column per engine."""
+    from .reports import _table_html
+
+    if long is None or long.empty or 'label_set' not in long.columns:
+        return '<p>No per-structure Dice in the tables.</p>'
+    rows = long[long['label_set'] == 'synthseg']
+    if rows.empty:
+        return '<p>No per-structure Dice in the tables.</p>'
+    keys = ['label_index', 'label_name']
+    table = rows.groupby([*keys, 'method'])['dice'].mean().unstack('method')
+    table = table.assign(n=rows.groupby(keys)['dice'].count()).reset_index()
+    table = table.drop(columns='label_index').rename(columns={'label_name': 'structure'})
+    table = table.round(3)
+    table.columns.name = None
+    return ('<p>Mean Dice over the registrations of each engine (n: registrations with a '
+            'value, all engines together).</p>' + _table_html(table))

@@ -17,6 +17,8 @@ transforms, ``.nii.gz`` displacement fields, a ``qc`` suffix for the QC tables).
 >>> derivative_name(src, space='MNI152NLin2009aSym', seg='tissue', desc='antsSyN',
 ...                 suffix='dseg', extension='.nii.gz')
 'sub-01/ses-1/anat/sub-01_ses-1_run-1_space-MNI152NLin2009aSym_seg-tissue_desc-antsSyN_dseg.nii.gz'
+>>> derivative_name(src, seg='synthseg', suffix='dseg', extension='.nii.gz')
+'sub-01/ses-1/anat/sub-01_ses-1_run-1_seg-synthseg_dseg.nii.gz'
 >>> derivative_name(src, space='MNI152NLin2009aSym', desc='antsSyN', suffix='jacobian',
 ...                 extension='.nii.gz')
 'sub-01/ses-1/anat/sub-01_ses-1_run-1_space-MNI152NLin2009aSym_desc-antsSyN_jacobian.nii.gz'
@@ -34,7 +36,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ['PATTERNS', 'bids_uri', 'derivative_name', 'qc_table_name', 'source_entities']
+__all__ = ['PATTERNS', 'bids_uri', 'derivative_name', 'qc_table_name', 'source_entities',
+           'target_figure_name', 'target_stem']
 
 _ENTITIES = ('[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}]'
              '[_run-{run}][_from-{from}][_to-{to}][_mode-{mode}][_space-{space}][_seg-{seg}]'
@@ -86,6 +89,28 @@ def qc_table_name(subject: str, session: str | None, desc: str, extension: str =
     ses = f'_ses-{session}' if session else ''
     ses_dir = f'/ses-{session}' if session else ''
     return f'sub-{subject}{ses_dir}/anat/sub-{subject}{ses}_desc-{desc}_qc{extension}'
+
+
+def target_stem(name: str, resolution: float | None = None) -> str:
+    """Relative path stem of the target's files (``tpl-<name>/tpl-<name>[_res-N]``).
+
+    >>> target_stem('MNI152NLin2009aSym', 4.0)
+    'tpl-MNI152NLin2009aSym/tpl-MNI152NLin2009aSym_res-4'
+    >>> target_stem('sub01', 1.5)
+    'tpl-sub01/tpl-sub01_res-1p5'
+    """
+    res = f'_res-{resolution:g}'.replace('.', 'p') if resolution else ''
+    return f'tpl-{name}/tpl-{name}{res}'
+
+
+def target_figure_name(name: str, resolution: float | None = None) -> str:
+    """Relative path of the figure of the target's labels (label network).
+
+    >>> target_figure_name('MNI152NLin2009aSym', 4.0)
+    'tpl-MNI152NLin2009aSym/figures/tpl-MNI152NLin2009aSym_res-4_desc-synthseg_dseg.png'
+    """
+    folder, base = target_stem(name, resolution).split('/')
+    return f'{folder}/figures/{base}_desc-synthseg_dseg.png'
 
 
 def bids_uri(path: str | Path, bids_dir: str | Path, dataset: str = 'raw') -> str:

@@ -22,22 +22,28 @@ tpl-*/
 *_jacobian.*
 *_qc.*
 group_*
+slurm/
 """
 
 
 def container_info() -> dict | None:
-    """Container type and tag from the environment the images set (None outside one)."""
-    if os.getenv('KEYPREP_DOCKER_TAG'):
-        return {'Type': 'docker', 'Tag': os.environ['KEYPREP_DOCKER_TAG']}
+    """Container type and tag from the environment the images set (None outside one).
+
+    Apptainer first: a SIF built from the Docker image keeps its ``KEYPREP_DOCKER_TAG``.
+    """
     if os.getenv('APPTAINER_CONTAINER') or os.getenv('SINGULARITY_CONTAINER'):
         uri = os.getenv('APPTAINER_CONTAINER') or os.getenv('SINGULARITY_CONTAINER')
         return {'Type': 'apptainer', 'URI': uri}
+    if os.getenv('KEYPREP_DOCKER_TAG'):
+        return {'Type': 'docker', 'Tag': os.environ['KEYPREP_DOCKER_TAG']}
     return None
 
 
 def write_dataset_files(out_dir: Path, bids_dir: Path, methods: list[str]) -> None:
-    """``dataset_description.json``, ``.bidsignore`` and the root label look-up table."""
+    """``dataset_description.json``, ``.bidsignore`` and the root label look-up tables
+    (``seg-tissue_dseg.tsv``, ``seg-synthseg_dseg.tsv``)."""
     from ..pipeline.anatomy import TISSUE_LABELS
+    from ..pipeline.synth.labels import write_lut_tsv
 
     out_dir.mkdir(parents=True, exist_ok=True)
     desc_file = out_dir / 'dataset_description.json'
@@ -81,6 +87,7 @@ def write_dataset_files(out_dir: Path, bids_dir: Path, methods: list[str]) -> No
     lut = 'index\tname\tabbreviation\tcolor\n' + ''.join(
         f'{k}\t{v[0]}\t{v[1]}\t{v[2]}\n' for k, v in TISSUE_LABELS.items())
     atomic_write_text(out_dir / 'seg-tissue_dseg.tsv', lut)
+    write_lut_tsv(out_dir / 'seg-synthseg_dseg.tsv')
 
 
 def write_run_config(log_dir: Path, config: dict, errors: list[tuple[str, int]]) -> None:

@@ -114,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mem', '--mem-mb', '--mem_mb', type=parse_mem, default=None,
                    metavar='MEM', help='memory limit: MB, or with a unit (16G)')
     g.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
-                   help='torch device for learned engines and skull stripping')
+                   help='torch device for learned engines, skull stripping and the label '
+                        'network')
+    g.add_argument('--use-plugin', '--nipype-plugin-file', type=Path, metavar='FILE',
+                   help='Nipype plugin and its arguments from a YAML/JSON file, e.g. '
+                        '{plugin: SLURM, plugin_args: {sbatch_args: "-p short -t 1:00:00"}} '
+                        '(default: MultiProc with --nprocs); see docs/hpc.md')
 
     g = parser.add_argument_group('Workflow')
     g.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), metavar='METHOD',
@@ -124,13 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help='registration target: a bundled template (MNI152NLin2009aSym, '
                         'optionally :res-N for N mm), a NIfTI file, or sub-<label> to '
                         'register every other subject to that one')
-    g.add_argument('--skull-strip', choices=('auto', 'force', 'skip'), default='auto',
-                   help='auto: strip unless the image is already brain-only; force: always '
-                        'strip; skip: never (the image is taken as brain-only)')
+    g.add_argument('--skull-strip', choices=('auto', 'force', 'skip', 'synth'), default='auto',
+                   help='auto: strip unless the image is already brain-only (a large exact '
+                        'background and a brain-sized foreground: its mask is then that '
+                        'foreground); force: always strip; skip: never (every image is taken '
+                        'as brain-only and masked by its foreground); synth: as auto, but an '
+                        "image with a head is masked with the label network's brain mask "
+                        'instead of deepbet (same as auto with --skull-strip-method synth). '
+                        'The target is prepared in auto mode with the same method.')
+    g.add_argument('--skull-strip-method', choices=('deepbet', 'synth'), default=None,
+                   help='how an image with a head is stripped under auto or force: deepbet '
+                        "(default) or synth (the label network's brain mask: the union of its "
+                        '32 structures, extra-cerebral CSF included)')
     g.add_argument('--random-seed', type=int, default=0, metavar='SEED',
                    help='seed for every random number generator (recorded in QC tables)')
     g.add_argument('--sloppy', action='store_true',
-                   help='shorter optimisation schedules: for testing only')
+                   help='shorter optimisation schedules, and no left/right test-time '
+                        'augmentation in the label network: for testing only')
 
     g = parser.add_argument_group('Subsets and other options')
     g.add_argument('-w', '--work-dir', type=Path, default=Path('work'),
@@ -187,6 +202,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if names[m.lower()] not in methods:
             methods.append(names[m.lower()])
     opts.methods = methods
+    if opts.skull_strip == 'synth' and opts.skull_strip_method not in (None, 'synth'):
+        raise KeyprepError('--skull-strip synth uses the label network: it cannot be combined '
+                           f'with --skull-strip-method {opts.skull_strip_method}', EXIT_USAGE)
+    if opts.skull_strip == 'synth':
+        opts.skull_strip, opts.skull_strip_method = 'auto', 'synth'
+    if opts.skull_strip == 'skip' and opts.skull_strip_method is not None:
+        raise KeyprepError('--skull-strip-method has no effect with --skull-strip skip',
+                           EXIT_USAGE)
+    opts.skull_strip_method = opts.skull_strip_method or 'deepbet'
     opts.bids_filters = {}
     if opts.bids_filter_file is not None:
         if not opts.bids_filter_file.is_file():

@@ -15,7 +15,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..pipeline.io import atomic_write_text
-from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, table_sidecar
+from ..pipeline.qcreport import (
+    LONG_COLUMNS,
+    LONG_DESCRIPTION,
+    SUMMARY_COLUMNS,
+    SUMMARY_DESCRIPTION,
+    table_sidecar,
+)
 from .naming import bids_uri, qc_table_name
 
 __all__ = ['crashed_nodes', 'complete_qc_tables']
@@ -78,10 +84,8 @@ def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, m
                     'status_reason': f'the registration did not complete: see {where}',
                 }], columns=list(SUMMARY_COLUMNS)))
         for desc, frames, cols, text in (
-                ('registration', longs, LONG_COLUMNS, 'Registration QC: Dice per engine and '
-                                                      'label'),
-                ('registrationsummary', summaries, SUMMARY_COLUMNS,
-                 'Registration QC summary: one row per engine and image')):
+                ('registration', longs, LONG_COLUMNS, LONG_DESCRIPTION),
+                ('registrationsummary', summaries, SUMMARY_COLUMNS, SUMMARY_DESCRIPTION)):
             df = (pd.concat(frames, ignore_index=True) if frames
                   else pd.DataFrame(columns=list(cols)))
             path = out_dir / qc_table_name(group.subject, group.session, desc)

@@ -41,6 +41,12 @@ def run(argv: list[str] | None = None) -> int:
     """Run keyprep with a command line (without the program name); return the exit code."""
     from .parser import parse_args
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ['train']:  # ``keyprep train <model> ...``
+        from .train import run_train
+
+        return run_train(args[1:])
+
     try:
         opts = parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, usage errors (64), level (17)
@@ -98,6 +104,8 @@ def _run_participant(opts, argv: list[str]) -> int:
     out_dir, work_dir, bids_dir = opts.output_dir, opts.work_dir, opts.bids_dir
 
     target = parse_target(opts.target)
+    if getattr(opts, 'use_plugin', None):
+        _load_plugin_file(opts.use_plugin)  # a bad plugin file stops the run before it starts
     if not opts.skip_bids_validation:
         validate_dataset(bids_dir, opts.participant_label)
     elif not any(p.is_dir() for p in bids_dir.glob('sub-*')):
@@ -144,17 +152,20 @@ def _run_participant(opts, argv: list[str]) -> int:
 
     from ..workflows.base import init_keyprep_wf
 
+    device = _device(opts.device)
     wf = init_keyprep_wf(
         groups=runnable, target=target, target_file=target_file, skip_source=skip_source,
         methods=opts.methods, bids_dir=bids_dir, output_dir=out_dir, work_dir=work_dir,
-        run_uuid=run_uuid, skull_strip=opts.skull_strip, omp_nthreads=opts.omp_nthreads,
-        device=_device(opts.device), seed=opts.random_seed, sloppy=opts.sloppy)
-    write_boilerplate(out_dir, opts.methods, target)
+        run_uuid=run_uuid, skull_strip=opts.skull_strip,
+        skull_strip_method=opts.skull_strip_method, omp_nthreads=opts.omp_nthreads,
+        device=device, seed=opts.random_seed, sloppy=opts.sloppy)
+    write_boilerplate(out_dir, opts.methods, target, opts.skull_strip_method)
     config = {
         'version': __version__, 'run_uuid': run_uuid, 'command': ['keyprep', *argv],
         'bids_dir': str(bids_dir), 'output_dir': str(out_dir), 'work_dir': str(work_dir),
         'participants': subjects_run, 'methods': opts.methods, 'target': opts.target,
         'target_file': str(target_file), 'skull_strip': opts.skull_strip,
+        'skull_strip_method': opts.skull_strip_method,
         'device': opts.device, 'nprocs': opts.nprocs, 'omp_nthreads': opts.omp_nthreads,
         'mem_gb': opts.mem, 'random_seed': opts.random_seed, 'sloppy': opts.sloppy,
     }
@@ -170,7 +181,7 @@ def _run_participant(opts, argv: list[str]) -> int:
     crashed = False
     try:
         if runnable:
-            crashed = not _run_workflow(wf, opts, out_dir / 'logs' / run_uuid)
+            crashed = not _run_workflow(wf, opts, out_dir / 'logs' / run_uuid, device)
     finally:
         crash_files = sorted(out_dir.glob(f'sub-*/log/{run_uuid}/crash-*')) + \
             sorted((out_dir / 'logs' / run_uuid).glob('crash-*'))
@@ -224,8 +235,70 @@ def _resolve_target_file(layout, target):
     return path, path
 
 
-def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
-    """Run the graph with MultiProc; True if every node succeeded."""
+def gpu_plugin_args(wf, device: str, n_gpus: int | None = None) -> dict:
+    """GPU scheduling of the torch nodes for Nipype's MultiProc; ``{}`` off CUDA.
+
+    A node is a GPU node when its interface has ``use_gpu=True`` (the workflows set it on
+    torch nodes when ``device`` is CUDA). On CUDA, MultiProc gets one GPU slot per visible
+    GPU (``n_gpu_procs``) and every GPU node takes one slot (``n_procs=1``: its work runs
+    on the device, so it holds a GPU slot, not ``--omp-nthreads`` CPU slots), so at most
+    as many torch nodes run at once as there are GPUs. With the device ``cuda`` and
+    several GPUs, the nodes are spread over ``cuda:0``... ``cuda:N-1`` in turn; a
+    device with an index (``cuda:1``) is one GPU. Host memory (``mem_gb``) is unchanged.
+    On the CPU nothing is changed and nothing is returned.
+
+    Parameters
+    ----------
+    wf
+        The workflow, before it runs (GPU nodes are changed in place).
+    device
+        The resolved torch device (``cpu``, ``cuda``, ``cuda:N``).
+    n_gpus
+        GPUs visible to this process; default ``torch.cuda.device_count()`` (which
+        honours ``CUDA_VISIBLE_DEVICES``, as set by SLURM's ``--gpus``).
+    """
+    if not device.startswith('cuda'):
+        return {}
+    if ':' in device:
+        n_gpus = 1
+    elif n_gpus is None:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    n_gpus = max(1, int(n_gpus))
+    gpu_nodes = [wf.get_node(name) for name in wf.list_node_names()]
+    gpu_nodes = [node for node in gpu_nodes if node is not None and node.is_gpu_node()]
+    for i, node in enumerate(gpu_nodes):
+        node.n_procs = 1
+        if device == 'cuda' and n_gpus > 1 and hasattr(node.inputs, 'device'):
+            node.inputs.device = f'cuda:{i % n_gpus}'  # nohash: the cache is unaffected
+    LOGGER.info('GPU scheduling: %d torch node(s), at most %d at once (%s)',
+                len(gpu_nodes), n_gpus, device)
+    return {'n_gpu_procs': n_gpus}
+
+
+def _load_plugin_file(path: Path) -> tuple[str, dict]:
+    """``--use-plugin``: a YAML or JSON file ``{plugin: NAME, plugin_args: {...}}``."""
+    import yaml
+
+    from ..pipeline.errors import UsageError
+
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f'--use-plugin: cannot read {path}: {exc}') from None
+    if not isinstance(spec, dict) or not isinstance(spec.get('plugin'), str):
+        raise UsageError(f'--use-plugin: {path} must hold {{plugin: NAME, plugin_args: '
+                         '{...}}, e.g. plugin: SLURM')
+    args = spec.get('plugin_args') or {}
+    if not isinstance(args, dict):
+        raise UsageError(f'--use-plugin: plugin_args in {path} must be a mapping')
+    return spec['plugin'], dict(args)
+
+
+def _run_workflow(wf, opts, target_crash_dir: Path, device: str = 'cpu') -> bool:
+    """Run the graph (MultiProc, Linear with one process, or the ``--use-plugin`` plugin);
+    True if every node succeeded."""
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
@@ -265,18 +338,17 @@ def _run_workflow(wf, opts, target_crash_dir: Path) -> bool:
                    'maxtasksperchild': 1}
     if opts.mem:
         plugin_args['memory_gb'] = opts.mem
-    if opts.device != 'cpu':
-        try:
-            import torch
-
-            plugin_args['n_gpu_procs'] = max(1, torch.cuda.device_count())
-        except ImportError:  # pragma: no cover
-            pass
+    plugin_args.update(gpu_plugin_args(wf, device))
+    plugin = 'Linear' if opts.nprocs == 1 else 'MultiProc'
+    if getattr(opts, 'use_plugin', None):
+        plugin, extra = _load_plugin_file(opts.use_plugin)
+        plugin_args = {**plugin_args, **extra} if plugin == 'MultiProc' else extra
+        LOGGER.info('Nipype plugin %s from %s', plugin, opts.use_plugin)
     try:
-        if opts.nprocs == 1:
+        if plugin == 'Linear':
             wf.run(plugin='Linear')
         else:
-            wf.run(plugin='MultiProc', plugin_args=plugin_args)
+            wf.run(plugin=plugin, plugin_args=plugin_args)
     except (RuntimeError, OSError) as exc:
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         LOGGER.error('workflow did not finish cleanly (%s)',

@@ -13,7 +13,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-__all__ = ['BiasCorrect', 'ConformImage', 'SkullStrip', 'TissueSegmentation']
+__all__ = ['BiasCorrect', 'ConformImage', 'SkullStrip', 'SynthSegLabels', 'TissueSegmentation']
 
 
 def _set_threads(n: int) -> None:
@@ -80,6 +80,11 @@ class _SkullStripInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc='RAS-conformed image')
     mode = traits.Enum('auto', 'force', 'skip', usedefault=True,
                        desc='auto: detect brain-only images; force: always strip; skip: never')
+    method = traits.Enum('deepbet', 'synth', usedefault=True,
+                         desc='how an image with a head is stripped: deepbet, or the brain '
+                              'mask of the label network (synth_mask)')
+    synth_mask = File(exists=True, desc="the label network's brain mask (method synth)")
+    synth_meta = traits.Dict(desc="the label network's provenance (method synth)")
     brain_extracted = traits.Either(None, traits.Bool, usedefault=True,
                                     desc='known answer (templates); None: detect')
     device = traits.Str('cpu', usedefault=True, nohash=True, desc='torch device')
@@ -95,7 +100,8 @@ class _SkullStripOutputSpec(TraitedSpec):
 
 
 class SkullStrip(SimpleInterface):
-    """Brain mask with deepbet, or from the foreground of an already brain-only image."""
+    """Brain mask with deepbet or the label network (``method``), or from the foreground
+    of an already brain-only image."""
 
     input_spec = _SkullStripInputSpec
     output_spec = _SkullStripOutputSpec
@@ -123,6 +129,23 @@ class SkullStrip(SimpleInterface):
         if already:
             mask = mask_from_brain(data)
             method = 'foreground of the brain-extracted input'
+        elif self.inputs.method == 'synth':
+            if not isdefined(self.inputs.synth_mask):
+                raise ValueError('SkullStrip(method="synth") needs synth_mask')
+            mask_img = nb.load(self.inputs.synth_mask)
+            if mask_img.shape[:3] != img.shape[:3] or not np.allclose(mask_img.affine,
+                                                                       img.affine, atol=1e-3):
+                raise ValueError('the label-network mask is not on the grid of the image')
+            mask = np.asanyarray(mask_img.dataobj) > 0
+            sm = self.inputs.synth_meta if isdefined(self.inputs.synth_meta) else {}
+            method = ('brain mask of the keyprep label network (' +
+                      ', '.join(str(v) for v in (
+                          sm.get('NetworkWeights'),
+                          f"sha256 {sm['NetworkWeightsSha256'][:12]}"
+                          if sm.get('NetworkWeightsSha256') else None,
+                          f"step {sm['NetworkTrainingStep']}"
+                          if sm.get('NetworkTrainingStep') is not None else None,
+                          sm.get('Device')) if v) + ')')
         else:
             device = resolve_device(self.inputs.device)
             mask = deepbet_mask(img, device=device)
@@ -144,6 +167,104 @@ class SkullStrip(SimpleInterface):
             'SkullStripMethod': method,
             'BrainVolumeCm3': round(float(mask.sum()) * vox / 1000.0, 1),
         }
+        return runtime
+
+
+class _SynthSegInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True,
+                   desc='RAS-conformed image (head or brain, whichever the image is)')
+    weights = File(exists=True, desc='label-network weights (default: the packaged ones); '
+                                     'hashed by content, so new weights invalidate the cache')
+    flip_tta = traits.Bool(True, usedefault=True,
+                           desc='average with the left/right mirrored image (labels swapped)')
+    seed = traits.Int(0, usedefault=True, desc='random seed (inference is deterministic)')
+    pose = traits.Enum('auto', 'header', usedefault=True,
+                       desc="auto: find the head's pose from any orientation first (about 1-5 s); "
+                            "header: trust the image's orientation, as SynthSeg does")
+    device = traits.Str('cpu', usedefault=True, nohash=True, desc='auto, cpu or cuda[:N]')
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
+                          desc='declares GPU use to the MultiProc scheduler')
+
+
+class _SynthSegOutputSpec(TraitedSpec):
+    out_labels = File(exists=True, desc='labels in FreeSurfer numbering (int16, input grid)')
+    out_mask = File(exists=True, desc="the network's brain mask (uint8, input grid)")
+    out_report = File(exists=True, desc='JSON: weights sha256 and step, device, timings, '
+                                        'volumes, software versions')
+    out_meta = traits.Dict(desc='the same, for the JSON sidecars')
+
+
+class SynthSegLabels(SimpleInterface):
+    """Anatomical labels (32 structures, FreeSurfer numbering) and a brain mask from
+    keyprep's SynthSeg-style label network
+    (:func:`keyprep.pipeline.synth.labeller.label_image`).
+
+    Missing weights raise :class:`~keyprep.pipeline.errors.MissingInputError`.
+    """
+
+    input_spec = _SynthSegInputSpec
+    output_spec = _SynthSegOutputSpec
+
+    def _run_interface(self, runtime):
+        _set_threads(self.inputs.omp_nthreads)
+        import json
+        import time
+
+        import nibabel as nb
+        import numpy as np
+
+        from ..pipeline.io import make_image, save_image
+        from ..pipeline.registration import software_versions
+        from ..pipeline.resources import resolve_device, seed_everything
+        from ..pipeline.synth.labeller import LabelNetwork
+        from ..pipeline.synth.labels import OUTPUT_NAMES
+
+        t0 = time.perf_counter()
+        device = resolve_device(self.inputs.device)
+        seed_everything(self.inputs.seed)
+        weights = self.inputs.weights if isdefined(self.inputs.weights) else None
+        net = LabelNetwork.cached(weights, device)
+        t1 = time.perf_counter()
+        img = nb.load(self.inputs.in_file)
+        result = net.predict(img, flip_tta=self.inputs.flip_tta, pose=self.inputs.pose)
+        labels = np.asanyarray(result.labels.dataobj).astype(np.int16)
+        # An empty result is not an error here: the QC then says that no structure overlap
+        # could be measured, and --skull-strip synth refuses the empty mask.
+        mask = np.asanyarray(result.mask.dataobj).astype(np.uint8)
+        out_labels = save_image(make_image(labels, img.affine),
+                                os.path.join(runtime.cwd, 'synthseg.nii.gz'))
+        out_mask = save_image(make_image(mask, img.affine),
+                              os.path.join(runtime.cwd, 'synthseg_mask.nii.gz'))
+        vox = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+        counts = np.bincount(labels.ravel().clip(0), minlength=max(OUTPUT_NAMES) + 1)
+        meta = {
+            'Description': ("Anatomical labels from keyprep's SynthSeg-style label network "
+                            '(FreeSurfer numbering; look-up table: seg-synthseg_dseg.tsv at '
+                            'the root of the dataset)'),
+            'NetworkWeights': net.path.name,
+            'NetworkWeightsSha256': net.sha256,
+            'NetworkTrainingStep': net.step,
+            'NetworkResolution': net.res_mm,
+            'Device': device,
+            'FlipTTA': bool(self.inputs.flip_tta),
+            'Pose': self.inputs.pose,
+            'EstimatedPose': result.pose,
+            'RandomSeed': int(self.inputs.seed),
+            'RuntimeS': round(time.perf_counter() - t0, 3),
+            'Timings': {'load_s': round(t1 - t0, 3),
+                        **{k: round(float(v), 3) for k, v in result.timings.items()}},
+            'BrainVolumeCm3': round(float(mask.sum()) * vox, 1),
+            'VolumesCm3': {name: round(float(counts[k]) * vox, 2)
+                           for k, name in OUTPUT_NAMES.items() if k},
+            'SoftwareVersions': software_versions(),
+        }
+        report = os.path.join(runtime.cwd, 'synthseg.json')
+        with open(report, 'w') as fh:
+            json.dump(meta, fh, indent=2)
+            fh.write('\n')
+        self._results.update(out_labels=str(out_labels), out_mask=str(out_mask),
+                             out_report=report, out_meta=meta)
         return runtime
 
 

@@ -10,6 +10,7 @@ from nipype.interfaces.base import (
     InputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -17,8 +18,14 @@ __all__ = ['QCTables', 'RegistrationQC']
 
 
 class _RegQCInputSpec(BaseInterfaceInputSpec):
-    target_dseg = File(exists=True, mandatory=True, desc='labels of the target')
-    warped_dseg = File(exists=True, mandatory=True, desc='moving labels on the target grid')
+    target_dseg = File(exists=True, mandatory=True, desc='tissue labels of the target')
+    warped_dseg = File(exists=True, mandatory=True,
+                       desc='moving tissue labels on the target grid')
+    target_synthseg = File(exists=True, desc="the label network's labels of the target")
+    warped_synthseg = File(exists=True, desc="the moving image's network labels on the "
+                                             'target grid')
+    synthseg_lut = traits.Dict(desc='structure index -> name (default: the 32 structures)')
+    synthseg_meta = traits.Dict(desc="the label network's provenance (weights sha256, step)")
     target_mask = File(exists=True, mandatory=True, desc='target brain mask')
     jacobian = File(exists=True, mandatory=True, desc='Jacobian determinant map')
     record = File(exists=True, mandatory=True, desc="engine's JSON record")
@@ -36,7 +43,8 @@ class _RegQCOutputSpec(TraitedSpec):
 
 
 class RegistrationQC(SimpleInterface):
-    """Dice per label and Jacobian statistics of one engine on one image."""
+    """Dice per structure and per tissue class, and Jacobian statistics, of one engine on
+    one image (:func:`keyprep.pipeline.qcreport.registration_qc_rows`)."""
 
     input_spec = _RegQCInputSpec
     output_spec = _RegQCOutputSpec
@@ -44,13 +52,21 @@ class RegistrationQC(SimpleInterface):
     def _run_interface(self, runtime):
         from ..pipeline.qcreport import registration_qc_rows
 
+        def opt(name):
+            value = getattr(self.inputs, name)
+            return value if isdefined(value) else None
+
+        slut = opt('synthseg_lut')
         long, summary = registration_qc_rows(
             target_dseg=self.inputs.target_dseg, warped_dseg=self.inputs.warped_dseg,
             target_mask=self.inputs.target_mask, jacobian=self.inputs.jacobian,
             record=self.inputs.record, label_set=self.inputs.label_set,
             lut={int(k): v for k, v in self.inputs.lut.items()}, subject=self.inputs.subject,
             session=self.inputs.session or None, source=self.inputs.source,
-            target=self.inputs.target)
+            target=self.inputs.target, target_synthseg=opt('target_synthseg'),
+            warped_synthseg=opt('warped_synthseg'),
+            synthseg_lut={int(k): v for k, v in slut.items()} if slut else None,
+            synthseg_meta=opt('synthseg_meta'))
         self._results['out_long'] = os.path.join(runtime.cwd, 'qc_long.tsv')
         self._results['out_summary'] = os.path.join(runtime.cwd, 'qc_summary.tsv')
         long.to_csv(self._results['out_long'], sep='\t', index=False, na_rep='n/a')

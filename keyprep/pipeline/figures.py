@@ -38,6 +38,7 @@ __all__ = [
     'plot_labels',
     'plot_mask',
     'plot_registration',
+    'plot_structure_dice',
     'png_to_data_uri',
     'select_slices',
 ]
@@ -854,6 +855,85 @@ def plot_group(summary: PathLike | pd.DataFrame, out_png: PathLike, metric: str,
     ax.set_axisbelow(True)
     for side in ('top', 'right'):
         ax.spines[side].set_visible(False)
+    return _save(fig, out_png)
+
+
+def plot_structure_dice(long: PathLike | pd.DataFrame, out_png: PathLike,
+                        title: str | None = None, *, label_set: str = 'synthseg',
+                        by: str = 'method') -> Path:
+    """Dice per structure (rows) for each engine (colours): a dot plot for the reports.
+
+    Parameters
+    ----------
+    long : path-like or pandas.DataFrame
+        Rows of the long QC table (``label_set``, ``label_name``, ``dice`` and ``by``
+        columns), e.g. those of one image; rows of other label sets are ignored.
+    out_png : path-like
+        Output PNG file (white background).
+    title : str, optional
+        Title of the plot.
+    label_set : str
+        Which label set to plot.
+    by : str
+        Column whose values get one colour each (the engine).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_png``. The legend gives each engine's mean Dice (over the structures present
+        in the target when the table has ``target_cm3``, as ``dice_mean`` in the QC
+        summary). With no usable value, a figure that says so is written.
+    """
+    import pandas as pd
+
+    _setup_matplotlib()
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    df = long.copy() if isinstance(long, pd.DataFrame) else pd.read_csv(long, sep='\t')
+    for col in ('label_name', 'dice', by):
+        if col not in df.columns:
+            raise ValueError(f'column {col!r} not in the table')
+    if 'label_set' in df.columns:
+        df = df[df['label_set'] == label_set]
+    df = df.assign(_dice=pd.to_numeric(df['dice'], errors='coerce'))
+    order = list(dict.fromkeys(df.sort_values('label_index')['label_name']
+                               if 'label_index' in df.columns else df['label_name']))
+    groups = sorted(df[by].astype(str).unique())
+    height = float(np.clip(0.9 + 0.2 * len(order), 2.5, 9.0))
+    fig = Figure(figsize=(9.0, height), dpi=_DPI, facecolor='white')
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.3, 0.55 / height, 0.5, 1 - 1.0 / height))
+    ax.set_title(title or f'Dice per structure ({label_set})', fontsize=10, loc='left')
+    if not order or not np.isfinite(df['_dice']).any():
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, 'no Dice values', ha='center', va='center', transform=ax.transAxes,
+                fontsize=11, color='0.4')
+        return _save(fig, out_png)
+    colours = colormaps['tab10']
+    ypos = {name: i for i, name in enumerate(order)}
+    offsets = np.linspace(-0.25, 0.25, len(groups)) if len(groups) > 1 else [0.0]
+    for k, (g, dy) in enumerate(zip(groups, offsets)):
+        sub = df[df[by].astype(str) == g]
+        ys = np.array([ypos[n] for n in sub['label_name']], dtype=float) + dy
+        avg = sub['_dice']
+        if 'target_cm3' in sub.columns:  # as the QC tables: structures present in the target
+            avg = avg[pd.to_numeric(sub['target_cm3'], errors='coerce') > 0]
+        mean = np.nanmean(avg) if np.isfinite(avg).any() else float('nan')
+        ax.scatter(sub['_dice'], ys, s=18, color=colours(k % 10), edgecolors='none',
+                   label=f'{g} (mean {mean:.2f})', zorder=3)
+    ax.set_yticks(range(len(order)))
+    ax.set_yticklabels(order, fontsize=7)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel('Dice', fontsize=9)
+    ax.tick_params(axis='x', labelsize=8)
+    ax.grid(axis='x', color='0.9', linewidth=0.8, zorder=0)
+    ax.set_axisbelow(True)
+    for side in ('top', 'right'):
+        ax.spines[side].set_visible(False)
+    ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     return _save(fig, out_png)
 
 

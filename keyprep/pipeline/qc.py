@@ -1,5 +1,11 @@
 """Registration QC metrics: Dice per label, Jacobian statistics, pass/warn/fail status.
 
+The Dice that sets the status is the mean *structure* Dice: the mean over the label
+network's 32 structures (:data:`keyprep.pipeline.synth.labels.BRAIN_OUTPUT_LABELS`)
+present in the target's labels. The tissue-class Dice (GM/WM/CSF) is reported beside it
+(and sets the status only when no structure labels exist, e.g. for rows computed by code
+that does not pass them).
+
 Thresholds (documented in the README and in the QC tables' JSON sidecars):
 
 * ``fail`` if the mean Dice is below ``DICE_FAIL`` (0.40), or if more than ``NEG_FAIL``
@@ -91,8 +97,10 @@ def jacobian_stats(jac: np.ndarray, mask: np.ndarray | None = None) -> dict[str,
     }
 
 
-def qc_status(dice_mean: float, jac: dict[str, float]) -> tuple[str, str]:
-    """``(status, reason)`` from the documented thresholds.
+def qc_status(dice_mean: float, jac: dict[str, float],
+              what: str = 'mean Dice') -> tuple[str, str]:
+    """``(status, reason)`` from the documented thresholds (``what`` names the Dice in the
+    reason).
 
     >>> qc_status(0.8, {'jac_min': 0.5, 'jac_neg_frac': 0.0, 'logjac_std': 0.1})
     ('pass', '')
@@ -105,9 +113,9 @@ def qc_status(dice_mean: float, jac: dict[str, float]) -> tuple[str, str]:
     if not np.isfinite(dice_mean):
         fails.append('no label overlap could be measured')
     elif dice_mean < DICE_FAIL:
-        fails.append(f'mean Dice {dice_mean:.3f} < {DICE_FAIL}')
+        fails.append(f'{what} {dice_mean:.3f} < {DICE_FAIL}')
     elif dice_mean < DICE_WARN:
-        warns.append(f'mean Dice {dice_mean:.3f} < {DICE_WARN}')
+        warns.append(f'{what} {dice_mean:.3f} < {DICE_WARN}')
     neg = jac.get('jac_neg_frac', float('nan'))
     if np.isfinite(neg) and neg > NEG_FAIL:
         fails.append(f'non-positive Jacobian in {neg:.2%} of the brain (> {NEG_FAIL:.0%})')

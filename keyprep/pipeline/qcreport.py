@@ -12,19 +12,30 @@ import pandas as pd
 
 from . import qc
 
-__all__ = ['LONG_COLUMNS', 'SUMMARY_COLUMNS', 'concat_tables', 'registration_qc_rows',
-           'table_sidecar']
+__all__ = ['LONG_COLUMNS', 'LONG_DESCRIPTION', 'SUMMARY_COLUMNS', 'SUMMARY_DESCRIPTION',
+           'concat_tables', 'label_set_rows', 'registration_qc_rows', 'table_sidecar']
+
+LONG_DESCRIPTION = ('Registration QC: Dice per engine and label, for each structure of the label '
+                    'network (label_set synthseg) and each tissue class (label_set tissue)')
+SUMMARY_DESCRIPTION = 'Registration QC summary: one row per engine and image'
 
 LONG_COLUMNS: dict[str, str] = {
     'participant_id': 'Participant (sub-<label>)',
     'session_id': 'Session (ses-<label>), n/a without sessions',
     'source': 'BIDS URI of the registered (moving) image',
     'method': 'Registration engine',
-    'label_set': 'Label set the Dice is measured on (tissue: 1=GM 2=WM 3=CSF)',
+    'label_set': ("Label set the Dice is measured on: synthseg (the label network's 32 "
+                  'structures, FreeSurfer numbering, see seg-synthseg_dseg.tsv) or tissue '
+                  '(1=GM 2=WM 3=CSF, see seg-tissue_dseg.tsv)'),
     'label_index': 'Label index in the label set',
-    'label_name': 'Label name',
+    'label_name': 'Label name (the structure, or the tissue class)',
     'dice': ('Dice overlap between the target labels and the moving labels carried onto the '
-             'target by the engine transform (genericLabel interpolation)'),
+             'target by the engine transform (genericLabel interpolation); n/a if the label '
+             'is absent from both, 0 if absent from one'),
+    'structure_group': ('Coarser structure group (left and right together, e.g. hippocampus) '
+                        'of a synthseg label; n/a for tissue classes'),
+    'target_cm3': 'Volume of the label in the target (cm3)',
+    'warped_cm3': 'Volume of the carried moving label on the target grid (cm3)',
 }
 
 SUMMARY_COLUMNS: dict[str, str] = {
@@ -34,9 +45,14 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'method': LONG_COLUMNS['method'],
     'target': 'Registration target (to-/space- label)',
     'transform_kind': 'linear (one affine) or deformable (displacement field)',
-    'label_set': LONG_COLUMNS['label_set'],
-    'dice_mean': 'Mean Dice over the labels of the label set',
-    'dice_min': 'Lowest Dice over the labels of the label set',
+    'label_set': ('Label set of dice_mean, dice_min and the status: synthseg (structures of '
+                  'the label network), or tissue where no structure labels were given'),
+    'dice_mean': ('Mean structure Dice: mean over the labels of label_set that are present in '
+                  "the target's labels (sets the status)"),
+    'dice_min': 'Lowest Dice over the labels of label_set present in the target',
+    'n_labels': 'Number of labels averaged in dice_mean',
+    'tissue_dice_mean': 'Mean Dice over the three tissue classes (GM, WM, CSF)',
+    'tissue_dice_min': 'Lowest Dice over the three tissue classes',
     'jac_min': 'Minimum Jacobian determinant of the forward transform inside the target brain',
     'jac_max': 'Maximum Jacobian determinant inside the target brain',
     'jac_mean': 'Mean Jacobian determinant inside the target brain',
@@ -49,47 +65,104 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'threads': 'Threads given to the engine',
     'seed': 'Random seed',
     'versions': 'Software versions (keyprep, antspyx, torch, nipype, nibabel, numpy...)',
-    'status': (f'pass, warn or fail: fail if mean Dice < {qc.DICE_FAIL} or > '
-               f'{qc.NEG_FAIL:.0%} folding; warn if mean Dice < {qc.DICE_WARN}, any folding, '
-               f'or std(log J) > {qc.LOGJAC_WARN}'),
+    'synthseg_weights_sha256': "SHA-256 of the label network's weights file",
+    'synthseg_weights_step': "Training step of the label network's weights",
+    'status': (f'pass, warn or fail: fail if mean structure Dice < {qc.DICE_FAIL} or > '
+               f'{qc.NEG_FAIL:.0%} folding; warn if mean structure Dice < {qc.DICE_WARN}, any '
+               f'folding, or std(log J) > {qc.LOGJAC_WARN}'),
     'status_reason': 'Why the status is not pass',
 }
 
 
+def _load_labels(path: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, float]:
+    img = nb.load(path)
+    data = np.asanyarray(img.dataobj)
+    data = np.rint(data).astype(np.int32) if data.dtype.kind == 'f' else data.astype(np.int32)
+    if shape is not None and data.ndim > len(shape):
+        data = data.reshape(shape)
+    return data, float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+
+
+def label_set_rows(target_labels: str, warped_labels: str, lut: dict[int, str],
+                   label_set: str, groups: dict[int, str] | None = None
+                   ) -> tuple[list[dict], dict[str, float]]:
+    """Long-table rows (one per label of ``lut``) and ``{'mean', 'min', 'n'}`` over the
+    labels present in the target.
+
+    ``target_labels`` and ``warped_labels`` are label maps on the same (target) grid.
+    """
+    ref, vox = _load_labels(target_labels)
+    test, _ = _load_labels(warped_labels, ref.shape)
+    labels = sorted(int(k) for k in lut if int(k) != 0)
+    dice = qc.dice_per_label(ref, test, labels)
+    n = max(labels, default=0) + 1
+    count_r = np.bincount(ref[(ref >= 0) & (ref < n)].ravel(), minlength=n)
+    count_t = np.bincount(test[(test >= 0) & (test < n)].ravel(), minlength=n)
+    groups = groups or {}
+    rows = [{'label_set': label_set, 'label_index': k, 'label_name': lut[k],
+             'dice': round(dice[k], 4), 'structure_group': groups.get(k),
+             'target_cm3': round(float(count_r[k]) * vox, 3),
+             'warped_cm3': round(float(count_t[k]) * vox, 3)} for k in labels]
+    values = np.array([dice[k] for k in labels if count_r[k] > 0], dtype=float)
+    values = values[np.isfinite(values)]
+    stats = {'mean': float(values.mean()) if values.size else float('nan'),
+             'min': float(values.min()) if values.size else float('nan'),
+             'n': int(values.size)}
+    return rows, stats
+
+
 def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str, jacobian: str,
                          record: str | dict, label_set: str, lut: dict[int, str], subject: str,
-                         session: str | None, source: str,
-                         target: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long (per-label) and summary (per-engine) QC rows of one registration."""
+                         session: str | None, source: str, target: str,
+                         target_synthseg: str | None = None, warped_synthseg: str | None = None,
+                         synthseg_lut: dict[int, str] | None = None,
+                         synthseg_meta: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long (per-label) and summary (per-engine) QC rows of one registration.
+
+    ``target_dseg``/``warped_dseg`` are the tissue labels (``label_set``, ``lut``);
+    ``target_synthseg``/``warped_synthseg`` the label network's (``synthseg_lut``, default:
+    its 32 structures). With structure labels, the summary's ``dice_mean``, ``dice_min``
+    and status are those of the structures, and the tissue Dice goes to ``tissue_dice_*``;
+    without, they are the tissue Dice (as before structure labels existed).
+    """
+    from .synth.labels import OUTPUT_NAMES, STRUCTURE_GROUPS
+
     rec = record if isinstance(record, dict) else json.loads(Path(record).read_text())
-    ref = np.asanyarray(nb.load(target_dseg).dataobj).astype(np.int32)
-    test = np.asanyarray(nb.load(warped_dseg).dataobj).astype(np.int32)
-    if test.ndim > ref.ndim:
-        test = test.reshape(ref.shape)
-    labels = sorted(lut)
-    dice = qc.dice_per_label(ref, test, labels)
     ids = {'participant_id': f'sub-{subject}',
            'session_id': f'ses-{session}' if session else 'n/a',
            'source': source, 'method': rec['method']}
-    long = pd.DataFrame([{**ids, 'label_set': label_set, 'label_index': k, 'label_name': lut[k],
-                          'dice': round(dice[k], 4)} for k in labels],
-                        columns=list(LONG_COLUMNS))
+    rows = []
+    primary = None
+    if target_synthseg and warped_synthseg:
+        slut = synthseg_lut or {k: v for k, v in OUTPUT_NAMES.items() if k}
+        groups = {lab: g for g, labs in STRUCTURE_GROUPS.items() for lab in labs}
+        srows, primary = label_set_rows(target_synthseg, warped_synthseg,
+                                        {int(k): v for k, v in slut.items()}, 'synthseg', groups)
+        rows += srows
+    trows, tissue = label_set_rows(target_dseg, warped_dseg, lut, label_set)
+    rows += trows
+    long = pd.DataFrame([{**ids, **r} for r in rows], columns=list(LONG_COLUMNS))
+    main_set = 'synthseg' if primary is not None else label_set
+    primary = primary if primary is not None else tissue
     mask = np.asanyarray(nb.load(target_mask).dataobj) > 0
     jac = np.asanyarray(nb.load(jacobian).dataobj)
     jstats = qc.jacobian_stats(jac, mask)
-    values = np.array([dice[k] for k in labels], dtype=float)
-    dice_mean = float(np.nanmean(values)) if np.isfinite(values).any() else float('nan')
-    dice_min = float(np.nanmin(values)) if np.isfinite(values).any() else float('nan')
-    status, reason = qc.qc_status(dice_mean, jstats)
+    what = 'mean structure Dice' if main_set == 'synthseg' else f'mean {label_set} Dice'
+    status, reason = qc.qc_status(primary['mean'], jstats, what=what)
     versions = rec.get('versions', {})
+    meta = synthseg_meta or {}
     row = {
         **ids, 'target': target, 'transform_kind': rec['transform_kind'],
-        'label_set': label_set, 'dice_mean': round(dice_mean, 4), 'dice_min': round(dice_min, 4),
+        'label_set': main_set, 'dice_mean': round(primary['mean'], 4),
+        'dice_min': round(primary['min'], 4), 'n_labels': primary['n'],
+        'tissue_dice_mean': round(tissue['mean'], 4), 'tissue_dice_min': round(tissue['min'], 4),
         **{k: round(v, 5) for k, v in jstats.items()},
         'runtime_s': rec['runtime_s'], 'peak_mem_mb': rec['peak_mem_mb'],
         'peak_gpu_mb': rec.get('peak_gpu_mb'), 'device': rec['device'],
         'threads': rec['threads'], 'seed': rec['seed'],
         'versions': ', '.join(f'{k} {v}' for k, v in versions.items()),
+        'synthseg_weights_sha256': meta.get('NetworkWeightsSha256'),
+        'synthseg_weights_step': meta.get('NetworkTrainingStep'),
         'status': status, 'status_reason': reason,
     }
     summary = pd.DataFrame([row], columns=list(SUMMARY_COLUMNS))

@@ -23,37 +23,49 @@ def workflow_name() -> str:
 
 
 def init_target_wf(*, target, target_file: Path, output_dir: Path, omp_nthreads: int = 1,
-                   device: str = 'cpu', sloppy: bool = False,
-                   name: str = 'target_wf') -> pe.Workflow:
-    """Prepare the registration target once per run: brain, mask and tissue labels.
+                   device: str = 'cpu', seed: int = 0, skull_strip_method: str = 'deepbet',
+                   sloppy: bool = False, name: str = 'target_wf') -> pe.Workflow:
+    """Prepare the registration target once per run: brain, mask, tissue labels and the
+    label network's labels.
 
     The target's mask and labels are also written to ``<output_dir>/tpl-<target>/`` so
-    that the reference side of every Dice can be inspected.
+    that the reference side of every Dice can be inspected, with a figure of its labels in
+    ``tpl-<target>/figures/``.
+
+    Every node of this sub-workflow has inputs that do not depend on the participants (the
+    target file, its resolution, the packaged weights, the seed), so Nipype's cache in the
+    work folder computes them once for all participants of a run, and a rerun with the
+    same work folder (more participants, other engines) reuses them.
 
     Outputs
     -------
-    brain, mask, dseg
+    brain, mask, dseg, synthseg, synthseg_meta
         The prepared target.
     """
+    from ..bids_app.naming import target_figure_name, target_stem
     from ..interfaces.bids import DerivativesDataSink
+    from ..interfaces.reports import LabelsFigure
     from .anatomical import init_anat_preproc_wf
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=['in_file']), name='inputnode')
     inputnode.inputs.in_file = str(target_file)
-    outputnode = pe.Node(niu.IdentityInterface(fields=['brain', 'mask', 'dseg']),
+    outputnode = pe.Node(niu.IdentityInterface(fields=['brain', 'mask', 'dseg', 'synthseg',
+                                                       'synthseg_meta']),
                          name='outputnode')
     anat_wf = init_anat_preproc_wf(contrast='T1w', skull_strip='auto',
+                                   skull_strip_method=skull_strip_method,
                                    brain_extracted=target.brain_extracted,
                                    resolution=target.resolution, device=device,
-                                   omp_nthreads=omp_nthreads, sloppy=sloppy, name='prep_wf')
-    res = f'_res-{target.resolution:g}'.replace('.', 'p') if target.resolution else ''
-    stem = f'tpl-{target.name}/tpl-{target.name}{res}'
+                                   omp_nthreads=omp_nthreads, seed=seed, sloppy=sloppy,
+                                   name='prep_wf')
+    stem = target_stem(target.name, target.resolution)
     sinks = {
         'brain': (f'{stem}_desc-brain_T1w.nii.gz', None, {'SkullStripped': True}),
         'mask': (f'{stem}_desc-brain_mask.nii.gz', 'uint8', {'Type': 'Brain'}),
         'dseg': (f'{stem}_seg-tissue_dseg.nii.gz', 'int16',
                  {'Description': 'Tissue labels of the registration target (1=GM 2=WM 3=CSF)'}),
+        'synthseg': (f'{stem}_seg-synthseg_dseg.nii.gz', 'int16', {}),
     }
     wf.connect(inputnode, 'in_file', anat_wf, 'inputnode.in_file')
     for field, (rel, dtype, meta) in sinks.items():
@@ -67,14 +79,38 @@ def init_target_wf(*, target, target_file: Path, output_dir: Path, omp_nthreads:
             (anat_wf, ds, [(f'outputnode.{field}', 'in_file')]),
             (anat_wf, outputnode, [(f'outputnode.{field}', field)]),
         ])  # fmt:skip
+        if field == 'synthseg':
+            wf.connect(anat_wf, 'outputnode.synthseg_meta', ds, 'extra_meta')
+    fig = pe.Node(LabelsFigure(lut=synthseg_lut(),
+                               title=f'{target.name}: labels of the label network'),
+                  name='fig_synthseg', mem_gb=0.5)
+    ds_fig = pe.Node(DerivativesDataSink(
+        base_directory=str(output_dir), source_file=str(target_file), sidecar=False,
+        relative_path=target_figure_name(target.name, target.resolution)),
+        name='ds_target_fig_synthseg', run_without_submitting=True)
+    wf.connect([
+        (anat_wf, fig, [('outputnode.preproc', 'image'), ('outputnode.synthseg', 'labels')]),
+        (fig, ds_fig, [('out_file', 'in_file')]),
+        (anat_wf, outputnode, [('outputnode.synthseg_meta', 'synthseg_meta')]),
+    ])  # fmt:skip
     return wf
+
+
+def synthseg_lut() -> dict[int, tuple[str, str]]:
+    """Label -> (name, colour) of the label network's structures, for the figures."""
+    from ..pipeline.synth.labels import lut_tsv
+
+    rows = [line.split('\t') for line in lut_tsv().splitlines()[1:]]
+    return {int(r[0]): (r[1], r[3]) for r in rows}
 
 
 def init_participant_wf(*, group, target, skip_source: Path | None, methods: list[str],
                         bids_dir: Path, output_dir: Path, crash_dir: Path,
-                        skull_strip: str = 'auto', omp_nthreads: int = 1, device: str = 'cpu',
-                        seed: int = 0, sloppy: bool = False) -> pe.Workflow:
-    """All images of one participant (or session): preprocessing, every engine, QC, figures.
+                        skull_strip: str = 'auto', skull_strip_method: str | None = None,
+                        omp_nthreads: int = 1, device: str = 'cpu', seed: int = 0,
+                        sloppy: bool = False) -> pe.Workflow:
+    """All images of one participant (or session): preprocessing, labels, every engine, QC,
+    figures.
 
     Parameters
     ----------
@@ -87,7 +123,7 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
 
     Inputs
     ------
-    target_brain, target_mask, target_dseg
+    target_brain, target_mask, target_dseg, target_synthseg
         From :func:`init_target_wf`.
     """
     from ..bids_app.naming import bids_uri, qc_table_name
@@ -96,16 +132,24 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
     from ..interfaces.reports import LabelsFigure, MaskFigure
     from ..pipeline.anatomy import TISSUE_LABELS
     from ..pipeline.engines import get_engine
-    from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, table_sidecar
+    from ..pipeline.qcreport import (
+        LONG_COLUMNS,
+        LONG_DESCRIPTION,
+        SUMMARY_COLUMNS,
+        SUMMARY_DESCRIPTION,
+        table_sidecar,
+    )
     from .anatomical import init_anat_preproc_wf
     from .registration import init_registration_wf
 
     wf = pe.Workflow(name=group.name + '_wf')
     wf.config['execution']['crashdump_dir'] = str(crash_dir)
     inputnode = pe.Node(niu.IdentityInterface(fields=['target_brain', 'target_mask',
-                                                      'target_dseg']), name='inputnode')
+                                                      'target_dseg', 'target_synthseg']),
+                        name='inputnode')
     out = str(output_dir)
     lut = {k: (v[1], v[2]) for k, v in TISSUE_LABELS.items()}
+    struct_lut = synthseg_lut()
 
     def sink(name, source, **kw):
         return pe.Node(DerivativesDataSink(base_directory=out, source_file=str(source),
@@ -117,7 +161,8 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
         src = image.path
         key = image.key
         anat_wf = init_anat_preproc_wf(contrast=image.suffix, skull_strip=skull_strip,
-                                       device=device, omp_nthreads=omp_nthreads, sloppy=sloppy,
+                                       skull_strip_method=skull_strip_method, device=device,
+                                       omp_nthreads=omp_nthreads, seed=seed, sloppy=sloppy,
                                        name=f'anat_{key}_wf')
         anat_wf.inputs.inputnode.in_file = str(src)
         ds_preproc = sink(f'ds_{key}_preproc', src, entities={'desc': 'preproc'},
@@ -128,6 +173,14 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
                        meta_dict={'Type': 'Brain'}, data_dtype='uint8')
         ds_dseg = sink(f'ds_{key}_dseg', src, entities={'seg': 'tissue', 'suffix': 'dseg'},
                        data_dtype='int16')
+        ds_synthseg = sink(f'ds_{key}_synthseg', src,
+                           entities={'seg': 'synthseg', 'suffix': 'dseg'}, data_dtype='int16')
+        fig_synthseg = pe.Node(LabelsFigure(lut=struct_lut,
+                                            title=f'{src.name}: labels of the label network'),
+                               name=f'fig_{key}_synthseg', mem_gb=0.5)
+        ds_fig_synthseg = sink(f'ds_{key}_fig_synthseg', src, sidecar=False,
+                               entities={'datatype': 'figures', 'desc': 'synthseg',
+                                         'suffix': 'dseg', 'extension': '.png'})
         fig_mask = pe.Node(MaskFigure(title=f'{src.name}: brain mask'),
                            name=f'fig_{key}_mask', mem_gb=0.5)
         fig_dseg = pe.Node(LabelsFigure(lut=lut, title=f'{src.name}: tissue labels'),
@@ -149,6 +202,11 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
             (anat_wf, fig_dseg, [('outputnode.preproc', 'image'), ('outputnode.dseg', 'labels')]),
             (fig_mask, ds_fig_mask, [('out_file', 'in_file')]),
             (fig_dseg, ds_fig_dseg, [('out_file', 'in_file')]),
+            (anat_wf, ds_synthseg, [('outputnode.synthseg', 'in_file'),
+                                    ('outputnode.synthseg_meta', 'extra_meta')]),
+            (anat_wf, fig_synthseg, [('outputnode.preproc', 'image'),
+                                     ('outputnode.synthseg', 'labels')]),
+            (fig_synthseg, ds_fig_synthseg, [('out_file', 'in_file')]),
         ])  # fmt:skip
         if skip_source is not None and Path(src).resolve() == Path(skip_source).resolve():
             continue  # this image is the target: nothing to register
@@ -180,6 +238,13 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
                 'warped_dseg': sink(f'ds_{key}_{engine.name}_dseg', src,
                                     entities={**ents, 'space': tgt, 'seg': 'tissue',
                                               'suffix': 'dseg'}, data_dtype='int16'),
+                'warped_synthseg': sink(f'ds_{key}_{engine.name}_synthseg', src,
+                                        entities={**ents, 'space': tgt, 'seg': 'synthseg',
+                                                  'suffix': 'dseg'}, data_dtype='int16',
+                                        meta_dict={'Description': 'Labels of the label '
+                                                   'network carried onto the target by the '
+                                                   'forward transform (genericLabel '
+                                                   'interpolation)'}),
                 'jacobian': sink(f'ds_{key}_{engine.name}_jacobian', src,
                                  entities={**ents, 'space': tgt, 'suffix': 'jacobian'},
                                  meta_dict={'Description': 'Jacobian determinant of the '
@@ -197,10 +262,13 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
             wf.connect([
                 (inputnode, reg_wf, [('target_brain', 'inputnode.target_brain'),
                                      ('target_mask', 'inputnode.target_mask'),
-                                     ('target_dseg', 'inputnode.target_dseg')]),
+                                     ('target_dseg', 'inputnode.target_dseg'),
+                                     ('target_synthseg', 'inputnode.target_synthseg')]),
                 (anat_wf, reg_wf, [('outputnode.brain', 'inputnode.moving_brain'),
                                    ('outputnode.mask', 'inputnode.moving_mask'),
-                                   ('outputnode.dseg', 'inputnode.moving_dseg')]),
+                                   ('outputnode.dseg', 'inputnode.moving_dseg'),
+                                   ('outputnode.synthseg', 'inputnode.moving_synthseg'),
+                                   ('outputnode.synthseg_meta', 'inputnode.synthseg_meta')]),
             ])  # fmt:skip
             for field, node in sinks.items():
                 wf.connect(reg_wf, f'outputnode.{field}', node, 'in_file')
@@ -235,14 +303,12 @@ def init_participant_wf(*, group, target, skip_source: Path | None, methods: lis
         long_json = pe.Node(niu.Function(function=_write_json, input_names=['obj', 'fname'],
                                          output_names=['out']), name='qc_long_json',
                             run_without_submitting=True)
-        long_json.inputs.obj = table_sidecar(
-            LONG_COLUMNS, 'Registration QC: Dice per engine and label')
+        long_json.inputs.obj = table_sidecar(LONG_COLUMNS, LONG_DESCRIPTION)
         long_json.inputs.fname = 'registration_qc.json'
         summary_json = pe.Node(niu.Function(function=_write_json, input_names=['obj', 'fname'],
                                             output_names=['out']), name='qc_summary_json',
                                run_without_submitting=True)
-        summary_json.inputs.obj = table_sidecar(
-            SUMMARY_COLUMNS, 'Registration QC summary: one row per engine and image')
+        summary_json.inputs.obj = table_sidecar(SUMMARY_COLUMNS, SUMMARY_DESCRIPTION)
         summary_json.inputs.fname = 'registrationsummary_qc.json'
         wf.connect([
             (merge_long, tables, [('out', 'in_long')]),
@@ -274,7 +340,8 @@ def _write_json(obj, fname):
 
 def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | None,
                     methods: list[str], bids_dir: Path, output_dir: Path, work_dir: Path,
-                    run_uuid: str, skull_strip: str = 'auto', omp_nthreads: int = 1,
+                    run_uuid: str, skull_strip: str = 'auto',
+                    skull_strip_method: str | None = None, omp_nthreads: int = 1,
                     device: str = 'cpu', seed: int = 0, sloppy: bool = False) -> pe.Workflow:
     """The whole participant-level run.
 
@@ -285,9 +352,13 @@ def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | No
     target, target_file
         The resolved target and the image file it comes from.
     """
+    from .anatomical import resolve_skull_strip
+
+    skull_strip, skull_strip_method = resolve_skull_strip(skull_strip, skull_strip_method)
     wf = pe.Workflow(name=workflow_name(), base_dir=str(work_dir))
     target_wf = init_target_wf(target=target, target_file=target_file, output_dir=output_dir,
-                               omp_nthreads=omp_nthreads, device=device, sloppy=sloppy)
+                               omp_nthreads=omp_nthreads, device=device, seed=seed,
+                               skull_strip_method=skull_strip_method, sloppy=sloppy)
     for group in groups:
         if not group.images:
             continue
@@ -295,12 +366,13 @@ def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | No
         part_wf = init_participant_wf(
             group=group, target=target, skip_source=skip_source, methods=methods,
             bids_dir=bids_dir, output_dir=output_dir, crash_dir=crash_dir,
-            skull_strip=skull_strip, omp_nthreads=omp_nthreads, device=device, seed=seed,
-            sloppy=sloppy)
+            skull_strip=skull_strip, skull_strip_method=skull_strip_method,
+            omp_nthreads=omp_nthreads, device=device, seed=seed, sloppy=sloppy)
         wf.connect([
             (target_wf, part_wf, [('outputnode.brain', 'inputnode.target_brain'),
                                   ('outputnode.mask', 'inputnode.target_mask'),
-                                  ('outputnode.dseg', 'inputnode.target_dseg')]),
+                                  ('outputnode.dseg', 'inputnode.target_dseg'),
+                                  ('outputnode.synthseg', 'inputnode.target_synthseg')]),
         ])  # fmt:skip
     if not any(g.images for g in groups):
         wf.add_nodes([target_wf])

@@ -143,7 +143,7 @@ def generation_classes(labels: tuple[int, ...] = GENERATION_LABELS) -> np.ndarra
     """Class index per generation label: left/right homologues share one Gaussian.
 
     >>> cls = generation_classes((0, 2, 41, 14))
-    >>> cls[1] == cls[2], cls[0] != cls[3]
+    >>> bool(cls[1] == cls[2]), bool(cls[0] != cls[3])
     (True, True)
     """
     right_to_left = {r: l for l, r in LR_PAIRS.items()}
