@@ -21,7 +21,7 @@ setup(
     include_package_data=True,
     # the label network's weights and model card live outside any Python package folder
     package_data={'keyprep': ['data/*', 'data/**/*', 'models/synthseg/*.pt',
-                              'models/synthseg/*.md']},
+                              'models/synthseg/*.md', 'models/synthseg/*.json']},
     install_requires=[
         'nipype>=1.10',
         'pybids>=0.16',

@@ -136,3 +136,12 @@ def test_registration_rows_per_structure_and_tissue(tmp_path):
     assert set(long_t['label_set']) == {'tissue'}
     assert summary_t.iloc[0]['label_set'] == 'tissue'
     assert summary_t.iloc[0]['dice_mean'] == 1.0 and summary_t.iloc[0]['status'] == 'pass'
+    # a label network that is not validated yet: structure rows are reported, the status
+    # rests on the tissue classes and says why
+    long_u, summary_u = registration_qc_rows(
+        **kw, target_synthseg=s_ref, warped_synthseg=s_test,
+        synthseg_meta={'NetworkTrusted': False, 'NetworkHeldOutDice': 0.02})
+    assert len(long_u[long_u['label_set'] == 'synthseg']) == 32
+    row_u = summary_u.iloc[0]
+    assert row_u['label_set'] == 'tissue' and row_u['status'] == 'pass'
+    assert 'not validated' in row_u['status_reason'] and '0.02' in row_u['status_reason']

@@ -245,6 +245,8 @@ class SynthSegLabels(SimpleInterface):
             'NetworkWeights': net.path.name,
             'NetworkWeightsSha256': net.sha256,
             'NetworkTrainingStep': net.step,
+            'NetworkHeldOutDice': net.heldout_dice,
+            'NetworkTrusted': net.trusted,
             'NetworkResolution': net.res_mm,
             'Device': device,
             'FlipTTA': bool(self.inputs.flip_tta),

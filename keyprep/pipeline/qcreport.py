@@ -70,7 +70,7 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'status': (f'pass, warn or fail: fail if mean structure Dice < {qc.DICE_FAIL} or > '
                f'{qc.NEG_FAIL:.0%} folding; warn if mean structure Dice < {qc.DICE_WARN}, any '
                f'folding, or std(log J) > {qc.LOGJAC_WARN}'),
-    'status_reason': 'Why the status is not pass',
+    'status_reason': 'Why the status is not pass, and how it was decided',
 }
 
 
@@ -142,6 +142,13 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     trows, tissue = label_set_rows(target_dseg, warped_dseg, lut, label_set)
     rows += trows
     long = pd.DataFrame([{**ids, **r} for r in rows], columns=list(LONG_COLUMNS))
+    meta = synthseg_meta or {}
+    # Structure Dice sets the status only when the label network is validated (its model
+    # card's held-out Dice reaches LabelNetwork.TRUSTED_DICE); otherwise the structure rows
+    # are reported but the status rests on the tissue classes.
+    untrusted = primary is not None and meta and not meta.get('NetworkTrusted', True)
+    if untrusted:
+        primary = None
     main_set = 'synthseg' if primary is not None else label_set
     primary = primary if primary is not None else tissue
     mask = np.asanyarray(nb.load(target_mask).dataobj) > 0
@@ -149,8 +156,11 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     jstats = qc.jacobian_stats(jac, mask)
     what = 'mean structure Dice' if main_set == 'synthseg' else f'mean {label_set} Dice'
     status, reason = qc.qc_status(primary['mean'], jstats, what=what)
+    if untrusted:
+        note = ('status from tissue Dice: the label network is not validated yet '
+                f"(held-out structure Dice {meta.get('NetworkHeldOutDice')})")
+        reason = f'{reason}; {note}' if reason else note
     versions = rec.get('versions', {})
-    meta = synthseg_meta or {}
     row = {
         **ids, 'target': target, 'transform_kind': rec['transform_kind'],
         'label_set': main_set, 'dice_mean': round(primary['mean'], 4),

@@ -26,7 +26,8 @@ from .generator import gaussian_blur, identity_grid, sample_field
 from .labels import OUTPUT_LABELS, flip_lut
 from .unet import UNet3D, UNetConfig
 
-__all__ = ['LabelNetwork', 'LabelResult', 'default_weights', 'label_image', 'MODEL_DIR']
+__all__ = ['LabelNetwork', 'LabelResult', 'default_weights', 'label_image', 'MODEL_DIR',
+           'read_model_card', 'card_trusted', 'TRUSTED_DICE']
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / 'models' / 'synthseg'
 WEIGHTS_NAME = 'keyprep-synthseg-2mm.pt'
@@ -35,6 +36,31 @@ WEIGHTS_NAME = 'keyprep-synthseg-2mm.pt'
 def default_weights() -> Path:
     """The weights that ship inside the package."""
     return MODEL_DIR / WEIGHTS_NAME
+
+
+TRUSTED_DICE = 0.70
+
+
+def read_model_card(weights: str | Path | None = None, sha256: str | None = None) -> dict:
+    """The machine-readable model card beside the weights (``<name>.json``) if it describes
+    this very file (same sha256), else ``{}``. Needs no torch."""
+    import json
+
+    path = Path(weights) if weights is not None else default_weights()
+    card_path = path.with_suffix('.json')
+    if not card_path.is_file() or not path.is_file():
+        return {}
+    try:
+        card = json.loads(card_path.read_text())
+    except ValueError:
+        return {}
+    return card if card.get('sha256') == (sha256 or _sha256(path)) else {}
+
+
+def card_trusted(card: dict) -> bool:
+    """Whether a model card's held-out structure Dice reaches :data:`TRUSTED_DICE`."""
+    value = card.get('heldout_mean_structure_dice')
+    return value is not None and float(value) >= TRUSTED_DICE
 
 
 @dataclass
@@ -76,6 +102,23 @@ class LabelNetwork:
         self.model.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
         self.model.to(self.device).eval()
         self.flip = torch.as_tensor(flip_lut(self.labels), device=self.device)
+        self.card = self._read_card(path)
+
+    TRUSTED_DICE = TRUSTED_DICE  # held-out structure Dice needed to set the QC status
+
+    def _read_card(self, path: Path) -> dict:
+        return read_model_card(path, self.sha256)
+
+    @property
+    def heldout_dice(self) -> float | None:
+        """Mean structure Dice on held-out synthetic volumes, from the model card."""
+        value = self.card.get('heldout_mean_structure_dice')
+        return None if value is None else float(value)
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the labels are good enough to decide keyprep's QC status."""
+        return card_trusted(self.card)
 
     @classmethod
     def cached(cls, weights: str | Path | None = None, device: str = 'cpu') -> 'LabelNetwork':

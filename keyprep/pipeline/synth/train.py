@@ -33,7 +33,7 @@ HELD_OUT: tuple[str, ...] = ('training_seg_14', 'training_seg_15', 'training_seg
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 20000
     batch_size: int = 1
     lr: float = 1e-3
     lr_final: float = 1e-4
