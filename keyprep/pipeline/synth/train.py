@@ -183,6 +183,12 @@ def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainC
         optimiser.load_state_dict(ckpt['optimiser'])
         step = int(ckpt['step'])
         log(f'resumed from {ckpt_path} at step {step}')
+        for name in ('train_log.tsv', 'val_log.tsv'):  # drop rows written after the checkpoint
+            path = out / name
+            if path.exists():
+                rows = path.read_text().splitlines()
+                kept = rows[:1] + [r for r in rows[1:] if r and int(r.split('\t')[0]) <= step]
+                path.write_text('\n'.join(kept) + '\n')
     (out / 'train_config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     val_items = _validation_set(test_maps, cfg, dev) if test_maps and cfg.val_every else []
     tlog = out / 'train_log.tsv'
