@@ -37,12 +37,12 @@ import torch
 
 from keyprep.pipeline import perturb as pt
 from keyprep.pipeline.resources import measure
+from keyprep.pipeline.targets import mricron_file
 from keyprep.pipeline.synth.generator import SynthConfig, Synthesizer, grid_affine, load_label_map
 from keyprep.pipeline.synth.labeller import LabelNetwork, default_weights
 from keyprep.pipeline.synth.labels import OUTPUT_LABELS, OUTPUT_NAMES
 from keyprep.pipeline.synth.train import HELD_OUT
 
-MRICRON = Path('/usr/share/mricron/templates')
 STRUCTURES = [lab for lab in OUTPUT_LABELS if lab != 0]
 
 CONDITIONS = {  # name -> (contrast, fixed acquisition resolution)
@@ -103,8 +103,8 @@ def real_heads(net: LabelNetwork, quick: bool) -> tuple[list[dict], dict]:
 
     summary: dict = {}
     rows: list[dict] = []
-    ch2 = conform(nib.load(str(MRICRON / 'ch2.nii.gz')))
-    bet = np.asarray(nib.load(str(MRICRON / 'ch2bet.nii.gz')).dataobj) > 0
+    ch2 = conform(nib.load(str(mricron_file('ch2.nii.gz'))))
+    bet = np.asarray(nib.load(str(mricron_file('ch2bet.nii.gz'))).dataobj) > 0
     # speed and memory of one 1 mm head (the model is loaded already)
     net.predict(ch2)  # warm-up
     with measure() as m:
@@ -118,7 +118,7 @@ def real_heads(net: LabelNetwork, quick: bool) -> tuple[list[dict], dict]:
     mask = np.asarray(res.mask.dataobj)
     summary['mask_dice_vs_ch2bet'] = mask_dice(mask, bet)
     summary['deepbet_mask_dice_vs_ch2bet'] = mask_dice(db, bet)
-    better = nib.load(str(MRICRON / 'ch2better.nii.gz'))
+    better = nib.load(str(mricron_file('ch2better.nii.gz')))
     grid = pt.Grid.of(better)
     ours_hr = pt.resample(mask.astype(np.uint8), ch2.affine, grid, pt.KnownTransform(), order=0)
     db_hr = pt.resample(db.astype(np.uint8), ch2.affine, grid, pt.KnownTransform(), order=0)

@@ -49,8 +49,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from keyprep.pipeline import perturb as pt  # noqa: E402
 from keyprep.pipeline.io import make_image  # noqa: E402
+from keyprep.pipeline.targets import mricron_file  # noqa: E402
 
-COLIN27_DIR = Path('/usr/share/mricron/templates')
 
 #: Columns of the results table, in order.
 COLUMNS = [
@@ -116,10 +116,7 @@ class Pair:
 
 
 def _colin(name: str) -> nb.Nifti1Image:
-    path = COLIN27_DIR / name
-    if not path.exists():
-        raise SystemExit(f'{path} not found: apt-get install mricron-data')
-    return nb.load(str(path))
+    return nb.load(str(mricron_file(name)))
 
 
 def build_fixed(work: Path, resolution: float) -> Fixed:

@@ -298,3 +298,30 @@ def test_pose_search_finds_any_starting_orientation(angle):
     assert err_deg < 5.0
     assert np.linalg.norm(found.matrix[:3, 3] - expected[:3, 3]) < 4.0
     assert found.score > 0.8
+
+
+def test_labelling_odd_images_does_not_crash(toy_map, tmp_path):
+    """Empty, NaN-containing, 4-D and oblique images: labels on the input grid; an empty image
+    falls back from the pose search to the header's orientation and says so."""
+    from keyprep.pipeline.synth.labeller import LabelNetwork
+    from keyprep.pipeline.synth.train import TrainConfig, UNetConfig, export_weights, train
+
+    cfg = TrainConfig(steps=1, checkpoint_every=1, val_every=0, warmup=1,
+                      synth=SynthConfig(shape=(32, 32, 32)), unet=UNetConfig(features=4, levels=2))
+    ckpt = train(toy_map, tmp_path / 'run', cfg, held_out=(), log=lambda *_: None)
+    export_weights(ckpt, tmp_path / 'w.pt')
+    net = LabelNetwork(tmp_path / 'w.pt')
+    empty = nib.Nifti1Image(np.zeros((20, 22, 18), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    res = net.predict(empty, pose='auto')
+    assert res.pose['fallback'] == 'header' and 'no foreground' in res.pose['reason']
+    assert res.labels.shape == empty.shape
+    data = np.random.default_rng(0).random((20, 22, 18, 2)).astype(np.float32)
+    data[3, 3, 3, 0] = np.nan
+    rot = np.eye(4)  # oblique: 17 degrees about z, 2 mm voxels
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    rot[:3, :3] = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]]) * 2.0
+    odd = nib.Nifti1Image(data, rot)
+    res = net.predict(odd)
+    assert res.labels.shape == data.shape[:3] and np.allclose(res.labels.affine, rot)
+    with pytest.raises(ValueError, match='pose'):
+        net.predict(odd, pose='sideways')

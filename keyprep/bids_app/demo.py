@@ -23,11 +23,12 @@ import numpy as np
 from .. import __version__
 from ..pipeline import perturb as pt
 from ..pipeline.io import atomic_write_text, make_image, save_image
+from ..pipeline.targets import MRICRON_DIR, mricron_file
 
 __all__ = ['COLIN27_DIR', 'build_demo_dataset', 'demo_parameters', 'main']
 
 #: Where Debian's ``mricron-data`` package installs Colin27 and the AAL atlas.
-COLIN27_DIR = Path('/usr/share/mricron/templates')
+COLIN27_DIR = MRICRON_DIR
 
 #: Grids of the first subjects (voxel sizes in mm at full resolution, voxel order, obliquity
 #: in degrees, extra field of view in mm); further subjects get random grids.
@@ -43,13 +44,7 @@ _SPACE = 'colin27'
 
 
 def _colin(name: str) -> Path:
-    path = COLIN27_DIR / name
-    if not path.exists():
-        from ..pipeline.errors import MissingInputError
-
-        raise MissingInputError(f'{path} not found: install Colin27 and AAL with '
-                                '`apt-get install mricron-data`')
-    return path
+    return mricron_file(name)
 
 
 def _subject_grid_spec(index: int, rng: np.random.Generator) -> dict:

@@ -5,7 +5,7 @@
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
 the weights file that ``keyprep`` loads (``--synthseg-weights`` or the packaged default).
-Exit codes as for ``keyprep`` (0 success, 64 usage, 66 missing input).
+Exit codes as for ``keyprep`` (0 success, 64 usage, 65 unusable label maps, 66 missing input).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..pipeline.errors import EXIT_NO_INPUT, EXIT_OK, EXIT_USAGE, KeyprepError
+from ..pipeline.errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_OK, EXIT_USAGE, KeyprepError
 
 __all__ = ['main', 'run_train', 'build_parser']
 
@@ -63,6 +63,13 @@ def run_train(argv: list[str]) -> int:
     except FileNotFoundError as exc:
         LOGGER.error('%s', exc)
         return EXIT_NO_INPUT
+    except Exception as exc:  # unreadable or wrong label maps (nibabel, numpy, our checks)
+        import nibabel as nib
+
+        if not isinstance(exc, (ValueError, OSError, EOFError, nib.filebasedimages.ImageFileError)):
+            raise
+        LOGGER.error('unusable training data: %s', exc)
+        return EXIT_DATA
 
 
 def _synthseg(opts) -> int:

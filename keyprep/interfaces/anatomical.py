@@ -13,6 +13,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from .base import ComputeInputSpec
+
 __all__ = ['BiasCorrect', 'ConformImage', 'SkullStrip', 'SynthSegLabels', 'TissueSegmentation']
 
 
@@ -76,7 +78,7 @@ def _is_oblique(affine) -> bool:
                 np.min(np.abs(cosines).max(axis=0)) < 1 - 1e-3)
 
 
-class _SkullStripInputSpec(BaseInterfaceInputSpec):
+class _SkullStripInputSpec(ComputeInputSpec):
     in_file = File(exists=True, mandatory=True, desc='RAS-conformed image')
     mode = traits.Enum('auto', 'force', 'skip', usedefault=True,
                        desc='auto: detect brain-only images; force: always strip; skip: never')
@@ -87,10 +89,6 @@ class _SkullStripInputSpec(BaseInterfaceInputSpec):
     synth_meta = traits.Dict(desc="the label network's provenance (method synth)")
     brain_extracted = traits.Either(None, traits.Bool, usedefault=True,
                                     desc='known answer (templates); None: detect')
-    device = traits.Str('cpu', usedefault=True, nohash=True, desc='torch device')
-    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
-    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
-                          desc='declares GPU use to the MultiProc scheduler')
 
 
 class _SkullStripOutputSpec(TraitedSpec):
@@ -170,7 +168,7 @@ class SkullStrip(SimpleInterface):
         return runtime
 
 
-class _SynthSegInputSpec(BaseInterfaceInputSpec):
+class _SynthSegInputSpec(ComputeInputSpec):
     in_file = File(exists=True, mandatory=True,
                    desc='RAS-conformed image (head or brain, whichever the image is)')
     weights = File(exists=True, desc='label-network weights (default: the packaged ones); '
@@ -181,10 +179,6 @@ class _SynthSegInputSpec(BaseInterfaceInputSpec):
     pose = traits.Enum('auto', 'header', usedefault=True,
                        desc="auto: find the head's pose from any orientation first (about 1-5 s); "
                             "header: trust the image's orientation, as SynthSeg does")
-    device = traits.Str('cpu', usedefault=True, nohash=True, desc='auto, cpu or cuda[:N]')
-    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
-    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
-                          desc='declares GPU use to the MultiProc scheduler')
 
 
 class _SynthSegOutputSpec(TraitedSpec):

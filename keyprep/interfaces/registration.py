@@ -14,10 +14,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from .base import ComputeInputSpec
+
 __all__ = ['ApplyTransforms', 'JacobianMap', 'Register']
 
 
-class _RegisterInputSpec(BaseInterfaceInputSpec):
+class _RegisterInputSpec(ComputeInputSpec):
     fixed = File(exists=True, mandatory=True, desc='target image (brain)')
     moving = File(exists=True, mandatory=True, desc='moving image (brain)')
     fixed_mask = File(exists=True, desc='target brain mask')
@@ -26,10 +28,6 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     params = traits.Dict(usedefault=True, desc='engine-specific parameters')
     seed = traits.Int(0, usedefault=True)
     sloppy = traits.Bool(False, usedefault=True)
-    device = traits.Str('cpu', usedefault=True, nohash=True)
-    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
-    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
-                          desc='declares GPU use to the MultiProc scheduler')
 
 
 class _RegisterOutputSpec(TraitedSpec):

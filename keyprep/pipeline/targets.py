@@ -7,6 +7,7 @@ package ships, so it needs no download. ``:res-N`` resamples it to N mm.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 
 from .errors import MissingInputError, UsageError
 
-__all__ = ['TEMPLATES', 'TargetSpec', 'parse_target', 'resample_isotropic', 'template_file']
+__all__ = ['TEMPLATES', 'TargetSpec', 'parse_target', 'resample_isotropic', 'template_file',
+           'MRICRON_DIR', 'mricron_file']
 
 #: Templates bundled through packaged files. Keys are TemplateFlow identifiers.
 TEMPLATES: dict[str, dict] = {
@@ -64,6 +66,20 @@ class TargetSpec:
         if self.kind == 'template':
             return TEMPLATES[self.name]['brain_extracted']
         return None
+
+
+#: Colin27, its brain masks and the MNI-space atlases of Debian's ``mricron-data``.
+MRICRON_DIR = Path(os.environ.get('KEYPREP_MRICRON_DIR', '/usr/share/mricron/templates'))
+
+
+def mricron_file(name: str) -> Path:
+    """A file of ``mricron-data`` (Colin27 ``ch2*.nii.gz``, ``aal.nii.gz``, ``jhu189.nii.gz``...);
+    a clear error where the package is not installed."""
+    path = MRICRON_DIR / name
+    if not path.exists():
+        raise MissingInputError(f'{path} not found: install the Debian package mricron-data '
+                                '(scripts/install.sh does)')
+    return path
 
 
 def template_file(name: str, which: str = 'T1w') -> Path:

@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .generator import LabelMap
+from ..targets import MRICRON_DIR, mricron_file
+from .generator import LabelMap, label_map_from_array
 from .labels import GENERATION_LABELS, GENERATION_TO_OUTPUT, LR_PAIRS, OUTPUT_LABELS, OUTPUT_NAMES
 
 __all__ = [
@@ -72,7 +73,6 @@ __all__ = [
 ANATOMY_VERSION = '1'
 
 #: Where Debian's ``mricron-data`` installs Colin27, AAL and jhu189.
-MRICRON_DIR = Path(os.environ.get('KEYPREP_MRICRON_DIR', '/usr/share/mricron/templates'))
 
 #: Committed mapping tables and the SynthSeg reference volumes.
 MAPPING_DIR = Path(__file__).resolve().parents[2] / 'data' / 'synthseg_mapping'
@@ -125,13 +125,7 @@ ACCUMBENS_RULE = 'aal caudate/putamen near the accumbens centre -> accumbens'
 
 # ---------------------------------------------------------------------------- files and cache
 def _mricron(name: str) -> Path:
-    path = MRICRON_DIR / name
-    if not path.exists():
-        from ..errors import MissingInputError
-
-        raise MissingInputError(f'{path} not found: install Debian package mricron-data '
-                                '(scripts/install.sh does)')
-    return path
+    return mricron_file(name)
 
 
 def _icbm(which: str) -> Path:
@@ -298,13 +292,10 @@ def _kmeans_hist(values: np.ndarray, k: int, iters: int = 100) -> np.ndarray:
 
 def _resample_labels(data: np.ndarray, affine: np.ndarray, shape, target_affine) -> np.ndarray:
     """Nearest-neighbour resampling of a label array onto another grid (outside -> 0)."""
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    m = np.linalg.inv(affine) @ target_affine
-    src = np.rint(m[:3, :3] @ ijk + m[:3, 3:4]).astype(np.int64)
-    ok = np.all((src >= 0) & (src < np.array(data.shape)[:, None]), axis=0)
-    out = np.zeros(ijk.shape[1], dtype=data.dtype)
-    out[ok] = data[src[0, ok], src[1, ok], src[2, ok]]
-    return out.reshape(shape)
+    from ..perturb import Grid, resample
+
+    return resample(data, affine, Grid(tuple(int(n) for n in shape), np.asarray(target_affine, float)),
+                    order=0)
 
 
 def _to_output(gen: np.ndarray) -> np.ndarray:
@@ -696,19 +687,7 @@ def _image_out(data, affine):
 
 
 def _label_map(labels: np.ndarray, affine: np.ndarray, name: str, margin: int = 4) -> LabelMap:
-    lut = np.full(max(GENERATION_LABELS) + 1, -1, np.int64)
-    lut[list(GENERATION_LABELS)] = np.arange(len(GENERATION_LABELS))
-    index = lut[labels.astype(np.int64)]
-    if (index < 0).any():
-        raise ValueError(f'{name}: labels outside the generation set: '
-                         f'{sorted(set(np.unique(labels[index < 0]).tolist()))[:10]}')
-    nz = np.argwhere(index > 0)
-    lo = np.maximum(nz.min(0) - margin, 0)
-    hi = np.minimum(nz.max(0) + margin + 1, index.shape)
-    index = index[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.uint8)
-    aff = np.array(affine, dtype=float).copy()
-    aff[:3, 3] = aff[:3, :3] @ lo + aff[:3, 3]
-    return LabelMap(index=index, affine=aff, name=name, labels=GENERATION_LABELS)
+    return label_map_from_array(labels, affine, name, margin=margin)
 
 
 def colin27_label_map() -> LabelMap:

@@ -45,7 +45,7 @@ from .labels import (
 
 __all__ = [
     'SynthConfig', 'LabelMap', 'Synthesizer', 'load_label_map', 'grid_affine', 'integrate_svf',
-    'CONTRASTS', 'gaussian_blur', 'identity_grid', 'sample_field',
+    'CONTRASTS', 'gaussian_blur', 'identity_grid', 'sample_field', 'label_map_from_array',
 ]
 
 
@@ -143,19 +143,32 @@ def load_label_map(path: str | Path, labels: Sequence[int] = GENERATION_LABELS,
         from .labels import relabel
 
         data = relabel(data, mapping)
+    return label_map_from_array(data, img.affine, Path(path).name.split('.')[0], labels, margin,
+                                source=str(path))
+
+
+def label_map_from_array(data: np.ndarray, affine: np.ndarray, name: str,
+                         labels: Sequence[int] = GENERATION_LABELS, margin: int = 4,
+                         source: str | None = None) -> LabelMap:
+    """A :class:`LabelMap` from an integer array of generation labels (RAS grid ``affine``),
+    cropped to its content plus ``margin`` voxels."""
+    data = np.asarray(data).astype(np.int64)
     lut = np.full(max(int(data.max()), max(labels)) + 1, -1, dtype=np.int64)
     lut[list(labels)] = np.arange(len(labels))
-    index = lut[data]
+    index = lut[data.clip(0)]
+    index[data < 0] = -1
     if (index < 0).any():
         bad = sorted(set(np.unique(data[index < 0]).tolist()))
-        raise ValueError(f'{path}: labels {bad[:10]} are not generation labels')
+        raise ValueError(f'{source or name}: labels {bad[:10]} are not generation labels')
     nz = np.argwhere(index > 0)
+    if not len(nz):
+        raise ValueError(f'{source or name}: the label map is empty')
     lo = np.maximum(nz.min(0) - margin, 0)
     hi = np.minimum(nz.max(0) + margin + 1, index.shape)
     index = index[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.uint8)
-    affine = img.affine.copy()
+    affine = np.array(affine, dtype=float)
     affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
-    return LabelMap(index=index, affine=affine, name=Path(path).name.split('.')[0], labels=tuple(labels))
+    return LabelMap(index=index, affine=affine, name=name, labels=tuple(labels))
 
 
 def grid_affine(shape: Sequence[int], res_mm: float) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import MissingInputError
 from .generator import gaussian_blur, identity_grid, sample_field
-from .labels import OUTPUT_LABELS, flip_lut
+from .labels import flip_lut
 from .unet import UNet3D, UNetConfig
 
 __all__ = ['LabelNetwork', 'LabelResult', 'default_weights', 'label_image', 'MODEL_DIR',
@@ -39,6 +39,8 @@ def default_weights() -> Path:
 
 
 TRUSTED_DICE = 0.70
+#: Below this template correlation the pose search falls back to the header's orientation.
+MIN_POSE_SCORE = 0.30
 
 
 def read_model_card(weights: str | Path | None = None, sha256: str | None = None) -> dict:
@@ -170,11 +172,21 @@ class LabelNetwork:
         if pose == 'auto':
             from .orient import estimate_pose
 
-            found = estimate_pose(img)
-            pose_info = {'matrix': found.matrix.round(6).tolist(), 'score': round(found.score, 4),
-                         'header_score': round(found.identity_score, 4),
-                         'seconds': round(time.perf_counter() - t0, 2)}
-            shape, net_aff = self.template_grid(found.matrix)
+            try:
+                found = estimate_pose(img)
+            except ValueError as exc:  # e.g. an empty image: label it as its header says
+                found, reason = None, str(exc)
+            else:
+                reason = (None if found.score >= MIN_POSE_SCORE else
+                          f'pose search inconclusive (correlation {found.score:.2f} < {MIN_POSE_SCORE})')
+            if reason is None:
+                pose_info = {'matrix': found.matrix.round(6).tolist(), 'score': round(found.score, 4),
+                             'header_score': round(found.identity_score, 4),
+                             'seconds': round(time.perf_counter() - t0, 2)}
+                shape, net_aff = self.template_grid(found.matrix)
+            else:
+                pose_info = {'fallback': 'header', 'reason': reason}
+                shape, net_aff = self.network_grid(img)
         elif pose == 'header':
             shape, net_aff = self.network_grid(img)
         else:

@@ -94,6 +94,8 @@ class _Sampler:
         aff[:3, :3] = img.affine[:3, :3] * step
         self.inv = np.linalg.inv(aff)
         fg = self.data > np.percentile(self.data, 60)
+        if not fg.any() or not np.isfinite(self.data).all():
+            raise ValueError('the image has no foreground to find its pose from')
         idx = np.argwhere(fg)
         w = self.data[fg]
         self.com = (aff[:3, :3] @ (idx * w[:, None]).sum(0) / w.sum()) + aff[:3, 3]

@@ -162,11 +162,11 @@ def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainC
           device: str = 'cpu', held_out: Sequence[str] = HELD_OUT, extra_maps: Sequence[LabelMap] = (),
           log=print, max_minutes: float | None = None) -> Path:
     """Train (or resume) the label network; returns the checkpoint path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     train_maps, test_maps = load_training_maps(label_maps, held_out)
     train_maps = train_maps + list(extra_maps)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     log(f'training maps: {", ".join(m.name for m in train_maps)}')
     log(f'held-out maps: {", ".join(m.name for m in test_maps)}')
     synth = Synthesizer(train_maps, cfg.synth, device=dev)
