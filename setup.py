@@ -21,7 +21,9 @@ setup(
     include_package_data=True,
     # the label network's weights and model card live outside any Python package folder
     package_data={'keyprep': ['data/*', 'data/**/*', 'models/synthseg/*.pt',
-                              'models/synthseg/*.md', 'models/synthseg/*.json']},
+                              'models/synthseg/*.md', 'models/synthseg/*.json',
+                              'models/keymorph/*.pt', 'models/keymorph/*.md',
+                              'models/keymorph/*.json']},
     install_requires=[
         'nipype>=1.10',
         'pybids>=0.16',

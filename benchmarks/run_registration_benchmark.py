@@ -56,10 +56,13 @@ from keyprep.pipeline.targets import mricron_file  # noqa: E402
 COLUMNS = [
     'pair', 'rotation_deg', 'deformation', 'intensity', 'method', 'dice_aal', 'dice_tissue',
     'jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std', 'runtime_s', 'peak_mem_mb',
-    'time_ratio_to_antsSyN', 'resolution_mm', 'sloppy', 'moving_voxel_size', 'status',
+    'time_ratio_to_antsAffine', 'time_ratio_to_antsSyN', 'resolution_mm', 'sloppy',
+    'moving_voxel_size', 'status',
 ]
 #: Reference rows computed for every pair (no registration).
 REFERENCE_METHODS = ('none', 'truth')
+#: Engines whose time on the same pair is the unit of the ``time_ratio_to_<engine>`` columns.
+TIME_REFERENCES = ('antsAffine', 'antsSyN')
 
 
 @dataclass(frozen=True)
@@ -220,23 +223,40 @@ def _load(path: Path) -> np.ndarray:
     return np.asanyarray(nb.load(str(path)).dataobj)
 
 
+def warp_labels(moving_labels: Path, reference: Path, fwd: Path, out_file: Path) -> np.ndarray:
+    """The moving label map on the reference (fixed) grid through the forward transform
+    (``genericLabel`` interpolation), as an int64 array."""
+    from keyprep.pipeline.transforms import apply_transforms
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    warped = apply_transforms(moving_labels, reference, [fwd], out_file,
+                              interpolation='genericLabel')
+    return _load(warped).astype(np.int64)
+
+
+def jacobian_scores(fwd: Path, reference: Path, kind: str, mask: np.ndarray) -> dict:
+    """Jacobian-determinant statistics of a forward transform inside ``mask`` (a boolean
+    array on the reference grid): ``jac_min``, ``jac_max``, ``jac_neg_frac``, ``logjac_std``."""
+    from keyprep.pipeline.qc import jacobian_stats
+    from keyprep.pipeline.transforms import jacobian_map
+
+    jac = np.asarray(jacobian_map(fwd, reference, kind).dataobj)
+    stats = jacobian_stats(jac, mask)
+    return {k: stats[k] for k in ('jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std')}
+
+
 def score_transform(pair: Pair, fixed: Fixed, fwd: Path, kind: str, out_dir: Path) -> dict:
     """Dice (AAL, tissue) and Jacobian statistics of a forward transform."""
-    from keyprep.pipeline.qc import dice_per_label, jacobian_stats
-    from keyprep.pipeline.transforms import apply_transforms, jacobian_map
+    from keyprep.pipeline.qc import dice_per_label
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     scores = {}
     for key, moving, reference in (('dice_aal', pair.moving_aal, fixed.aal),
                                    ('dice_tissue', pair.moving_tissue, fixed.tissue)):
-        warped = apply_transforms(moving, fixed.t1, [fwd], out_dir / f'{key}_warped.nii.gz',
-                                  interpolation='genericLabel')
+        warped = warp_labels(moving, fixed.t1, fwd, out_dir / f'{key}_warped.nii.gz')
         ref = _load(reference).astype(np.int64)
-        dice = dice_per_label(ref, _load(warped).astype(np.int64))
+        dice = dice_per_label(ref, warped)
         scores[key] = float(np.nanmean(list(dice.values()))) if dice else math.nan
-    jac = np.asarray(jacobian_map(fwd, fixed.t1, kind).dataobj)
-    stats = jacobian_stats(jac, _load(fixed.mask) > 0)
-    scores.update({k: stats[k] for k in ('jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std')})
+    scores.update(jacobian_scores(fwd, fixed.t1, kind, _load(fixed.mask) > 0))
     return scores
 
 
@@ -249,32 +269,128 @@ def _base_row(pair: Pair, method: str, resolution: float, sloppy: bool) -> dict:
     }
 
 
-def evaluate(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,
-             threads: int = 2, sloppy: bool = False, seed: int = 0) -> dict:
-    """One results row: register with ``method`` (or a reference: ``none``, ``truth``)
-    and score the result. Engine errors give a row with ``status`` ``error: ...``."""
-    from keyprep.pipeline.registration import run_engine
+def variant_names(method: str, sloppy: bool = False, params: dict | None = None) -> list[str]:
+    """The result names one run of engine ``method`` gives (its variants, e.g. one per TPS
+    λ; just the engine's name for most engines). Cheap: no registration, no torch."""
+    from keyprep.pipeline.engines import EngineOptions, engine_variants, get_engine
+
+    engine = get_engine(method)
+    options = EngineOptions(sloppy=sloppy, params=dict(params or {}))
+    return [n for n, _ in engine_variants(engine, options)]
+
+
+#: Keys of a variant's ``extras`` that time work done for that variant alone (for example a
+#: test-time refinement that starts from another variant's result).
+VARIANT_TIME_KEYS = ('refine_time_s',)
+
+
+def register(method: str, fixed: Path, moving: Path, run_dir: Path, *, threads: int,
+             sloppy: bool, seed: int, contrasts: dict | None = None,
+             params: dict | None = None) -> list[dict]:
+    """Register ``moving`` to ``fixed`` with a registered engine through
+    :func:`keyprep.pipeline.registration.run_engine_variants` (one run, every variant).
+
+    Returns one dict per variant: ``method`` (the variant's name), ``fwd`` (its forward
+    transform), ``kind``, ``run_time_s`` (the wall time of the whole run), ``runtime_s`` (the
+    variant's time: the run's, less the time the engine reports in :data:`VARIANT_TIME_KEYS`
+    for the *other* variants, so an unrefined result is not charged for the refinement of its
+    sibling; equal to the run's time for engines without such variants), ``peak_mem_mb``
+    (the process's peak resident memory during the run) and ``baseline_mem_mb`` (its
+    resident memory just before).
+    """
+    from keyprep.pipeline.registration import run_engine_variants
+    from keyprep.pipeline.resources import rss_mb
+
+    baseline = round(rss_mb(), 1)
+    runs = run_engine_variants(method, fixed, moving, run_dir, omp_nthreads=threads, seed=seed,
+                               sloppy=sloppy, contrasts=contrasts, params=params)
+    own = {r.method: sum(float((r.extras or {}).get(k) or 0.0) for k in VARIANT_TIME_KEYS)
+           for r in runs}
+    total = sum(own.values())
+    return [{'method': r.method, 'fwd': Path(r.fwd_xfm), 'kind': r.transform_kind,
+             'run_time_s': r.runtime_s,
+             'runtime_s': round(r.runtime_s - total + own[r.method], 3),
+             'peak_mem_mb': r.peak_mem_mb, 'baseline_mem_mb': baseline} for r in runs]
+
+
+def _record_error(row: dict, run_dir: Path, exc: BaseException) -> dict:
+    row['status'] = f'error: {type(exc).__name__}: {(str(exc).splitlines() or [""])[0][:200]}'
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / 'error.txt').write_text(
+        ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return row
+
+
+def guarded(row: dict, run_dir: Path, score) -> dict:
+    """Fill ``row`` with the dict that ``score()`` returns and ``status`` ``ok``; if it
+    raises, ``status`` is ``error: ...`` and the traceback goes to ``run_dir/error.txt``
+    (an engine that fails is a result too)."""
+    try:
+        row.update(score())
+        row['status'] = 'ok'
+    except Exception as exc:
+        _record_error(row, run_dir, exc)
+    return row
+
+
+def engine_rows(method: str, row: dict, run_dir: Path, fixed: Path, moving: Path, score, *,
+                threads: int, sloppy: bool, seed: int, contrasts: dict | None = None,
+                params: dict | None = None) -> list[dict]:
+    """Run engine ``method`` once and give one row per variant: a copy of ``row`` with the
+    variant's name, the run's measures (those of :func:`register` that ``row`` has keys
+    for) and ``score(fwd, kind, out_dir)``. If the engine fails, every variant gets an
+    error row."""
+    try:
+        runs = register(method, fixed, moving, run_dir, threads=threads, sloppy=sloppy,
+                        seed=seed, contrasts=contrasts, params=params)
+    except Exception as exc:
+        try:
+            names = variant_names(method, sloppy, params)
+        except Exception:
+            names = [method]
+        return [_record_error(dict(row, method=n), run_dir, exc) for n in names]
+    rows = []
+    for run in runs:
+        out = dict(row, method=run['method'])
+        out.update({k: v for k, v in run.items() if k in row and k != 'method'})
+        where = run['fwd'].parent
+        rows.append(guarded(out, where, lambda run=run, where=where: score(
+            run['fwd'], run['kind'], where)))
+    return rows
+
+
+def evaluate_rows(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,
+                  threads: int = 2, sloppy: bool = False, seed: int = 0) -> list[dict]:
+    """The results rows of one engine on one pair (one per variant), or of a reference
+    (``none``, ``truth``). Engine errors give rows with ``status`` ``error: ...``."""
+    from keyprep.pipeline.transforms import write_itk_affine
 
     row = _base_row(pair, method, resolution, sloppy)
     row.update({k: math.nan for k in COLUMNS if k not in row})
     run_dir = work / 'runs' / pair.spec.name / method
-    try:
-        if method == 'none':
-            fwd, kind = pt.write_itk_affine(np.eye(4), run_dir / 'identity.txt'), 'linear'
-        elif method == 'truth':
-            fwd, kind = pair.truth_fwd, pair.truth_kind
-        else:
-            rec = run_engine(method, fixed.t1, pair.moving, run_dir, omp_nthreads=threads,
-                             seed=seed, sloppy=sloppy)
-            fwd, kind = Path(rec.fwd_xfm), rec.transform_kind
-            row.update(runtime_s=rec.runtime_s, peak_mem_mb=rec.peak_mem_mb)
-        row.update(score_transform(pair, fixed, Path(fwd), kind, run_dir))
-        row['status'] = 'ok'
-    except Exception as exc:  # an engine that fails is a result too
-        row['status'] = f'error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}'
-        (run_dir / 'error.txt').parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / 'error.txt').write_text(traceback.format_exc())
-    return row
+
+    def score(fwd: Path, kind: str, out_dir: Path) -> dict:
+        return score_transform(pair, fixed, fwd, kind, out_dir)
+
+    if method == 'none':
+        return [guarded(row, run_dir, lambda: score(
+            write_itk_affine(np.eye(4), run_dir / 'identity.txt'), 'linear', run_dir))]
+    if method == 'truth':
+        return [guarded(row, run_dir, lambda: score(Path(pair.truth_fwd), pair.truth_kind,
+                                                    run_dir))]
+    return engine_rows(method, row, run_dir, fixed.t1, pair.moving, score, threads=threads,
+                       sloppy=sloppy, seed=seed)
+
+
+def evaluate(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,
+             threads: int = 2, sloppy: bool = False, seed: int = 0) -> dict:
+    """One results row: register with ``method`` (or a reference: ``none``, ``truth``)
+    and score the result (see :func:`evaluate_rows`; for an engine with one variant)."""
+    rows = evaluate_rows(method, pair, fixed, work, resolution=resolution, threads=threads,
+                         sloppy=sloppy, seed=seed)
+    if len(rows) != 1:
+        raise ValueError(f'{method} gives {len(rows)} variants: use evaluate_rows')
+    return rows[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -282,7 +398,8 @@ def evaluate(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: f
 # --------------------------------------------------------------------------------------
 
 NUMERIC = ['rotation_deg', 'dice_aal', 'dice_tissue', 'jac_min', 'jac_max', 'jac_neg_frac',
-           'logjac_std', 'runtime_s', 'peak_mem_mb', 'time_ratio_to_antsSyN', 'resolution_mm']
+           'logjac_std', 'runtime_s', 'peak_mem_mb', 'time_ratio_to_antsAffine',
+           'time_ratio_to_antsSyN', 'resolution_mm']
 
 
 def _key(row: dict) -> tuple:
@@ -290,45 +407,73 @@ def _key(row: dict) -> tuple:
             str(row['sloppy']).lower() == 'true')
 
 
-def read_results(path: Path) -> list[dict]:
-    """The rows of the results table (none when it does not exist yet)."""
+def read_table(path: Path, columns: list[str]) -> list[dict]:
+    """The rows of a results TSV with these columns (missing columns are NaN; no rows when
+    the file does not exist yet)."""
     import pandas as pd
 
     if not path.exists():
         return []
     df = pd.read_csv(path, sep='\t', na_values=['n/a'], keep_default_na=False)
-    for col in COLUMNS:
+    for col in columns:
         if col not in df:
             df[col] = math.nan
-    return df[COLUMNS].to_dict('records')
+    return df[columns].to_dict('records')
+
+
+def typed_frame(rows: list[dict], columns: list[str], numeric: list[str]):
+    """Rows as a DataFrame with numeric columns as floats and ``sloppy`` as a boolean."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=columns)
+    for col in numeric:
+        df[col] = pd.to_numeric(df[col], errors='coerce')
+    df['sloppy'] = df['sloppy'].astype(str).str.lower() == 'true'
+    return df
+
+
+def add_time_ratios(df, by: list[str], references: tuple[str, ...] = TIME_REFERENCES):
+    """Fill ``time_ratio_to_<ref>``: each row's ``runtime_s`` over the time of engine
+    ``ref`` on the same problem (the rows that agree on the ``by`` columns), NaN where
+    ``ref`` has no successful row there."""
+    for ref_method in references:
+        ok = df[(df['method'] == ref_method) & (df['status'] == 'ok')]
+        ref = {tuple(k): t for k, t in zip(ok[by].itertuples(index=False), ok['runtime_s'])}
+        df[f'time_ratio_to_{ref_method}'] = [
+            t / ref[tuple(k)] if ref.get(tuple(k)) else math.nan
+            for k, t in zip(df[by].itertuples(index=False), df['runtime_s'])]
+    return df
+
+
+def write_table(df, path: Path, rounding: dict[str, int]) -> None:
+    """Write a DataFrame as a TSV atomically (``n/a`` for missing values)."""
+    tmp = path.with_name(path.name + '.tmp')
+    df.round(rounding).to_csv(tmp, sep='\t', index=False, na_rep='n/a')
+    os.replace(tmp, path)
+
+
+#: Decimals of the numbers written to the TSV tables.
+ROUNDING = {'dice_aal': 4, 'dice_tissue': 4, 'jac_min': 4, 'jac_max': 4, 'jac_neg_frac': 6,
+            'logjac_std': 4, 'runtime_s': 2, 'peak_mem_mb': 1, 'time_ratio_to_antsAffine': 3,
+            'time_ratio_to_antsSyN': 3}
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of the results table (none when it does not exist yet)."""
+    return read_table(path, COLUMNS)
 
 
 def results_frame(rows: list[dict]):
-    """Rows as a typed DataFrame, with ``time_ratio_to_antsSyN`` filled in: the engine's
-    time over antsSyN's time on the same pair, resolution and schedule."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    for col in NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors='coerce')
-    df['sloppy'] = df['sloppy'].astype(str).str.lower() == 'true'
-    syn = df[(df['method'] == 'antsSyN') & (df['status'] == 'ok')]
-    ref = {(r.pair, r.resolution_mm, r.sloppy): r.runtime_s for r in syn.itertuples()}
-    df['time_ratio_to_antsSyN'] = [
-        r.runtime_s / ref[(r.pair, r.resolution_mm, r.sloppy)]
-        if ref.get((r.pair, r.resolution_mm, r.sloppy)) else math.nan
-        for r in df.itertuples()]
-    return df
+    """Rows as a typed DataFrame, with ``time_ratio_to_antsAffine`` and
+    ``time_ratio_to_antsSyN`` filled in: the engine's time over the reference engine's
+    time on the same pair, resolution and schedule."""
+    df = typed_frame(rows, COLUMNS, NUMERIC)
+    return add_time_ratios(df, ['pair', 'resolution_mm', 'sloppy'])
 
 
 def write_results(rows: list[dict], path: Path) -> None:
     """Write the TSV atomically (numbers rounded for reading)."""
-    df = results_frame(rows).round({
-        'dice_aal': 4, 'dice_tissue': 4, 'jac_min': 4, 'jac_max': 4, 'jac_neg_frac': 6,
-        'logjac_std': 4, 'runtime_s': 2, 'peak_mem_mb': 1, 'time_ratio_to_antsSyN': 3})
-    tmp = path.with_name(path.name + '.tmp')
-    df.to_csv(tmp, sep='\t', index=False, na_rep='n/a')
-    os.replace(tmp, path)
+    write_table(results_frame(rows), path, ROUNDING)
 
 
 def machine_info(threads: int) -> dict:
@@ -525,16 +670,19 @@ def main(argv: list[str] | None = None) -> int:
         pair = build_pair(spec, fixed, work, args.resolution, args.seed)
         built[spec.name] = pair
         for method in [*REFERENCE_METHODS, *methods]:
-            if (spec.name, method, float(args.resolution), sloppy) in done:
+            names = [method] if method in REFERENCE_METHODS else variant_names(method, sloppy)
+            if all((spec.name, n, float(args.resolution), sloppy) in done for n in names):
                 continue
-            row = evaluate(method, pair, fixed, work, resolution=args.resolution,
-                           threads=args.threads, sloppy=sloppy, seed=args.seed)
-            rows.append(row)
-            done.add(_key(row))
+            new = evaluate_rows(method, pair, fixed, work, resolution=args.resolution,
+                                threads=args.threads, sloppy=sloppy, seed=args.seed)
+            rows.extend(new)
+            done.update(_key(row) for row in new)
             write_results(rows, tsv)
-            print(f'benchmark: {spec.name:7s} {method:12s} Dice AAL {_fmt(row["dice_aal"])} '
-                  f'tissue {_fmt(row["dice_tissue"])} time {_fmt(row["runtime_s"], 1)} s '
-                  f'[{row["status"]}] ({time.time() - t0:.0f} s elapsed)', flush=True)
+            for row in new:
+                print(f'benchmark: {spec.name:7s} {row["method"]:12s} Dice AAL '
+                      f'{_fmt(row["dice_aal"])} tissue {_fmt(row["dice_tissue"])} time '
+                      f'{_fmt(row["runtime_s"], 1)} s [{row["status"]}] '
+                      f'({time.time() - t0:.0f} s elapsed)', flush=True)
         write_summary(rows, md, info=info, resolution=args.resolution, sloppy=sloppy,
                       pairs=built)
     write_results(rows, tsv)

@@ -88,3 +88,83 @@ def write_bids(root: Path, subjects: dict[str, nb.Nifti1Image | bytes | None],
             img.to_filename(f)
         (anat / f'sub-{sub}_T1w.json').write_text('{}')
     return root
+
+
+def train_tiny_keymorph(image: Path, out: Path, *, n_keypoints: int = 48, steps: int = 1000,
+                        max_rotation_deg: float = 20.0, seed: int = 0) -> Path:
+    """A small KeyMorph detector pretrained on ONE brain (about a minute on one CPU thread).
+
+    KeyMorph's self-supervised keypoint pretraining (paper section 3.5) on a single image:
+    ``n_keypoints`` target points spread over the brain (farthest-point sampling of its
+    voxels on the detector grid); each step rotates (up to ``max_rotation_deg`` about a
+    random axis) and shifts the conformed image, and the detector learns to put its
+    keypoints where the same motion puts the targets. The result localises those points in
+    rotated copies of this brain, which is what the registration tests need until the
+    shipped weights exist; it is not a model for other brains.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from keyprep.pipeline.keymorph.keypoints import farthest_point_subset
+    from keyprep.pipeline.keymorph.network import (
+        FORMAT,
+        DetectorConfig,
+        KeypointDetector,
+        conform,
+    )
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cfg = DetectorConfig(n_keypoints=n_keypoints, features=(8, 16, 16, 32),
+                         pool_after=(1, 2, 3), res_mm=4.0, shape=(48, 48, 48))
+    x0 = conform(nb.load(str(image)), cfg).tensor
+    vox = np.argwhere(x0[0, 0].numpy() > 0.1).astype(float)
+    targets = torch.as_tensor(vox[farthest_point_subset(vox, n_keypoints)], dtype=torch.float32)
+    det = KeypointDetector(cfg)
+    opt = torch.optim.Adam(det.parameters(), lr=2e-3)
+    n = torch.tensor(cfg.shape, dtype=torch.float32)
+    c = (n - 1) / 2
+    ii = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in cfg.shape],
+                                    indexing='ij'), -1)
+    for step in range(steps):
+        xs, ts = [], []
+        for _ in range(2):
+            axis = torch.randn(3, generator=gen)
+            axis = axis / axis.norm()
+            angle = float((torch.rand(1, generator=gen) * 2 - 1) * math.radians(max_rotation_deg))
+            skew = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]],
+                                 [-axis[1], axis[0], 0.0]])
+            rot = torch.linalg.matrix_exp(skew * angle)
+            shift = (torch.rand(3, generator=gen) * 2 - 1)
+            src = (ii - c - shift) @ rot + c  # output voxel q samples rot^T (q - c - t) + c
+            xs.append(F.grid_sample(x0, (2 * src / (n - 1) - 1).flip(-1)[None],
+                                    align_corners=True))
+            ts.append((targets - c) @ rot.T + c + shift)
+        pred = det(torch.cat(xs))['points']
+        loss = ((pred - torch.stack(ts)) ** 2).sum(-1).mean()
+        for group in opt.param_groups:
+            group['lr'] = 2e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'format': FORMAT, 'detector': cfg.to_dict(), 'state_dict': det.state_dict(),
+                'note': 'tests/conftest.py: train_tiny_keymorph'}, out)
+    return out
+
+
+@pytest.fixture(scope='session')
+def keymorph_weights(request, small_brains) -> Path:
+    """The shipped KeyMorph weights; until they exist, a tiny detector pretrained on the
+    fixed test brain (:func:`train_tiny_keymorph`, cached in pytest's cache folder)."""
+    from keyprep.pipeline.keymorph.network import FORMAT, default_weights
+
+    if default_weights().is_file():
+        return default_weights()
+    path = Path(request.config.cache.mkdir(f'keymorph-tiny-{FORMAT}-v1')) / 'tiny.pt'
+    if not path.is_file():
+        train_tiny_keymorph(small_brains['fixed'], path)
+    return path

@@ -30,8 +30,11 @@ def _ncc(a, b):
 @pytest.fixture(scope='module', params=sorted(available_engines()))
 def engine_run(request, small_brains, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
+    params = {}
+    if available_engines()[request.param].family == 'keymorph':
+        params['weights'] = str(request.getfixturevalue('keymorph_weights'))
     run = run_engine(request.param, small_brains['fixed'], small_brains['moving'], out,
-                     omp_nthreads=2, sloppy=True, seed=1)
+                     omp_nthreads=2, sloppy=True, seed=1, params=params)
     return run, out
 
 

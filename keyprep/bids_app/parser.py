@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import __version__
 from ..pipeline.errors import EXIT_CODES, EXIT_UNKNOWN_LEVEL, EXIT_USAGE, KeyprepError
 
-__all__ = ['build_parser', 'parse_args', 'parse_mem']
+__all__ = ['build_parser', 'engine_params', 'parse_args', 'parse_mem']
 
 ANALYSIS_LEVELS = ('participant', 'group')
 
@@ -47,6 +47,16 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f'{value!r} is not an integer') from None
     if out < 1:
         raise argparse.ArgumentTypeError(f'{value!r} must be 1 or more')
+    return out
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a number') from None
+    if not out >= 0 or out == float('inf'):
+        raise argparse.ArgumentTypeError(f'{value!r} must be a finite number >= 0')
     return out
 
 
@@ -123,12 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('Workflow')
     g.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), metavar='METHOD',
-                   help='registration engines to run; available: ' + ', '.join(engines)
-                        + '; default: ' + ' '.join(DEFAULT_METHODS))
+                   help='registration engines to run, or "all"; available: '
+                        + ', '.join(engines) + '; default: ' + ' '.join(DEFAULT_METHODS))
     g.add_argument('--target', default='MNI152NLin2009aSym', metavar='TARGET',
                    help='registration target: a bundled template (MNI152NLin2009aSym, '
-                        'optionally :res-N for N mm), a NIfTI file, or sub-<label> to '
-                        'register every other subject to that one')
+                        'optionally :res-N for N mm), a NIfTI file, sub-<label> to '
+                        'register every other subject to that one, or groupwise '
+                        '(optionally groupwise:res-N, default 1 mm) to build a keypoint-mean '
+                        'template of the selected participants (KeyMorph keypoints aligned '
+                        'by generalised Procrustes, the brains averaged on the mean keypoint '
+                        'cloud; written to tpl-keyprepGroupwise/) and register each one to it')
     g.add_argument('--skull-strip', choices=('auto', 'force', 'skip', 'synth'), default='auto',
                    help='auto: strip unless the image is already brain-only (a large exact '
                         'background and a brain-sized foreground: its mask is then that '
@@ -147,6 +161,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help='shorter optimisation schedules, and no left/right test-time '
                         'augmentation in the label network: for testing only')
 
+    g = parser.add_argument_group(
+        'KeyMorph engines',
+        'Options of keymorphRigid, keymorphAffine and keymorphTPS (learned keypoints and '
+        'closed-form fits; run them with --methods all or by name) and of --target groupwise.')
+    g.add_argument('--keymorph-weights', type=Path, default=None, metavar='FILE',
+                   help='KeyMorph weights file (e.g. exported by keyprep train keymorph '
+                        '--export); default: the model shipped in keyprep/models/keymorph/')
+    g.add_argument('--keymorph-lambdas', nargs='+', type=_non_negative_float, default=None,
+                   metavar='LAMBDA',
+                   help='thin-plate-spline regularisation weights of keymorphTPS, in the '
+                        "paper's normalised frame (0 interpolates the keypoints; 10 is close "
+                        'to affine); default 1. Several values give one result per value from '
+                        'ONE keypoint detection, each written as its own method '
+                        'keymorphTPSlam<value> (0.1 -> lam0p1) with its own derivatives, QC '
+                        'rows and figures, and a figure of all of them side by side')
+    g.add_argument('--keymorph-refine', choices=('none', 'affine', 'deformable'),
+                   default='none',
+                   help='test-time refinement by image similarity (LNCC for the same '
+                        'contrast, MIND otherwise) on a 2 mm grid, starting from the '
+                        'keypoint solution: affine refines keymorphRigid (staying rigid) and '
+                        'keymorphAffine; deformable also refines keymorphTPS with a smooth '
+                        'diffeomorphic correction (stationary velocity field). Refined '
+                        'results are ADDED as methods <method>Refined (e.g. '
+                        'keymorphAffineRefined), next to the unrefined ones, which keep '
+                        'their names; default: none')
+    g.add_argument('--keymorph-refine-steps', type=_positive_int, default=None, metavar='N',
+                   help='optimisation steps of the refinement (default 40; 8 with --sloppy)')
+    g.add_argument('--keymorph-keypoints', type=_positive_int, default=None, metavar='N',
+                   help='use only N of the model\'s keypoints (at least 4), spread over the '
+                        'brain by farthest-point sampling of the target\'s keypoints; '
+                        'default: all')
+
     g = parser.add_argument_group('Subsets and other options')
     g.add_argument('-w', '--work-dir', type=Path, default=Path('work'),
                    help='work folder; rerunning with the same one resumes (default: ./work)')
@@ -161,6 +207,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help='more log output (-vv for debug)')
     g.add_argument('--version', action='version', version=f'keyprep v{__version__}')
     return parser
+
+
+def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
+    """Engine name -> engine-specific parameters from the command line (the ``--keymorph-*``
+    options for every KeyMorph engine; only options that were given)."""
+    from ..pipeline.engines import available_engines
+
+    common = {}
+    if getattr(opts, 'keymorph_weights', None):
+        common['weights'] = str(Path(opts.keymorph_weights).expanduser().absolute())
+    if getattr(opts, 'keymorph_refine', 'none') != 'none':
+        common['refine'] = opts.keymorph_refine
+    if getattr(opts, 'keymorph_refine_steps', None):
+        common['refine_steps'] = int(opts.keymorph_refine_steps)
+    if getattr(opts, 'keymorph_keypoints', None):
+        common['n_keypoints'] = int(opts.keymorph_keypoints)
+    out = {}
+    for name, cls in available_engines().items():
+        if cls.family != 'keymorph':
+            continue
+        params = dict(common)
+        if name == 'keymorphTPS' and getattr(opts, 'keymorph_lambdas', None):
+            params['lambdas'] = [float(v) for v in dict.fromkeys(opts.keymorph_lambdas)]
+        if params:
+            out[name] = params
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,7 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engines = available_engines()
     names = {k.lower(): k for k in engines}
     methods = []
-    for m in opts.methods:
+    requested = list(engines) if [m.lower() for m in opts.methods] == ['all'] else opts.methods
+    for m in requested:
         if m.lower() not in names:
             raise KeyprepError(f'unknown method {m!r}; available: {", ".join(engines)}',
                                EXIT_USAGE)
@@ -223,6 +296,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 from None
         if not isinstance(opts.bids_filters, dict):
             raise KeyprepError('--bids-filter-file must hold a JSON object', EXIT_USAGE)
+    if opts.keymorph_weights is not None:  # nodes run in their own folders
+        opts.keymorph_weights = opts.keymorph_weights.expanduser().absolute()
+    opts.engine_params = engine_params(opts)
+    if opts.keymorph_keypoints is not None and opts.keymorph_keypoints < 4:
+        raise KeyprepError('--keymorph-keypoints must be at least 4', EXIT_USAGE)
+    uses_keymorph = any(engines[m].family == 'keymorph' for m in opts.methods) or \
+        opts.target.strip().split(':')[0] == 'groupwise'
+    if uses_keymorph:
+        from ..pipeline.keymorph.network import default_weights
+
+        weights = opts.keymorph_weights or default_weights()
+        if not Path(weights).is_file():
+            from ..pipeline.errors import EXIT_NO_INPUT
+
+            raise KeyprepError(f'KeyMorph weights not found: {weights} (give '
+                               '--keymorph-weights, or reinstall keyprep)', EXIT_NO_INPUT)
     ncpus = os.cpu_count() or 1
     opts.nprocs = opts.nprocs or ncpus
     opts.omp_nthreads = opts.omp_nthreads or min(opts.nprocs, 8)

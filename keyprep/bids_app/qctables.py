@@ -42,30 +42,52 @@ def crashed_nodes(crash_files: list[Path]) -> dict[str, Path]:
 
 def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, methods,
                        target: str, bids_dir: Path, skip_source: Path | None,
-                       crashes: dict[str, Path], since: float | None = None) -> list[Path]:
+                       crashes: dict[str, Path], since: float | None = None,
+                       variants: dict[str, list[str]] | None = None) -> list[Path]:
     """Write the QC tables of every participant whose workflow had a failed node.
 
     With ``since`` (a time stamp: the run stopped at its first crash, so nodes after it may
     not have run), only QC outputs written after it are used; older ones could belong to
     earlier inputs, and those registrations are marked as not completed.
+
+    ``variants`` (engine -> its variant names, when an engine gives several): each variant
+    gets its row, from ``reg_<image>_<engine>_wf/<variant>_wf/qc``; a crash of the engine's
+    own nodes (``register``...) fails all its variants, a crash in a variant's chain only
+    that variant.
     """
     written = []
-    target_failed = any(n.startswith(f'{wf_name}.target_wf.') for n in crashes)
+    variants = variants or {}
+    target_failed = any(n.startswith(f'{wf_name}.target_wf.') or
+                        n.startswith(f'{wf_name}.groupwise_wf.') for n in crashes)
     for group in groups:
         gwf = f'{wf_name}.{group.name}_wf.'
-        if not group.images or not (target_failed or any(n.startswith(gwf) for n in crashes)):
+        awf = f'{wf_name}.{group.name}_anat_wf.'  # preprocessing, with --target groupwise
+        if not group.images or not (target_failed or any(n.startswith((gwf, awf))
+                                                         for n in crashes)):
             continue
         longs, summaries = [], []
         for image in group.images:
             if skip_source is not None and image.path.resolve() == Path(skip_source).resolve():
                 continue
             anat_failed = [f for n, f in crashes.items()
-                           if n.startswith(f'{gwf}anat_{image.key}_wf.')]
+                           if n.startswith((f'{gwf}anat_{image.key}_wf.',
+                                            f'{awf}anat_{image.key}_wf.'))]
+            rows = []
             for method in methods:
+                names = variants.get(method) or [method]
                 reg = f'reg_{image.key}_{method}_wf'
-                failed = anat_failed + [f for n, f in crashes.items()
-                                        if n.startswith(f'{gwf}{reg}.')]
-                qc_dir = work_dir / wf_name / f'{group.name}_wf' / reg / 'qc'
+                if len(names) == 1:
+                    rows.append((names[0], reg, '', []))
+                    continue
+                chains = [f'{gwf}{reg}.{v}_wf.' for v in names]
+                own = [f for n, f in crashes.items()
+                       if n.startswith(f'{gwf}{reg}.') and not n.startswith(tuple(chains))]
+                rows += [(v, reg, f'{v}_wf', own) for v in names]
+            for method, reg, sub, own in rows:
+                prefix = f'{gwf}{reg}.' + (f'{sub}.' if sub else '')
+                failed = anat_failed + own + [f for n, f in crashes.items()
+                                              if n.startswith(prefix)]
+                qc_dir = work_dir / wf_name / f'{group.name}_wf' / reg / sub / 'qc'
                 fresh = (qc_dir / 'qc_summary.tsv').exists() and (
                     since is None or (qc_dir / 'qc_summary.tsv').stat().st_mtime >= since)
                 if not failed and not target_failed and fresh:

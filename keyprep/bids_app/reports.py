@@ -30,15 +30,19 @@ def _env():
                               autoescape=jinja2.select_autoescape(['html', 'j2']))
 
 
-def boilerplate_text(methods: list[str], target, skull_strip_method: str = 'deepbet') -> str:
+def boilerplate_text(methods: list[str], target, skull_strip_method: str = 'deepbet',
+                     engine_params: dict | None = None) -> str:
     """The methods paragraph (Markdown with [@citekeys]) for the engines of a run."""
     import nipype
 
-    from ..pipeline.engines import get_engine
+    from ..pipeline.engines import EngineOptions, get_engine
     from ..pipeline.registration import software_versions
 
     v = software_versions()
+    engine_params = engine_params or {}
     engines = [get_engine(m) for m in methods]
+    options = {e.name: EngineOptions(params=dict(engine_params.get(e.name) or {}))
+               for e in engines}
     if target.kind == 'template':
         from ..pipeline.targets import TEMPLATES
 
@@ -46,16 +50,21 @@ def boilerplate_text(methods: list[str], target, skull_strip_method: str = 'deep
                f'[@{TEMPLATES[target.name]["citation"]}])')
     elif target.kind == 'subject':
         tgt = f'the T1-weighted image of participant sub-{target.subject}'
+    elif target.kind == 'groupwise':
+        tgt = ('a groupwise template of the participants (tpl-keyprepGroupwise): their '
+               'KeyMorph keypoints [@wang2023keymorph] were aligned by generalised Procrustes '
+               'analysis [@gower1975] with closed-form affine fits, and the brains were '
+               'averaged on the mean keypoint cloud')
     else:
         tgt = f'a user-provided image ({target.name})'
     if target.resolution:
         tgt += f', resampled to {target.resolution:g} mm isotropic voxels'
-    cites = sorted({c for e in engines for c in e.citations})
+    cites = sorted({c for e in engines for c in e.cite(options[e.name])})
     if skull_strip_method == 'synth':
         strip = 'skull-stripped with the brain mask of the label network'
     else:
         strip = f"skull-stripped with *deepbet* {v.get('deepbet', '')} [@fisch2024]"
-    engine_lines = '; '.join(f'*{e.name}*: {e.description}' for e in engines)
+    engine_lines = '; '.join(f'*{e.name}*: {e.boilerplate(options[e.name])}' for e in engines)
     return f"""Results included in this manuscript come from preprocessing performed using
 *keyprep* {__version__}, a BIDS App [@bidsapps] based on *Nipype* {nipype.__version__}
 [@keyprep_nipype].
@@ -82,10 +91,11 @@ unchanged. It is released under the CC0 license.
 
 
 def write_boilerplate(out_dir: Path, methods: list[str], target,
-                      skull_strip_method: str = 'deepbet') -> Path:
+                      skull_strip_method: str = 'deepbet',
+                      engine_params: dict | None = None) -> Path:
     """Write ``logs/CITATION.md`` and ``logs/CITATION.bib`` (atomically)."""
     logs = out_dir / 'logs'
-    text = boilerplate_text(methods, target, skull_strip_method)
+    text = boilerplate_text(methods, target, skull_strip_method, engine_params)
     atomic_write_text(logs / 'CITATION.md', '### Methods\n\n' + text +
                       '\n### References\n\nSee CITATION.bib.\n')
     atomic_write_text(logs / 'CITATION.bib', (_DATA / 'boilerplate.bib').read_text())
@@ -206,9 +216,14 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                                           f'({tgt_spec.name}): the reference of the '
                                           'per-structure Dice', 'uri': _uri(out_dir / rel)})
 
+    variants = config.get('variants') or {}
+    engine_of = {v: m for m in methods for v in (variants.get(m) or [m])}
+    extra_figs = _engine_figures(methods, variants, config.get('engine_params') or {})
+    methods = list(engine_of)  # every registration result (engine variants expanded)
     registrations, overview = [], []
     for im in images:
         cells = []
+        shown: set = set()
         for method in methods:
             row = None
             if not summary.empty:
@@ -227,6 +242,13 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                  derivative_name(im['rel_raw'], datatype='figures', desc=method,
                                  space=tgt_label, suffix='jacobian', extension='.png')),
             ]
+            for desc, caption in extra_figs.get(method, []):
+                if desc in shown:
+                    continue
+                shown.add(desc)
+                figs.insert(0, (caption, derivative_name(
+                    im['rel_raw'], datatype='figures', desc=desc, space=tgt_label,
+                    extension='.png')))
             fig_objs = [{'caption': c, 'uri': _uri(out_dir / f)} for c, f in figs]
             if row is None and not any(f['uri'] for f in fig_objs):
                 if target and config.get('target', '').startswith('sub-') and \
@@ -318,6 +340,37 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
     page = _env().get_template('participant_report.html.j2').render(**ctx)
     out = out_dir / f'sub-{subject}.html'
     atomic_write_text(out, page)
+    return out
+
+
+def _engine_figures(methods: list[str], variants: dict[str, list[str]],
+                    engine_params: dict) -> dict[str, list[tuple[str, str]]]:
+    """Figures of an engine as a whole, shown with its first variant: ``(desc, caption)``
+    of the variants side by side, and of the keypoints (once per image, with the first
+    engine that writes them)."""
+    from ..pipeline.engines import EngineOptions, get_engine
+    from ..workflows.registration import KEYPOINT_KEYS
+
+    out: dict[str, list[tuple[str, str]]] = {}
+    for method in methods:
+        names = variants.get(method) or [method]
+        figs = []
+        try:
+            engine = get_engine(method)
+            extras = {x.key for x in engine.extra_outputs(
+                EngineOptions(params=dict(engine_params.get(method) or {})))}
+        except Exception:  # an engine no longer installed: its own figures only
+            extras = set()
+        if len(names) > 1:
+            figs.append((f'{method}variants',
+                         f'{method}: the {len(names)} results of one run side by side '
+                         f'({", ".join(names)}), target edges over the moving image'))
+        if all(k in extras for k in KEYPOINT_KEYS):
+            figs.append(('keypoints', 'Keypoints of the image (top) and of the target '
+                                      '(bottom), coloured by index: the same colour is the '
+                                      'same keypoint; registration maps one set onto the '
+                                      'other'))
+        out[names[0]] = figs
     return out
 
 

@@ -122,7 +122,8 @@ def _run_participant(opts, argv: list[str]) -> int:
     subjects = collect_participants(bids_dir, opts.participant_label)
 
     target_file, skip_source = _resolve_target_file(layout, target)
-    load_image(target_file, what='target image')  # a bad target stops everything
+    if target_file is not None:
+        load_image(target_file, what='target image')  # a bad target stops everything
 
     groups = collect_groups(layout, subjects, opts.session_label, opts.bids_filters)
     for group in groups:
@@ -143,6 +144,10 @@ def _run_participant(opts, argv: list[str]) -> int:
             LOGGER.error('%s', msg)
             errors_by_subject.setdefault(group.subject, []).append((msg, code))
     runnable = [g for g in groups if g.images]
+    if target.kind == 'groupwise' and len({g.subject for g in runnable}) < 2:
+        from ..pipeline.errors import UsageError
+
+        raise UsageError('--target groupwise needs usable images of at least two participants')
     from .reports import generate_reports, write_boilerplate
 
     subjects_run = sorted({g.subject for g in groups})
@@ -158,13 +163,23 @@ def _run_participant(opts, argv: list[str]) -> int:
         methods=opts.methods, bids_dir=bids_dir, output_dir=out_dir, work_dir=work_dir,
         run_uuid=run_uuid, skull_strip=opts.skull_strip,
         skull_strip_method=opts.skull_strip_method, omp_nthreads=opts.omp_nthreads,
-        device=device, seed=opts.random_seed, sloppy=opts.sloppy)
-    write_boilerplate(out_dir, opts.methods, target, opts.skull_strip_method)
+        device=device, seed=opts.random_seed, sloppy=opts.sloppy,
+        engine_params=getattr(opts, 'engine_params', None),
+        keymorph_weights=(str(opts.keymorph_weights)
+                          if getattr(opts, 'keymorph_weights', None) else None))
+    write_boilerplate(out_dir, opts.methods, target, opts.skull_strip_method,
+                      getattr(opts, 'engine_params', None))
+    from ..workflows.registration import method_variants
+
+    variants = {m: [v for v, _ in method_variants(m, opts.engine_params.get(m), opts.sloppy)]
+                for m in opts.methods}
     config = {
         'version': __version__, 'run_uuid': run_uuid, 'command': ['keyprep', *argv],
         'bids_dir': str(bids_dir), 'output_dir': str(out_dir), 'work_dir': str(work_dir),
-        'participants': subjects_run, 'methods': opts.methods, 'target': opts.target,
-        'target_file': str(target_file), 'skull_strip': opts.skull_strip,
+        'participants': subjects_run, 'methods': opts.methods,
+        'variants': variants, 'engine_params': opts.engine_params, 'target': opts.target,
+        'target_file': str(target_file) if target_file is not None else None,
+        'skull_strip': opts.skull_strip,
         'skull_strip_method': opts.skull_strip_method,
         'device': opts.device, 'nprocs': opts.nprocs, 'omp_nthreads': opts.omp_nthreads,
         'mem_gb': opts.mem, 'random_seed': opts.random_seed, 'sloppy': opts.sloppy,
@@ -190,7 +205,8 @@ def _run_participant(opts, argv: list[str]) -> int:
             from .qctables import complete_qc_tables, crashed_nodes
 
             complete_qc_tables(out_dir=out_dir, work_dir=work_dir, wf_name=workflow_name(),
-                               groups=runnable, methods=opts.methods, target=target.name,
+                               groups=runnable, methods=opts.methods, variants=variants,
+                               target=target.name,
                                bids_dir=bids_dir, skip_source=skip_source,
                                crashes=crashed_nodes(crash_files),
                                since=t0 if opts.stop_on_first_crash else None)
@@ -221,9 +237,12 @@ def _device(device: str) -> str:
 
 
 def _resolve_target_file(layout, target):
-    """The image file of the target; for ``sub-<label>``, that subject's first T1w."""
+    """The image file of the target; for ``sub-<label>``, that subject's first T1w; ``None``
+    for ``groupwise`` (the workflow builds it)."""
     from ..pipeline.errors import MissingInputError
 
+    if target.kind == 'groupwise':
+        return None, None
     if target.kind != 'subject':
         return Path(target.path), None
     files = layout.get(subject=target.subject, datatype='anat', suffix='T1w',

@@ -48,7 +48,8 @@ DRIVER_SCRIPT = 'keyprep_nipype_driver.sbatch'
 PLUGIN_FILE = 'nipype_plugin.yml'
 
 #: keyprep options whose value is a path: made absolute, since the jobs run elsewhere.
-_PATH_OPTIONS = ('--bids-filter-file', '--use-plugin', '--nipype-plugin-file', '--target')
+_PATH_OPTIONS = ('--bids-filter-file', '--use-plugin', '--nipype-plugin-file', '--target',
+                 '--keymorph-weights')
 #: keyprep options that keyprep-slurm sets per task.
 _OWN_OPTIONS = ('--participant-label', '--participant_label', '-w', '--work-dir')
 
@@ -170,6 +171,16 @@ def _absolute_paths(args: list[str]) -> list[str]:
     return out
 
 
+def _groupwise_target(args: list[str]) -> bool:
+    """Whether keyprep's arguments ask for ``--target groupwise[:res-N]``."""
+    for i, a in enumerate(args):
+        value = a.split('=', 1)[1] if a.startswith('--target=') else (
+            args[i + 1] if a == '--target' and i + 1 < len(args) else None)
+        if value is not None and value.strip().split(':')[0] == 'groupwise':
+            return True
+    return False
+
+
 def _has_option(args: list[str], *names: str) -> bool:
     return any(a in names or a.split('=', 1)[0] in names for a in args)
 
@@ -289,6 +300,10 @@ def write_slurm_scripts(argv: list[str] | None = None) -> SlurmJobs:
                          'containers')
     if args.container is not None and not args.container.exists():
         raise UsageError(f'--container image not found: {args.container}')
+    if not args.nipype_plugin and _groupwise_target(passthrough):
+        raise UsageError('--target groupwise builds one template from all participants: the '
+                         'array job runs each participant alone; use --nipype-plugin SLURM '
+                         '(one driver for the whole run)')
 
     # keyprep's own checks and selection (exit codes 64, 16, 18, 66 as keyprep would give)
     check_argv = [str(bids_dir), str(out_dir), 'participant', *passthrough]

@@ -1,6 +1,7 @@
 """``keyprep train <model>``: train keyprep's learned components on synthetic data.
 
     keyprep train synthseg --label-maps DIR --output DIR [--recipe cpu-2mm|gpu-1mm]
+    keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
@@ -46,6 +47,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
     p.add_argument('--threads', type=int, help='torch CPU threads')
     p.add_argument('--export', type=Path, help='write the weights file for keyprep here at the end')
+
+    from ..pipeline.keymorph.train import RECIPES as KM_RECIPES
+
+    k = sub.add_parser('keymorph', help='the KeyMorph keypoint detector (pretraining, then '
+                       'supervised or unsupervised registration training)')
+    k.add_argument('--label-maps', type=Path, required=True,
+                   help='folder of training label maps (*.nii.gz) in SynthSeg generation labels')
+    k.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
+    k.add_argument('--recipe', choices=sorted(KM_RECIPES), default='cpu-2.5mm',
+                   help='cpu-2.5mm: 96^3 at 2.5 mm, small detector (ships); gpu-2mm: the '
+                   "paper's 128^3 network (widths 32-512)")
+    k.add_argument('--mode', choices=['supervised', 'unsupervised'],
+                   help='second stage: soft Dice on labels, or image similarity (default: recipe)')
+    k.add_argument('--unsup-sim', choices=['mse', 'lncc', 'mi'],
+                   help='unsupervised similarity: mse/lncc on same-contrast pairs alternated with '
+                   'keypoint consistency, or mutual information on random contrasts')
+    k.add_argument('--pretrain-steps', type=int, help='self-supervised keypoint pretraining steps')
+    k.add_argument('--steps', type=int, help='steps after pretraining (default: the recipe)')
+    k.add_argument('--pretrain-ramp', type=int,
+                   help='pretraining steps over which the augmentation grows to its maximum')
+    k.add_argument('--n-keypoints', type=int, help='number of keypoints (default 128)')
+    k.add_argument('--weighted', choices=['none', 'mass', 'head'],
+                   help='per-keypoint weights (default: none)')
+    k.add_argument('--spatial-reg', action='store_true',
+                   help="the paper's spatial regularisation: KL 1, variance 0.01, repulsion 0.001, "
+                   'tau 0.1 (individual weights below override)')
+    k.add_argument('--kl-weight', type=float, help='weight of the KL-to-Gaussian loss (0: off)')
+    k.add_argument('--var-weight', type=float, help='weight of the variance loss (0: off)')
+    k.add_argument('--rep-weight', type=float, help='weight of the repulsion loss (0: off)')
+    k.add_argument('--rep-tau', type=float, help='repulsion temperature (normalised frame)')
+    k.add_argument('--lr', type=float, help='learning rate after pretraining')
+    k.add_argument('--seed', type=int, help='training seed (default: the recipe)')
+    k.add_argument('--init', type=Path,
+                   help='start the second stage from this checkpoint (e.g. another run\'s '
+                   'pretrained.pt) when the run has no checkpoint yet')
+    k.add_argument('--val-every', type=int, help='validate every this many steps')
+    k.add_argument('--checkpoint-every', type=int, help='checkpoint every this many steps')
+    k.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
+    k.add_argument('--held-out', nargs='*', default=list(HELD_OUT),
+                   help='label-map names kept out of training for validation')
+    k.add_argument('--extra-anatomies', nargs='*', default=[],
+                   choices=['colin27', 'jhu189', 'icbm'],
+                   help='add label maps built from atlases installed with mricron-data / nilearn')
+    k.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
+    k.add_argument('--threads', type=int, help='torch CPU threads')
+    k.add_argument('--export', type=Path, help='write the weights file for keyprep here at the end')
     return parser
 
 
@@ -56,7 +103,7 @@ def run_train(argv: list[str]) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
     try:
-        return _synthseg(opts)
+        return _synthseg(opts) if opts.model == 'synthseg' else _keymorph(opts)
     except KeyprepError as exc:
         LOGGER.error('%s', exc)
         return exc.exit_code
@@ -88,18 +135,60 @@ def _synthseg(opts) -> int:
         cfg = replace(cfg, steps=opts.steps)
     if opts.seed is not None:
         cfg = replace(cfg, seed=opts.seed)
-    extra = []
-    if opts.extra_anatomies:
-        from ..pipeline.synth import anatomies
-
-        builders = {'colin27': anatomies.colin27_label_map, 'jhu189': anatomies.jhu189_label_map,
-                    'icbm': anatomies.icbm_label_map}
-        extra = [builders[name]() for name in opts.extra_anatomies]
+    extra = _extra_maps(opts.extra_anatomies)
     device = resolve_device(opts.device)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
                  extra_maps=extra, log=LOGGER.info, max_minutes=opts.max_minutes)
     if opts.export:
         meta = export_weights(ckpt, opts.export)
+        LOGGER.info('weights: %s', json.dumps(meta))
+    return EXIT_OK
+
+
+def _extra_maps(names) -> list:
+    if not names:
+        return []
+    from ..pipeline.synth import anatomies
+
+    builders = {'colin27': anatomies.colin27_label_map, 'jhu189': anatomies.jhu189_label_map,
+                'icbm': anatomies.icbm_label_map}
+    return [builders[name]() for name in names]
+
+
+def _keymorph(opts) -> int:
+    import torch
+
+    from ..pipeline.keymorph.network import DetectorConfig
+    from ..pipeline.keymorph.train import PAPER_REG, RECIPES, export_weights, train
+    from ..pipeline.resources import resolve_device
+
+    if not opts.label_maps.is_dir():
+        LOGGER.error('label-map folder not found: %s', opts.label_maps)
+        return EXIT_NO_INPUT
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    cfg = RECIPES[opts.recipe]
+    changes = dict(PAPER_REG) if opts.spatial_reg else {}
+    for key in ('mode', 'unsup_sim', 'pretrain_steps', 'pretrain_ramp', 'steps', 'kl_weight',
+                'var_weight', 'rep_weight', 'rep_tau', 'lr', 'seed', 'val_every',
+                'checkpoint_every'):
+        value = getattr(opts, key)
+        if value is not None:
+            changes[key] = value
+    det = {}
+    if opts.n_keypoints:
+        det['n_keypoints'] = opts.n_keypoints
+    if opts.weighted:
+        det['weighted'] = opts.weighted
+    if det:
+        changes['detector'] = DetectorConfig(**{**cfg.detector.to_dict(), **det})
+    cfg = replace(cfg, **changes)
+    device = resolve_device(opts.device)
+    ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
+                 extra_maps=_extra_maps(opts.extra_anatomies), log=LOGGER.info,
+                 max_minutes=opts.max_minutes, init=opts.init)
+    if opts.export:
+        meta = export_weights(ckpt, opts.export, card={'recipe': opts.recipe})
         LOGGER.info('weights: %s', json.dumps(meta))
     return EXIT_OK
 

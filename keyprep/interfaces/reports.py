@@ -7,13 +7,15 @@ import os
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
-__all__ = ['JacobianFigure', 'LabelsFigure', 'MaskFigure', 'RegistrationFigure']
+__all__ = ['JacobianFigure', 'KeypointsFigure', 'LabelsFigure', 'MaskFigure',
+           'RegistrationFigure', 'VariantsFigure']
 
 
 class _FigOutputSpec(TraitedSpec):
@@ -116,4 +118,55 @@ class JacobianFigure(SimpleInterface):
             mask=self.inputs.mask if isdefined(self.inputs.mask) else None,
             background=self.inputs.background if isdefined(self.inputs.background) else None,
             title=_title(self.inputs)))
+        return runtime
+
+
+class _KeypointsInputSpec(BaseInterfaceInputSpec):
+    moving = File(exists=True, mandatory=True, desc='moving brain')
+    moving_keypoints = File(exists=True, mandatory=True, desc='its keypoint table (TSV)')
+    fixed = File(exists=True, mandatory=True, desc='target brain')
+    fixed_keypoints = File(exists=True, mandatory=True, desc='its keypoint table (TSV)')
+    title = traits.Str()
+
+
+class KeypointsFigure(SimpleInterface):
+    """Keypoints of the moving image and of the target, coloured by index."""
+
+    input_spec = _KeypointsInputSpec
+    output_spec = _FigOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..pipeline.figures import plot_keypoints
+
+        out = os.path.join(runtime.cwd, 'keypoints.png')
+        self._results['out_file'] = str(plot_keypoints(
+            self.inputs.moving, self.inputs.moving_keypoints, self.inputs.fixed,
+            self.inputs.fixed_keypoints, out, title=_title(self.inputs)))
+        return runtime
+
+
+class _VariantsInputSpec(BaseInterfaceInputSpec):
+    target = File(exists=True, mandatory=True)
+    warped = InputMultiObject(File(exists=True), mandatory=True,
+                              desc='warped moving image of each variant')
+    names = traits.List(traits.Str(), mandatory=True, desc='variant names')
+    prefix = traits.Str('', usedefault=True, desc='removed from the column labels')
+    target_mask = File(exists=True)
+    title = traits.Str()
+
+
+class VariantsFigure(SimpleInterface):
+    """The variants of one engine run side by side, target edges on top."""
+
+    input_spec = _VariantsInputSpec
+    output_spec = _FigOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..pipeline.figures import plot_variants
+
+        mask = self.inputs.target_mask if isdefined(self.inputs.target_mask) else None
+        out = os.path.join(runtime.cwd, 'variants.png')
+        self._results['out_file'] = str(plot_variants(
+            self.inputs.target, list(self.inputs.warped), list(self.inputs.names), out,
+            target_mask=mask, title=_title(self.inputs), prefix=self.inputs.prefix))
         return runtime

@@ -33,12 +33,15 @@ __all__ = [
     'FOLDING_COLOR',
     'MASK_COLOR',
     'VIEWS',
+    'keypoint_colours',
     'plot_group',
     'plot_jacobian',
+    'plot_keypoints',
     'plot_labels',
     'plot_mask',
     'plot_registration',
     'plot_structure_dice',
+    'plot_variants',
     'png_to_data_uri',
     'select_slices',
 ]
@@ -561,6 +564,27 @@ def plot_labels(image: PathLike, labels: PathLike, out_png: PathLike,
     return _save(layout.fig, out_png)
 
 
+def _target_edges(tgt: _Volume, extent_mask: np.ndarray, row: list[_Panel]
+                  ) -> tuple[float | None, list[tuple[np.ndarray | None, np.ndarray]]]:
+    """Edges of the target, once per panel: the upper class boundary inside the brain (its
+    level, and the lightly smoothed slice) and the smoothed outline of the brain (level 0.5)."""
+    from scipy import ndimage as ndi
+
+    level = _otsu3(tgt.data[extent_mask])[1] if extent_mask.any() else None
+    outline = extent_mask.astype(np.float32)
+    edges = []
+    for panel in row:
+        _, h, v, _ = _VIEW_AXES[panel.view]
+        sigma = (0.8 / panel.zooms[v], 0.8 / panel.zooms[h])
+        t2 = ndi.gaussian_filter(panel.take(tgt.data).astype(np.float32), sigma)
+        e2 = panel.take(extent_mask)
+        if level is not None and e2.any():
+            t2 = np.where(ndi.binary_erosion(e2, iterations=1), t2, np.float32(level - 1.0))
+        o2 = ndi.gaussian_filter(panel.take(outline), sigma)
+        edges.append((t2 if level is not None and e2.any() else None, o2))
+    return level, edges
+
+
 def plot_registration(target: PathLike, moving_before: PathLike, warped: PathLike,
                       out_png: PathLike, target_mask: PathLike | None = None,
                       title: str | None = None, *, n_slices: int = 2,
@@ -599,8 +623,6 @@ def plot_registration(target: PathLike, moving_before: PathLike, warped: PathLik
     pathlib.Path
         ``out_png``.
     """
-    from scipy import ndimage as ndi
-
     tgt = _load(target)
     before = _to_grid(_load(moving_before), tgt, order=1)
     after = _to_grid(_load(warped), tgt, order=1)
@@ -611,20 +633,7 @@ def plot_registration(target: PathLike, moving_before: PathLike, warped: PathLik
     row = [p for v in views for p in panels[v]]
     layout = _mosaic([row, row], title=title, row_labels=('before', 'after'))
 
-    # edges of the target, once per panel: the upper class boundary inside the brain and
-    # the outline of the brain (mask, or foreground), both lightly smoothed
-    level = _otsu3(tgt.data[extent_mask])[1] if extent_mask.any() else None
-    outline = extent_mask.astype(np.float32)
-    edges = []
-    for panel in row:
-        _, h, v, _ = _VIEW_AXES[panel.view]
-        sigma = (0.8 / panel.zooms[v], 0.8 / panel.zooms[h])
-        t2 = ndi.gaussian_filter(panel.take(tgt.data).astype(np.float32), sigma)
-        e2 = panel.take(extent_mask)
-        if level is not None and e2.any():
-            t2 = np.where(ndi.binary_erosion(e2, iterations=1), t2, np.float32(level - 1.0))
-        o2 = ndi.gaussian_filter(panel.take(outline), sigma)
-        edges.append((t2 if level is not None and e2.any() else None, o2))
+    level, edges = _target_edges(tgt, extent_mask, row)
 
     for data, row_axes in ((before, layout.axes[0]), (after, layout.axes[1])):
         inside = extent_mask & (data != 0)
@@ -742,6 +751,162 @@ def plot_jacobian(jacobian: PathLike, out_png: PathLike, mask: PathLike | None =
     layout.fig.legend(handles=[Patch(facecolor=FOLDING_COLOR, edgecolor='none', label=label)],
                       loc='center left', bbox_to_anchor=(fl + 0.74 * fw, fb + 0.67 * fh),
                       frameon=False, labelcolor=_FG, fontsize=9, handlelength=1.2)
+    return _save(layout.fig, out_png)
+
+
+def keypoint_colours(index: np.ndarray) -> np.ndarray:
+    """RGB colours ``(n, 3)`` of keypoint indices: golden-ratio hues, so that neighbouring
+    indices differ and keypoint ``k`` has the same colour in every figure.
+
+    >>> keypoint_colours(np.array([0, 1, 0])).shape
+    (3, 3)
+    """
+    from matplotlib.colors import hsv_to_rgb
+
+    idx = np.asarray(index, dtype=float)
+    hues = (idx * 0.618033988749895) % 1.0
+    sat = 0.6 + 0.35 * ((idx * 7) % 3) / 2
+    return hsv_to_rgb(np.stack([hues, sat, np.full(idx.shape, 1.0)], axis=-1))
+
+
+def plot_keypoints(moving: PathLike, moving_keypoints: PathLike, fixed: PathLike,
+                   fixed_keypoints: PathLike, out_png: PathLike, title: str | None = None,
+                   *, labels: Sequence[str] = ('moving', 'target'),
+                   views: Sequence[str] = ('sagittal', 'coronal', 'axial')) -> Path:
+    """Keypoints of two images, coloured by index, projected onto three orthogonal slices.
+
+    One row per image (``moving`` on top, ``fixed`` below), one slice per view through the
+    middle of the image's foreground; every keypoint of the image is projected orthogonally
+    onto each slice and drawn in the colour of its index (:func:`keypoint_colours`), so that
+    corresponding keypoints of the two images have the same colour (marker size: the
+    keypoint's weight relative to the mean). Slices are of the image in its closest canonical
+    (RAS) orientation; keypoints are mapped to its voxels through its affine.
+
+    Parameters
+    ----------
+    moving, fixed : path-like
+        The images (NIfTI; brains).
+    moving_keypoints, fixed_keypoints : path-like
+        Keypoint tables (TSV: ``x y z weight index``, world RAS mm of each image).
+    out_png : path-like
+        Output PNG file.
+    title : str, optional
+        Text at the top left of the figure.
+    labels : sequence of str
+        Row labels.
+    views : sequence of str
+        Projections, left to right.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_png``. The footer holds a colour bar of the keypoint index.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    from .keymorph.keypoints import read_keypoints
+
+    rows, vols, clouds = [], [], []
+    n_max = 1
+    for image, table in ((moving, moving_keypoints), (fixed, fixed_keypoints)):
+        vol = _load(image)
+        pts, weights, index = read_keypoints(table)
+        n_max = max(n_max, int(index.max()) + 1 if index.size else 1)
+        panels = _panels(_foreground(vol.data), vol.zooms, 1, views, robust=True)
+        rows.append([panels[view][0] for view in views])
+        vols.append(vol)
+        inv = np.linalg.inv(vol.affine)
+        clouds.append((pts @ inv[:3, :3].T + inv[:3, 3], weights, index))
+    layout = _mosaic(rows, title=title, row_labels=labels, footer_in=0.7)
+    for vol, row, row_axes, (vox, weights, index) in zip(vols, rows, layout.axes, clouds):
+        window = _window(vol.data)
+        colours = keypoint_colours(index)
+        wmean = float(np.mean(weights)) if weights.size else 1.0
+        sizes = 18.0 * np.clip(weights / max(wmean, 1e-9), 0.4, 2.5)
+        for k, (panel, ax) in enumerate(zip(row, row_axes)):
+            _, h, v, _ = _VIEW_AXES[panel.view]
+            _show_gray(ax, panel, vol.data, window)
+            ax.scatter(vox[:, h] * panel.zooms[h], vox[:, v] * panel.zooms[v], s=sizes,
+                       c=colours, edgecolors='black', linewidths=0.5, zorder=3)
+            _annotate(ax, panel, vol.affine, k == 0)
+    cax = _footer_axes(layout, 0.25, 0.5)
+    cmap = ListedColormap(keypoint_colours(np.arange(n_max)))
+    cbar = layout.fig.colorbar(ScalarMappable(norm=Normalize(-0.5, n_max - 0.5), cmap=cmap),
+                               cax=cax, orientation='horizontal')
+    cbar.ax.tick_params(colors=_FG, labelsize=8, length=3)
+    cbar.outline.set_edgecolor(_FG)
+    cbar.set_label(f'keypoint index ({len(clouds[0][2])} keypoints, all projected onto each '
+                   'slice; same colour = same keypoint; marker size: weight)', color=_FG,
+                   fontsize=9)
+    return _save(layout.fig, out_png)
+
+
+def plot_variants(target: PathLike, warped: Sequence[PathLike], names: Sequence[str],
+                  out_png: PathLike, target_mask: PathLike | None = None,
+                  title: str | None = None, *, prefix: str = '',
+                  views: Sequence[str] = ('sagittal', 'coronal', 'axial')) -> Path:
+    """Several registrations of one image side by side, with the target's edges on top.
+
+    One column per registration (e.g. the thin-plate splines of every lambda from one
+    keypoint detection), one row per view (the middle slice of the target brain's extent);
+    each panel shows the warped moving image on the target grid with the target's edges
+    (as in :func:`plot_registration`). Columns are labelled with the names, without
+    ``prefix`` where it leaves something.
+
+    Parameters
+    ----------
+    target : path-like
+        Target (fixed) image; defines the grid and the edges.
+    warped : sequence of path-like
+        Moving images after each registration (resampled onto the target grid if needed).
+    names : sequence of str
+        One name per warped image.
+    out_png : path-like
+        Output PNG file.
+    target_mask : path-like, optional
+        Brain mask of the target (extent and outline).
+    title : str, optional
+        Text at the top left of the figure.
+    prefix : str
+        Removed from the column labels (e.g. the engine's name).
+    views : sequence of str
+        Rows.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_png``.
+    """
+    from matplotlib import patheffects
+
+    if len(warped) != len(names) or not names:
+        raise ValueError('one name per warped image is needed')
+    tgt = _load(target)
+    msk = _to_grid(_load(target_mask), tgt) > 0 if target_mask is not None else None
+    has_mask = msk is not None and bool(msk.any())
+    extent_mask = msk if has_mask else _foreground(tgt.data)
+    panels = _panels(extent_mask, tgt.zooms, 1, views, robust=not has_mask)
+    per_view = [panels[v][0] for v in views]
+    level, edges = _target_edges(tgt, extent_mask, per_view)
+    rows = [[panel] * len(names) for panel in per_view]
+    layout = _mosaic(rows, title=title, row_labels=list(views))
+    labels = [n[len(prefix):] if prefix and n.startswith(prefix) and n != prefix else n
+              for n in names]
+    datas = [_to_grid(_load(w), tgt, order=1) for w in warped]
+    windows = [_window(d, (extent_mask & (d != 0)) if (extent_mask & (d != 0)).sum() > 100
+                       else None) for d in datas]
+    for r, (panel, (t2, o2), row_axes) in enumerate(zip(per_view, edges, layout.axes)):
+        for c, (ax, data, window) in enumerate(zip(row_axes, datas, windows)):
+            _show_gray(ax, panel, data, window)
+            for field, lev in ((t2, level), (o2, 0.5)):
+                if field is not None and lev is not None:
+                    _contour(ax, panel, field, lev, EDGE_COLOR, 0.7)
+            if r == 0:
+                ax.text(0.5, 0.97, labels[c], transform=ax.transAxes, fontsize=9,
+                        ha='center', va='top', color=_FG, fontweight='bold',
+                        path_effects=[patheffects.withStroke(linewidth=2.5, foreground=_BG)])
+            _annotate(ax, panel, tgt.affine, c == 0)
     return _save(layout.fig, out_png)
 
 

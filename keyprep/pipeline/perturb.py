@@ -53,6 +53,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .io import make_image
+from .transforms import write_itk_affine, write_itk_displacement_field
 
 __all__ = [
     'NITRANSFORMS_FSL_FIELD',
@@ -75,15 +76,12 @@ __all__ = [
     'resample',
     'rotation_about_axis',
     'similarity_matrix',
-    'write_itk_affine',
-    'write_itk_displacement_field',
 ]
 
 #: The real nonlinear displacement field shipped with nitransforms' tests (OASIS template to
 #: a ds005 subject, FSL convention, mm, 2 mm grid), relative to the nitransforms package.
 NITRANSFORMS_FSL_FIELD = 'tests/data/ds-005_sub-01_from-OASIS_to-T1_warp_fsl.nii.gz'
 
-_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 _CHUNK = 1_000_000
 
 
@@ -508,44 +506,6 @@ class KnownTransform:
             pts = grid_points(grid, start, start + _CHUNK)
             disp[start:start + len(pts)] = mapping(pts) - pts
         return write_itk_displacement_field(disp.reshape(grid.shape + (3,)), grid.affine, path)
-
-
-def write_itk_affine(matrix_ras: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a 4x4 RAS point mapping as an ITK ``AffineTransform_double_3_3`` text file.
-
-    The inverse of :func:`keyprep.pipeline.transforms.read_itk_affine`: the matrix is
-    converted to LPS and written with a zero centre, so that ITK's ``y = M x + t`` (in LPS)
-    is the same mapping.
-    """
-    m = _FLIP @ np.asarray(matrix_ras, dtype=float) @ _FLIP
-    params = [*m[:3, :3].ravel(), *m[:3, 3]]
-    text = ('#Insight Transform File V1.0\n'
-            '#Transform 0\n'
-            'Transform: AffineTransform_double_3_3\n'
-            f'Parameters: {" ".join(repr(float(v)) for v in params)}\n'
-            'FixedParameters: 0 0 0\n')
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def write_itk_displacement_field(disp_ras: np.ndarray, affine: np.ndarray,
-                                 path: str | os.PathLike) -> Path:
-    """Write an (X, Y, Z, 3) RAS displacement field as an ITK/ANTs displacement-field NIfTI.
-
-    ITK reads a 5-D (X, Y, Z, 1, 3) vector image (intent ``vector``) whose vectors are in
-    LPS mm; the grid geometry is the NIfTI affine as usual.
-    """
-    data = np.asarray(disp_ras, dtype=np.float32).copy()
-    data[..., 0] *= -1.0
-    data[..., 1] *= -1.0
-    img = make_image(data[:, :, :, np.newaxis, :], affine)
-    img.header.set_intent('vector', (), '')
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.to_filename(str(path))
-    return path
 
 
 # --------------------------------------------------------------------------------------

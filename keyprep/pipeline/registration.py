@@ -1,5 +1,10 @@
 """Running an engine the same way for all engines: seeds, threads, timing, peak memory,
-and the export of one ITK transform file per direction."""
+and the export of one ITK transform file per direction.
+
+An engine with several variants (:meth:`keyprep.pipeline.engines.Engine.variants`) runs
+once and gives one :class:`EngineRun` per variant (:func:`run_engine_variants`); the
+measured time and memory are those of the one run, shared by its variants.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .engines import EngineOptions, get_engine
+from .engines import EngineOptions, RegistrationResult, engine_variants, get_engine
 from .resources import measure, resolve_device, seed_everything
 from .transforms import export_transforms
 
-__all__ = ['EngineRun', 'run_engine', 'software_versions']
+__all__ = ['EngineRun', 'run_engine', 'run_engine_variants', 'software_versions']
 
 
 def software_versions() -> dict[str, str]:
@@ -32,7 +37,12 @@ def software_versions() -> dict[str, str]:
 
 @dataclass
 class EngineRun:
-    """Everything known about one engine run; written as the engine's JSON record."""
+    """Everything known about one engine run; written as the engine's JSON record.
+
+    For a variant, ``method`` is the variant's name, ``engine`` the engine that produced
+    it, and ``runtime_s``/``peak_mem_mb`` are those of the engine's whole run (all its
+    variants); ``variant_params`` are the variant's own parameters.
+    """
 
     method: str
     transform_kind: str
@@ -48,6 +58,9 @@ class EngineRun:
     parameters: dict
     extras: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    engine: str = ''
+    variant_params: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
     def to_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -62,16 +75,42 @@ class EngineRun:
 def run_engine(method: str, fixed: str | Path, moving: str | Path, out_dir: str | Path, *,
                fixed_mask: str | Path | None = None, moving_mask: str | Path | None = None,
                omp_nthreads: int = 1, device: str = 'cpu', seed: int = 0,
-               sloppy: bool = False, params: dict | None = None) -> EngineRun:
+               sloppy: bool = False, params: dict | None = None,
+               contrasts: dict | None = None) -> EngineRun:
     """Register ``moving`` to ``fixed`` with engine ``method`` and export its transforms.
 
     The measured wall time and peak memory cover the engine's own registration (not the
-    export of transforms, which is the same for all engines).
+    export of transforms, which is the same for all engines). For an engine that gives
+    several variants with these parameters, use :func:`run_engine_variants`.
+    """
+    runs = run_engine_variants(method, fixed, moving, out_dir, fixed_mask=fixed_mask,
+                               moving_mask=moving_mask, omp_nthreads=omp_nthreads,
+                               device=device, seed=seed, sloppy=sloppy, params=params,
+                               contrasts=contrasts)
+    if len(runs) != 1:
+        raise ValueError(f'{method} gave {len(runs)} variants ({", ".join(r.method for r in runs)})'
+                         ': use run_engine_variants')
+    return runs[0]
+
+
+def run_engine_variants(method: str, fixed: str | Path, moving: str | Path,
+                        out_dir: str | Path, *, fixed_mask: str | Path | None = None,
+                        moving_mask: str | Path | None = None, omp_nthreads: int = 1,
+                        device: str = 'cpu', seed: int = 0, sloppy: bool = False,
+                        params: dict | None = None,
+                        contrasts: dict | None = None) -> list[EngineRun]:
+    """Run engine ``method`` once and export every variant it gives (in
+    :meth:`~keyprep.pipeline.engines.Engine.variants` order).
+
+    A single variant exports into ``out_dir`` (``xfm_fwd``, ``xfm_inv``), several into
+    ``out_dir/<variant>/``.
     """
     engine = get_engine(method)
     device = resolve_device(device) if engine.uses_torch else 'cpu'
     options = EngineOptions(omp_nthreads=omp_nthreads, device=device, seed=seed, sloppy=sloppy,
-                            params=dict(params or {}))
+                            params=dict(params or {}),
+                            contrasts=dict(contrasts or {}) if engine.uses_contrasts else {})
+    variants = engine_variants(engine, options)
     if engine.uses_torch:
         import torch
 
@@ -83,14 +122,33 @@ def run_engine(method: str, fixed: str | Path, moving: str | Path, out_dir: str 
         result = engine.run(Path(fixed), Path(moving), out_dir, options,
                             fixed_mask=Path(fixed_mask) if fixed_mask else None,
                             moving_mask=Path(moving_mask) if moving_mask else None)
-    fwd, inv = export_transforms(result.fwd_transforms, result.inv_transforms, result.inv_invert,
-                                 fixed=str(fixed), moving=str(moving),
-                                 out_fwd=out_dir / 'xfm_fwd', out_inv=out_dir / 'xfm_inv',
-                                 kind=engine.transform_kind)
-    params_used = engine.parameters(options)
-    return EngineRun(method=engine.name, transform_kind=engine.transform_kind, fwd_xfm=str(fwd),
-                     inv_xfm=str(inv), warped=str(result.warped), runtime_s=round(m.wall_s, 3),
-                     peak_mem_mb=round(m.peak_rss_mb, 1), peak_gpu_mb=m.peak_gpu_mb,
-                     device=device, threads=omp_nthreads, seed=seed,
-                     parameters=json.loads(json.dumps(params_used, default=list)),
-                     extras=result.extras, versions=software_versions())
+    names = [n for n, _ in variants]
+    if isinstance(result, RegistrationResult):
+        if len(variants) != 1:
+            raise ValueError(f'{engine.name} declares variants {names} but returned one result')
+        results = {names[0]: result}
+    else:
+        results = dict(result)
+        if set(results) != set(names):
+            raise ValueError(f'{engine.name} returned results for {sorted(results)}, expected '
+                             f'{names}')
+    params_used = json.loads(json.dumps(engine.parameters(options), default=list))
+    versions = software_versions()
+    runs = []
+    for name, vparams in variants:
+        res = results[name]
+        where = out_dir if len(variants) == 1 else out_dir / name
+        where.mkdir(parents=True, exist_ok=True)
+        fwd, inv = export_transforms(res.fwd_transforms, res.inv_transforms, res.inv_invert,
+                                     fixed=str(fixed), moving=str(moving),
+                                     out_fwd=where / 'xfm_fwd', out_inv=where / 'xfm_inv',
+                                     kind=engine.transform_kind)
+        runs.append(EngineRun(
+            method=name, transform_kind=engine.transform_kind, fwd_xfm=str(fwd),
+            inv_xfm=str(inv), warped=str(res.warped), runtime_s=round(m.wall_s, 3),
+            peak_mem_mb=round(m.peak_rss_mb, 1), peak_gpu_mb=m.peak_gpu_mb, device=device,
+            threads=omp_nthreads, seed=seed, parameters=params_used, extras=res.extras,
+            versions=versions, engine=engine.name,
+            variant_params=json.loads(json.dumps(vparams, default=list)),
+            files={k: str(v) for k, v in res.files.items()}))
+    return runs

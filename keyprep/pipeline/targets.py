@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import MissingInputError, UsageError
 
-__all__ = ['TEMPLATES', 'TargetSpec', 'parse_target', 'resample_isotropic', 'template_file',
-           'MRICRON_DIR', 'mricron_file']
+__all__ = ['GROUPWISE_NAME', 'TEMPLATES', 'TargetSpec', 'parse_target', 'resample_isotropic',
+           'template_file', 'MRICRON_DIR', 'mricron_file']
 
 #: Templates bundled through packaged files. Keys are TemplateFlow identifiers.
 TEMPLATES: dict[str, dict] = {
@@ -43,7 +43,8 @@ class TargetSpec:
     Attributes
     ----------
     kind
-        ``'template'``, ``'file'`` or ``'subject'``.
+        ``'template'``, ``'file'``, ``'subject'`` or ``'groupwise'`` (a keypoint-mean
+        template of the participants of the run, built by the workflow).
     name
         The BIDS label used in ``to-``/``space-`` entities (alphanumeric).
     path
@@ -65,8 +66,13 @@ class TargetSpec:
         """True when the target is known to be brain-only (``None``: detect)."""
         if self.kind == 'template':
             return TEMPLATES[self.name]['brain_extracted']
+        if self.kind == 'groupwise':
+            return True
         return None
 
+
+#: Name (``tpl-`` label) of the ``--target groupwise`` template.
+GROUPWISE_NAME = 'keyprepGroupwise'
 
 #: Colin27, its brain masks and the MNI-space atlases of Debian's ``mricron-data``.
 MRICRON_DIR = Path(os.environ.get('KEYPREP_MRICRON_DIR', '/usr/share/mricron/templates'))
@@ -111,6 +117,8 @@ def parse_target(spec: str) -> TargetSpec:
     2.0
     >>> parse_target('sub-03')
     TargetSpec(kind='subject', name='sub03', path=None, subject='03', resolution=None)
+    >>> parse_target('groupwise:res-2')
+    TargetSpec(kind='groupwise', name='keyprepGroupwise', path=None, subject=None, resolution=2.0)
     """
     spec = spec.strip()
     resolution = None
@@ -121,6 +129,8 @@ def parse_target(spec: str) -> TargetSpec:
             raise UsageError(f'target resolution {resolution} mm is outside 0.2-10 mm')
     if spec in TEMPLATES:
         return TargetSpec('template', spec, template_file(spec), None, resolution)
+    if spec == 'groupwise':
+        return TargetSpec('groupwise', GROUPWISE_NAME, None, None, resolution)
     m = re.match(r'^sub-([A-Za-z0-9]+)$', spec)
     if m:
         return TargetSpec('subject', f'sub{m.group(1)}', None, m.group(1), resolution)
@@ -135,7 +145,7 @@ def parse_target(spec: str) -> TargetSpec:
         return TargetSpec('file', label, path.resolve(), None, resolution)
     raise UsageError(
         f'--target {spec!r} is neither a bundled template ({", ".join(TEMPLATES)}), '
-        'a NIfTI file, nor sub-<label>')
+        'a NIfTI file, sub-<label>, nor groupwise')
 
 
 def resample_isotropic(img: nb.Nifti1Image, resolution: float, order: int = 1) -> nb.Nifti1Image:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from .base import (
     Engine,
     EngineOptions,
+    ExtraOutput,
     RegistrationResult,
     available_engines,
+    engine_variants,
     get_engine,
     register_engine,
 )
@@ -19,8 +21,10 @@ __all__ = [
     'DEFAULT_METHODS',
     'Engine',
     'EngineOptions',
+    'ExtraOutput',
     'RegistrationResult',
     'available_engines',
+    'engine_variants',
     'get_engine',
     'register_engine',
 ]
@@ -28,7 +32,7 @@ __all__ = [
 #: Engines run when ``--methods`` is not given.
 DEFAULT_METHODS = ('antsRigid', 'antsAffine', 'antsSyN')
 
-_BUILTIN_MODULES = ('ants',)
+_BUILTIN_MODULES = ('ants', 'keymorph')
 _loaded = False
 
 

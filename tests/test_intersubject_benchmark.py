@@ -1,0 +1,187 @@
+"""Smoke test of ``benchmarks/run_intersubject_benchmark.py`` on two small phantom label maps
+made here (not the SynthSeg data): one ordered pair, one rotation, antsRigid (sloppy) at 4 mm,
+the reference rows, both TSVs, the Markdown summary, resuming; plus the rotation protocol,
+the goal lines computed from a table, and the keypoint statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def bench():
+    module = _load('run_intersubject_benchmark')
+    yield module
+    sys.modules.pop('run_intersubject_benchmark', None)
+
+
+def phantom(scale=(1.0, 1.0, 1.0), shift=(0.0, 0.0, 0.0)) -> nb.Nifti1Image:
+    """A small brain-like label map (generation labels, 2 mm): cerebral WM, cortex and CSF
+    shells, ventricles, deep nuclei, hippocampi, cerebellum and brainstem, left/right."""
+    shape, res = (64, 72, 60), 2.0
+    affine = np.diag([res, res, res, 1.0])
+    affine[:3, 3] = -res * (np.asarray(shape) - 1) / 2
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = (ijk * res + affine[:3, 3]) / np.asarray(scale) - np.asarray(shift)
+    x, y, z = xyz.T
+    lab = np.zeros(len(xyz), dtype=np.int16)
+    r = np.sqrt((x / 56) ** 2 + (y / 66) ** 2 + (z / 48) ** 2)
+    left = x < 0
+    lab[r < 1.0] = 24
+    lab[r < 0.94] = np.where(left, 3, 42)[r < 0.94]
+    lab[r < 0.8] = np.where(left, 2, 41)[r < 0.8]
+
+    def blob(c, radii, left_label, right_label=None):
+        for sign, value in ((-1, left_label), (1, right_label)):
+            if value is None:
+                continue
+            cx = sign * c[0] if right_label is not None else c[0]
+            inside = (((x - cx) / radii[0]) ** 2 + ((y - c[1]) / radii[1]) ** 2
+                      + ((z - c[2]) / radii[2]) ** 2) < 1
+            lab[inside] = value
+
+    blob((12, 4, 10), (6, 20, 8), 4, 43)
+    blob((10, -6, 0), (8, 10, 8), 10, 49)
+    blob((14, 14, 8), (4, 8, 6), 11, 50)
+    blob((24, 4, 0), (5, 10, 8), 12, 51)
+    blob((26, -16, -14), (4, 12, 5), 17, 53)
+    blob((20, -44, -30), (18, 16, 12), 8, 47)
+    blob((0, -18, -30), (8, 8, 16), 16)
+    return nb.Nifti1Image(lab.reshape(shape), affine)
+
+
+@pytest.fixture(scope='module')
+def label_maps(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('maps')
+    phantom().to_filename(folder / 'phantomA.nii.gz')
+    phantom((1.07, 0.94, 1.04), (2.0, -3.0, 1.5)).to_filename(folder / 'phantomB.nii.gz')
+    return folder
+
+
+def test_rotation_protocol(bench):
+    from keyprep.pipeline import perturb as pt
+
+    seen = set()
+    for level in (45.0, 90.0, 135.0, 180.0):
+        for mv, fx in (('a', 'b'), ('b', 'a'), ('c', 'a')):
+            rot, axes, axis = bench.draw_rotation(3, mv, fx, level)
+            mat = np.eye(4)
+            mat[:3, :3] = rot
+            assert pt.describe_similarity(mat)['angle_deg'] == pytest.approx(level, abs=1e-6)
+            assert 1 <= len(axes) <= 3 and np.allclose(rot @ axis, axis)
+            assert np.allclose(bench.draw_rotation(3, mv, fx, level)[0], rot)  # seeded
+            seen.add(len(axes))
+    assert seen == {1, 2, 3}
+    assert np.array_equal(bench.draw_rotation(3, 'a', 'b', 0.0)[0], np.eye(3))
+
+
+def test_missing_label_maps(bench, tmp_path):
+    with pytest.raises(SystemExit, match='needs the SynthSeg label maps'):
+        bench.main(['--label-maps', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'o')])
+
+
+def test_main_rows_and_resume(bench, label_maps, tmp_path):
+    args = ['--label-maps', str(label_maps), '--pairs', 'phantomB:phantomA', '--contrasts',
+            't2-t1', '--rotations', '20', '--methods', 'antsRigid', '--resolution', '4',
+            '--sloppy', '--threads', '1', '--skip-keypoints', '--out', str(tmp_path / 'res'),
+            '--work-dir', str(tmp_path / 'work')]
+    assert bench.main(args) == 0
+    out = tmp_path / 'res'
+    tsv, regions_tsv = out / 'intersubject_benchmark.tsv', out / 'intersubject_regions.tsv'
+    assert tsv.read_text().splitlines()[0].split('\t') == bench.COLUMNS
+    rows = {r['method']: r for r in bench.rrb.read_table(tsv, bench.COLUMNS)}
+    assert list(rows) == ['none', 'derotate', 'antsRigid']
+    for method, row in rows.items():
+        assert row['status'] == 'ok', row['status']
+        assert row['case'] == 'phantomB-to-phantomA_t2-t1_rot020'
+        assert row['rotation_deg'] == 20.0 and row['contrast_pair'] == 't2-t1'
+        assert 0.0 <= row['dice_rois'] <= 1.0 and 0.0 <= row['dice_structures'] <= 1.0
+        assert row['jac_neg_frac'] == 0.0
+        assert row['jac_min'] == pytest.approx(1.0, abs=1e-3)  # rotations: no volume change
+        assert math.isnan(row['time_ratio_to_antsAffine'])  # antsAffine was not run
+    none, derotate, rigid = rows['none'], rows['derotate'], rows['antsRigid']
+    # undoing the 20 degree turn restores much of the overlap; the rigid engine too
+    assert derotate['dice_rois'] > none['dice_rois'] + 0.15
+    assert rigid['dice_rois'] > none['dice_rois'] + 0.1
+    assert rigid['runtime_s'] > 0 and rigid['peak_mem_mb'] >= rigid['baseline_mem_mb'] > 0
+    assert rigid['engine'] == 'antsRigid' and none['engine'] == 'reference'
+    regions = bench.rrb.read_table(regions_tsv, bench.REGION_COLUMNS)
+    rois = {(r['method'], r['region']) for r in regions if r['region_kind'] == 'roi'}
+    assert ('antsRigid', 'thalamus') in rois and ('none', 'cerebral-wm') in rois
+    assert all(0.0 <= float(r['dice']) <= 1.0 for r in regions)
+    # the mean over ROIs in the main table is the mean of the region rows
+    roi_dice = [float(r['dice']) for r in regions
+                if r['method'] == 'antsRigid' and r['region_kind'] == 'roi']
+    assert np.mean(roi_dice) == pytest.approx(rigid['dice_rois'], abs=1e-3)
+    text = (out / 'intersubject_benchmark.md').read_text()
+    assert '## Dice (12 paper ROIs, L/R merged) by rotation level' in text
+    assert '| antsRigid |' in text and 'not measured' in text
+    assert '| phantomB | phantomA | 20° |' in text
+    before = tsv.read_text()
+    assert bench.main(args) == 0  # resumed: nothing is rerun
+    assert tsv.read_text() == before
+    # a failed row is kept as a result, or measured again (and replaced) with --retry-errors
+    tsv.write_text(before.replace('\tok\n', '\terror: test\n', 1))
+    assert bench.main(args) == 0
+    assert tsv.read_text().count('error: test') == 1
+    assert bench.main(args + ['--retry-errors']) == 0
+    rows = bench.rrb.read_table(tsv, bench.COLUMNS)
+    assert [r['method'] for r in rows] == ['derotate', 'antsRigid', 'none']
+    assert all(r['status'] == 'ok' for r in rows)
+    assert len(bench.rrb.read_table(regions_tsv, bench.REGION_COLUMNS)) == len(regions)
+
+
+def test_goal_lines_from_table(bench):
+    rows = []
+    values = {('keymorphAffine', 0.0): (0.700, 2.0), ('keymorphAffine', 180.0): (0.685, 2.2),
+              ('antsAffine', 0.0): (0.730, 30.0), ('antsAffine', 180.0): (0.20, 30.0),
+              ('antsSyN', 0.0): (0.76, 90.0), ('antsSyN', 180.0): (0.21, 90.0),
+              ('keymorphAffineRefined', 0.0): (0.74, 9.0),
+              ('keymorphAffineRefined', 180.0): (0.74, 9.0)}
+    for (method, level), (dice, t) in values.items():
+        case = f'a-to-b_t1-t1_rot{int(level):03d}'
+        rows.append({**{k: math.nan for k in bench.COLUMNS}, 'case': case, 'method': method,
+                     'engine': method, 'moving_subject': 'a', 'fixed_subject': 'b',
+                     'contrast_pair': 't1-t1', 'rotation_deg': level, 'dice_rois': dice,
+                     'dice_structures': dice - 0.05, 'runtime_s': t, 'resolution_mm': 1.0,
+                     'sloppy': False, 'seed': 0, 'status': 'ok'})
+    lines = '\n'.join(bench.goal_lines(bench.results_frame(rows), 1.0, 2))
+    assert 'loss 1.50 points' in lines and '**met**' in lines
+    assert 'antsAffine ahead by 3.00 points' in lines and '**NOT met**' in lines
+    assert 'median 14.3×' in lines  # 30 s / 2 s and 30 s / 2.2 s
+    assert 'keymorphAffineRefined matches or beats antsSyN: 74.00 vs 48.50' in lines
+    assert 'more than 1 point below antsSyN at: 0° (74.00 vs 76.00).' in lines
+
+
+def test_keypoint_statistics():
+    ka = _load('keypoint_analysis')
+    try:
+        rng = np.random.default_rng(0)
+        cloud = rng.normal(size=(20, 3)) * 30
+        mats = [np.array([[1.1, 0.1, 0, 3], [0, 0.9, 0.05, -2], [0, 0, 1, 5]]),
+                np.eye(4)[:3]]
+        clouds = [cloud] + [cloud @ m[:, :3].T + m[:, 3] for m in mats]
+        assert np.allclose(ka.aligned_spread(clouds), 0.0, atol=1e-6)  # affine copies
+        noisy = clouds + [cloud + rng.normal(size=cloud.shape) * 2.0]
+        assert 0.3 < float(np.median(ka.aligned_spread(noisy))) < 3.0
+        assert 'no KeyMorph weights' in ka.unavailable(Path('/nonexistent/weights.pt'))
+        assert ka.summary_lines({'status': 'skipped: x'})[-1] == 'Not measured: skipped: x.'
+    finally:
+        sys.modules.pop('keypoint_analysis', None)
