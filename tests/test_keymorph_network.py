@@ -347,3 +347,29 @@ def test_train_cli_parses_keymorph_and_reports_missing_maps(tmp_path):
     assert code == EXIT_NO_INPUT
     assert run_train(['keymorph', '--label-maps', str(tmp_path), '--output', str(tmp_path),
                       '--recipe', 'nope']) == EXIT_USAGE
+
+
+def test_shipped_weights(small_brains):
+    """The shipped detector matches its model card's checksum, loads, and puts its keypoints
+    spread out inside a real brain (its accuracy is measured by the benchmark, see the card)."""
+    import hashlib
+    import json
+
+    from keyprep.pipeline.keymorph.network import KeyMorphModel, default_weights
+
+    path = default_weights()
+    card = json.loads(path.with_suffix('.json').read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == card['sha256']
+    assert path.stat().st_size < 5e6
+    assert (path.parent / 'MODEL_CARD.md').read_text().count(card['sha256']) >= 1
+    torch.set_num_threads(1)
+    img = nib.load(str(small_brains['fixed']))
+    pts, w = KeyMorphModel.load(path).detect(img)
+    assert pts.shape == (128, 3) and np.isfinite(pts).all() and (w > 0).all()
+    data = np.asarray(img.dataobj) > 0
+    ijk = np.argwhere(data)
+    world = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
+    lo, hi = world.min(0) - 10, world.max(0) + 10
+    assert ((pts > lo) & (pts < hi)).all(1).mean() > 0.9
+    spread = np.linalg.norm(pts[:, None] - pts[None], axis=-1).mean()
+    assert spread > 30.0  # mm: not collapsed to the centre
