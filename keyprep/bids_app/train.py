@@ -120,29 +120,37 @@ def run_train(argv: list[str]) -> int:
 
 
 def _synthseg(opts) -> int:
-    import torch
-
-    from ..pipeline.resources import resolve_device
     from ..pipeline.synth.train import RECIPES, export_weights, train
 
-    if not opts.label_maps.is_dir():
-        LOGGER.error('label-map folder not found: %s', opts.label_maps)
+    device = _prepare(opts)
+    if device is None:
         return EXIT_NO_INPUT
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     cfg = RECIPES[opts.recipe]
     if opts.steps:
         cfg = replace(cfg, steps=opts.steps)
     if opts.seed is not None:
         cfg = replace(cfg, seed=opts.seed)
-    extra = _extra_maps(opts.extra_anatomies)
-    device = resolve_device(opts.device)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
-                 extra_maps=extra, log=LOGGER.info, max_minutes=opts.max_minutes)
+                 extra_maps=_extra_maps(opts.extra_anatomies), log=LOGGER.info, max_minutes=opts.max_minutes)
     if opts.export:
         meta = export_weights(ckpt, opts.export)
         LOGGER.info('weights: %s', json.dumps(meta))
     return EXIT_OK
+
+
+def _prepare(opts) -> str | None:
+    """Checks and settings shared by the trainers: the label-map folder (None when missing,
+    logged), torch threads, and the resolved device."""
+    import torch
+
+    from ..pipeline.resources import resolve_device
+
+    if not opts.label_maps.is_dir():
+        LOGGER.error('label-map folder not found: %s', opts.label_maps)
+        return None
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    return resolve_device(opts.device)
 
 
 def _extra_maps(names) -> list:
@@ -156,17 +164,12 @@ def _extra_maps(names) -> list:
 
 
 def _keymorph(opts) -> int:
-    import torch
-
     from ..pipeline.keymorph.network import DetectorConfig
     from ..pipeline.keymorph.train import PAPER_REG, RECIPES, export_weights, train
-    from ..pipeline.resources import resolve_device
 
-    if not opts.label_maps.is_dir():
-        LOGGER.error('label-map folder not found: %s', opts.label_maps)
+    device = _prepare(opts)
+    if device is None:
         return EXIT_NO_INPUT
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     cfg = RECIPES[opts.recipe]
     changes = dict(PAPER_REG) if opts.spatial_reg else {}
     for key in ('mode', 'unsup_sim', 'pretrain_steps', 'pretrain_ramp', 'steps', 'kl_weight',
@@ -183,7 +186,6 @@ def _keymorph(opts) -> int:
     if det:
         changes['detector'] = DetectorConfig(**{**cfg.detector.to_dict(), **det})
     cfg = replace(cfg, **changes)
-    device = resolve_device(opts.device)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
                  extra_maps=_extra_maps(opts.extra_anatomies), log=LOGGER.info,
                  max_minutes=opts.max_minutes, init=opts.init)
