@@ -766,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=('none', 'affine', 'deformable'),
                         help='test-time refinement of the KeyMorph engines (adds a '
                              '<variant>Refined row per variant; default: the engine\'s)')
+    parser.add_argument('--keymorph-pose-search', default=None, choices=('cube', 'none'),
+                        help='pose search of the KeyMorph engines (default: the engine\'s)')
     parser.add_argument('--retry-errors', action='store_true',
                         help='run again the rows whose status is an error (default: an error '
                              'is a result and is kept)')
@@ -807,7 +809,8 @@ def engine_params(methods: list[str], args) -> dict[str, dict]:
         extra = {}
         if engine.family == 'keymorph':
             options = {'weights': str(args.keymorph_weights) if args.keymorph_weights else None,
-                       'refine': args.keymorph_refine, 'lambdas': args.keymorph_lambdas}
+                       'refine': args.keymorph_refine, 'lambdas': args.keymorph_lambdas,
+                       'pose_search': args.keymorph_pose_search}
             for key, value in options.items():
                 if value is None:
                     continue

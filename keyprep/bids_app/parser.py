@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                         'their names; default: none')
     g.add_argument('--keymorph-refine-steps', type=_positive_int, default=None, metavar='N',
                    help='optimisation steps of the refinement (default 40; 8 with --sloppy)')
+    g.add_argument('--keymorph-pose-search', choices=('cube', 'none'), default=None,
+                   help='cube (default): detect the moving keypoints in the 24 cube '
+                        'orientations of the detector grid and keep the fit of highest '
+                        'mutual information, so any starting orientation registers; none: '
+                        'the axis-aligned grid only (one forward pass, faster; fails beyond '
+                        'the detector\'s trained rotation range of about 45 degrees)')
     g.add_argument('--keymorph-keypoints', type=_positive_int, default=None, metavar='N',
                    help='use only N of the model\'s keypoints (at least 4), spread over the '
                         'brain by farthest-point sampling of the target\'s keypoints; '
@@ -221,6 +227,8 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         common['refine'] = opts.keymorph_refine
     if getattr(opts, 'keymorph_refine_steps', None):
         common['refine_steps'] = int(opts.keymorph_refine_steps)
+    if getattr(opts, 'keymorph_pose_search', None):
+        common['pose_search'] = opts.keymorph_pose_search
     if getattr(opts, 'keymorph_keypoints', None):
         common['n_keypoints'] = int(opts.keymorph_keypoints)
     out = {}

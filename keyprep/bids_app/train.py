@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument('--var-weight', type=float, help='weight of the variance loss (0: off)')
     k.add_argument('--rep-weight', type=float, help='weight of the repulsion loss (0: off)')
     k.add_argument('--rep-tau', type=float, help='repulsion temperature (normalised frame)')
+    k.add_argument('--rotation-deg', type=float,
+                   help='largest training rotation about each axis after pretraining (degrees; '
+                   'the recipe: 180). Smaller ranges pair with the engine\'s pose search')
+    k.add_argument('--rotation-ramp', type=int,
+                   help='steps over which the rotation range grows from the pretraining\'s to '
+                   '--rotation-deg (0: at once)')
     k.add_argument('--lr', type=float, help='learning rate after pretraining')
     k.add_argument('--seed', type=int, help='training seed (default: the recipe)')
     k.add_argument('--init', type=Path,
@@ -174,7 +180,7 @@ def _keymorph(opts) -> int:
     changes = dict(PAPER_REG) if opts.spatial_reg else {}
     for key in ('mode', 'unsup_sim', 'pretrain_steps', 'pretrain_ramp', 'steps', 'kl_weight',
                 'var_weight', 'rep_weight', 'rep_tau', 'lr', 'seed', 'val_every',
-                'checkpoint_every'):
+                'checkpoint_every', 'rotation_deg', 'rotation_ramp'):
         value = getattr(opts, key)
         if value is not None:
             changes[key] = value

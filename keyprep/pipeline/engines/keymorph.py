@@ -34,6 +34,11 @@ Parameters (``params``; the CLI's ``--keymorph-*`` options):
 ``refine``, ``refine_steps``, ``similarity``
     Refinement mode (``none``, ``affine``, ``deformable``), its number of steps, and its
     similarity (``auto``: LNCC for the same contrast, MIND otherwise).
+``pose_search``
+    ``cube`` (default): detect the moving keypoints on the 24 cube rotations of the detector
+    grid and keep the fit with the best mutual information, so any starting orientation is
+    within the detector's trained rotation range (:mod:`keyprep.pipeline.keymorph.search`);
+    ``none``: the axis-aligned grid only (the papers' KeyMorph, faster).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ __all__ = ['DEFAULT_LAMBDAS', 'DEFAULT_REFINE_STEPS', 'KeyMorphAffine', 'KeyMorp
 DEFAULT_LAMBDAS: tuple[float, ...] = (1.0,)
 #: Steps of the test-time refinement.
 DEFAULT_REFINE_STEPS = 40
+#: Pose search used when ``pose_search`` is not given.
+DEFAULT_POSE_SEARCH = 'cube'
 #: Refinement steps with ``--sloppy`` (tests).
 SLOPPY_REFINE_STEPS = 8
 _REFINED = 'Refined'
@@ -85,6 +92,7 @@ class _KeyMorphEngine(Engine):
             else (SLOPPY_REFINE_STEPS if options.sloppy else DEFAULT_REFINE_STEPS),
             'similarity': str(p.get('similarity') or 'auto'),
             'refine_resolution_mm': float(p.get('refine_resolution_mm') or 2.0),
+            'pose_search': str(p.get('pose_search') or DEFAULT_POSE_SEARCH),
         }
         if self.fit_kind == 'tps':
             lams = p.get('lambdas')
@@ -97,6 +105,11 @@ class _KeyMorphEngine(Engine):
 
         if params['refine'] not in REFINE_MODES:
             raise ValueError(f'refine must be one of {REFINE_MODES}, not {params["refine"]!r}')
+        from ..keymorph.search import POSE_SEARCH
+
+        if params['pose_search'] not in POSE_SEARCH:
+            raise ValueError(f'pose_search must be one of {POSE_SEARCH}, '
+                             f'not {params["pose_search"]!r}')
         if params['similarity'] not in SIMILARITIES:
             raise ValueError(f'similarity must be one of {SIMILARITIES}')
         if self.fit_kind == 'tps':
@@ -144,6 +157,10 @@ class _KeyMorphEngine(Engine):
             text += f' (lambda = {lams})'
         if params['n_keypoints']:
             text += f', {params["n_keypoints"]} keypoints'
+        if params['pose_search'] == 'cube':
+            text += (', with the moving keypoints detected in the 24 cube orientations of the '
+                     'detector grid and the fit of highest normalised mutual information kept '
+                     '(any starting pose)')
         if self.refines(params):
             kind = ('a stationary-velocity-field correction' if self.fit_kind == 'tps'
                     else 'a rigid correction' if self.fit_kind == 'rigid'
@@ -178,7 +195,8 @@ class _KeyMorphEngine(Engine):
         import torch
 
         from ..keymorph.keypoints import farthest_point_subset, write_keypoints
-        from ..keymorph.network import KeyMorphModel, conform, pair_weights
+        from ..keymorph.network import Conformer, KeyMorphModel, pair_weights
+        from ..keymorph.search import search_pose
 
         params = self.parameters(options)
         variants = self.variants(options)
@@ -190,11 +208,9 @@ class _KeyMorphEngine(Engine):
         fimg, mimg = nb.load(str(fixed)), nb.load(str(moving))
         fmask = nb.load(str(fixed_mask)) if fixed_mask else None
         mmask = nb.load(str(moving_mask)) if moving_mask else None
-        fdet = model.detect_conformed(conform(fimg, model.cfg, fmask, device))
-        mdet = model.detect_conformed(conform(mimg, model.cfg, mmask, device))
-        detect_s = time.perf_counter() - t0
-        pf, pm = fdet['points_mm'], mdet['points_mm']
-        wf_, wm_ = fdet['weights'], mdet['weights']
+        with torch.inference_mode():
+            fdet = model.detect_conformed(Conformer(fimg, model.cfg, fmask, device).grid())
+        pf, wf_ = fdet['points_mm'], fdet['weights']
         index = np.arange(pf.shape[0])
         wanted = params['n_keypoints']
         if wanted:
@@ -203,6 +219,12 @@ class _KeyMorphEngine(Engine):
             if wanted > pf.shape[0]:
                 raise ValueError(f'{wanted} keypoints asked for; the model has {pf.shape[0]}')
             index = farthest_point_subset(pf, wanted)
+        pose = search_pose(model, fdet, Conformer(mimg, model.cfg, mmask, device),
+                           fit='rigid' if self.fit_kind == 'rigid' else 'affine',
+                           candidates=params['pose_search'], index=index)
+        mdet = pose.detection
+        detect_s = time.perf_counter() - t0
+        pm, wm_ = mdet['points_mm'], mdet['weights']
         files = {
             'keypoints_fixed': str(write_keypoints(out_dir / 'keypoints_fixed.tsv', pf[index],
                                                    wf_[index], index)),
@@ -217,7 +239,7 @@ class _KeyMorphEngine(Engine):
         dst = torch.as_tensor(pm[index], dtype=torch.float64)
         shared = {'n_keypoints': int(index.size), 'detect_time_s': round(detect_s, 3),
                   'model_sha256': model.sha256, 'weighted_keypoints': weighted,
-                  'n_variants': len(variants)}
+                  'n_variants': len(variants), **pose.extras()}
         from ..keymorph.refine import choose_similarity
 
         ctx = _Context(fixed=Path(fixed), moving=Path(moving), fimg=fimg, mimg=mimg,

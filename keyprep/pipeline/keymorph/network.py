@@ -39,7 +39,8 @@ import torch.nn.functional as F
 __all__ = [
     'DetectorConfig', 'KeypointDetector', 'center_of_mass', 'normalise_heatmaps', 'conform',
     'Conformed', 'KeyMorphModel', 'default_weights', 'read_model_card', 'MODEL_DIR',
-    'WEIGHTS_NAME', 'pair_weights', 'robust_normalise', 'grid_vox2ras',
+    'WEIGHTS_NAME', 'pair_weights', 'robust_normalise', 'grid_vox2ras', 'Conformer',
+    'intensity_window', 'apply_window',
 ]
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / 'models' / 'keymorph'
@@ -204,20 +205,23 @@ def pair_weights(w_fixed: torch.Tensor | None,
 
 
 # ---------------------------------------------------------------------------- conforming
-def grid_vox2ras(shape: Sequence[int], res_mm: float, centre_mm: Sequence[float]) -> np.ndarray:
-    """Voxel-to-RAS matrix of an axis-aligned isotropic grid whose centre is ``centre_mm``."""
+def grid_vox2ras(shape: Sequence[int], res_mm: float, centre_mm: Sequence[float],
+                rotation: np.ndarray | None = None) -> np.ndarray:
+    """Voxel-to-RAS matrix of an isotropic grid whose centre is ``centre_mm``: axis-aligned,
+    or with its axes turned by ``rotation`` (3x3, about the centre)."""
     aff = np.diag([res_mm, res_mm, res_mm, 1.0])
+    if rotation is not None:
+        aff[:3, :3] = np.asarray(rotation, dtype=float) @ aff[:3, :3]
     half = (np.asarray(shape, dtype=float) - 1) / 2
-    aff[:3, 3] = np.asarray(centre_mm, dtype=float) - res_mm * half
+    aff[:3, 3] = np.asarray(centre_mm, dtype=float) - aff[:3, :3] @ half
     return aff
 
 
-def robust_normalise(x: torch.Tensor, mask: torch.Tensor | None = None,
+def intensity_window(x: torch.Tensor, mask: torch.Tensor | None = None,
                      percentiles: tuple[float, float] = (0.5, 99.5),
-                     max_samples: int = 500_000) -> torch.Tensor:
-    """Map the ``percentiles`` of the intensities inside ``mask`` (else of the voxels above the
-    image minimum) to [0, 1], clip, and zero what is outside ``mask``. Same on every device;
-    used by :func:`conform` and by training, so both see the same intensity range."""
+                     max_samples: int = 500_000) -> tuple[float, float]:
+    """The ``percentiles`` of the intensities inside ``mask`` (else of the voxels above the
+    image minimum): the window :func:`robust_normalise` maps to [0, 1]."""
     sel = mask > 0.5 if mask is not None else x > x.min()
     vals = x[sel]
     if vals.numel() < 2:
@@ -226,11 +230,26 @@ def robust_normalise(x: torch.Tensor, mask: torch.Tensor | None = None,
         step = int(np.ceil(vals.numel() / max_samples))
         vals = vals[::step]
     q = torch.quantile(vals.float(), torch.tensor([p / 100 for p in percentiles], device=x.device))
-    lo, hi = float(q[0]), float(q[1])
+    return float(q[0]), float(q[1])
+
+
+def apply_window(x: torch.Tensor, window: tuple[float, float],
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Map ``window`` to [0, 1], clip, and zero what is outside ``mask``."""
+    lo, hi = window
     out = ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
     if mask is not None:
         out = out * (mask > 0.5)
     return out
+
+
+def robust_normalise(x: torch.Tensor, mask: torch.Tensor | None = None,
+                     percentiles: tuple[float, float] = (0.5, 99.5),
+                     max_samples: int = 500_000) -> torch.Tensor:
+    """Map the ``percentiles`` of the intensities inside ``mask`` (else of the voxels above the
+    image minimum) to [0, 1], clip, and zero what is outside ``mask``. Same on every device;
+    used by :func:`conform` and by training, so both see the same intensity range."""
+    return apply_window(x, intensity_window(x, mask, percentiles, max_samples), mask)
 
 
 @dataclass
@@ -256,68 +275,118 @@ class Conformed:
         return p @ inv[:3, :3].T + inv[:3, 3]
 
 
-def _resample(data: np.ndarray, affine: np.ndarray, shape, vox2ras: np.ndarray, device,
-              res_mm: float, order: str = 'bilinear') -> torch.Tensor:
-    """Resample native ``data`` onto the grid (anti-aliased when it is coarser)."""
-    from ..synth.generator import gaussian_blur, identity_grid, sample_field
+def _prefilter(data: np.ndarray, affine: np.ndarray, res_mm: float, device,
+               order: str = 'bilinear') -> torch.Tensor:
+    """Native ``data`` as a ``[1, 1, ...]`` tensor, blurred against aliasing when the grid
+    (``res_mm``) is coarser than its voxels."""
+    from ..synth.generator import gaussian_blur
 
     vol = torch.as_tensor(np.ascontiguousarray(data, dtype=np.float32), device=device)[None, None]
     if order == 'bilinear':
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
         sig = [0.42 * res_mm / z if res_mm > 1.2 * z else 0.0 for z in zooms]
         vol = gaussian_blur(vol, sig)
-    to_native = torch.as_tensor(np.linalg.inv(affine) @ vox2ras, dtype=torch.float32, device=device)
-    grid = identity_grid(shape, device)
+    return vol
+
+
+def _sample(vol: torch.Tensor, affine: np.ndarray, shape, vox2ras: np.ndarray,
+            order: str = 'bilinear') -> torch.Tensor:
+    """Sample a (prefiltered) native volume on the grid ``vox2ras`` of ``shape``."""
+    from ..synth.generator import identity_grid, sample_field
+
+    dev = vol.device
+    to_native = torch.as_tensor(np.linalg.inv(affine) @ vox2ras, dtype=torch.float32, device=dev)
+    grid = identity_grid(shape, dev)
     coords = torch.einsum('ab,bijk->aijk', to_native[:3, :3], grid) \
         + to_native[:3, 3].view(3, 1, 1, 1)
     return sample_field(vol, coords[None], mode=order, padding_mode='zeros')
 
 
-def conform(img, cfg: DetectorConfig, mask=None, device: str | torch.device = 'cpu') -> Conformed:
-    """Resample a NIfTI image onto the detector's grid.
+def _resample(data: np.ndarray, affine: np.ndarray, shape, vox2ras: np.ndarray, device,
+              res_mm: float, order: str = 'bilinear') -> torch.Tensor:
+    """Resample native ``data`` onto the grid (anti-aliased when it is coarser)."""
+    return _sample(_prefilter(data, affine, res_mm, device, order), affine, shape, vox2ras, order)
 
-    The grid is axis-aligned (RAS), isotropic (``cfg.res_mm``), of ``cfg.shape`` voxels and
-    centred on the intensity centre of mass of the brain (``mask`` when given, a nibabel image
-    on any grid; else of the whole image above its 0.5th percentile), so translations are
-    handled before the network. Intensities: robust min-max (0.5/99.5 percentiles inside the
-    brain) to [0, 1] (:func:`robust_normalise`); outside the mask is zero."""
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim > 3:
-        data = data[..., 0]
-    data = np.nan_to_num(data)
-    affine = np.asarray(img.affine, dtype=float)
-    mdata = None
-    if mask is not None:
-        mdata = (np.asarray(mask.dataobj) > 0).astype(np.float32)
-        if mdata.ndim > 3:
-            mdata = mdata[..., 0]
-        if not mdata.any():
-            raise ValueError('the brain mask is empty')
-    # intensity centre of mass of the brain
-    if mdata is not None and mdata.shape == data.shape and np.allclose(mask.affine, affine):
-        w = np.clip(data, 0, None) * mdata
-    else:
-        w = np.clip(data - np.percentile(data, 0.5), 0, None)
-        if mdata is not None:  # mask on another grid: use its own centroid
-            idx = np.argwhere(mdata > 0).mean(0)
-            centre = mask.affine[:3, :3] @ idx + mask.affine[:3, 3]
-            w = None
-    if w is not None:
-        total = w.sum()
-        if total <= 0:
-            raise ValueError('the image has no positive intensity to centre on')
-        idx = [np.arange(n) for n in w.shape]
-        c = [float((w.sum(tuple(b for b in range(3) if b != a)) * idx[a]).sum() / total)
-             for a in range(3)]
-        centre = affine[:3, :3] @ np.asarray(c) + affine[:3, 3]
-    vox2ras = grid_vox2ras(cfg.shape, cfg.res_mm, centre)
-    dev = torch.device(device)
-    x = _resample(data, affine, cfg.shape, vox2ras, dev, cfg.res_mm)
-    m = None
-    if mdata is not None:
-        m = _resample(mdata, np.asarray(mask.affine, dtype=float), cfg.shape, vox2ras, dev,
-                      cfg.res_mm)
-    return Conformed(tensor=robust_normalise(x, m), vox2ras=vox2ras, centre_mm=np.asarray(centre))
+
+class Conformer:
+    """One image (and optional brain mask) ready to be resampled onto the detector's grid in
+    any orientation about one centre (:meth:`grid`). The centre, the anti-aliasing blur and the
+    intensity window are computed once, from the axis-aligned grid, so every orientation sees
+    the same intensities (used by the pose search, :mod:`keyprep.pipeline.keymorph.search`).
+
+    The grid is isotropic (``cfg.res_mm``), of ``cfg.shape`` voxels and centred on the
+    intensity centre of mass of the brain (``mask`` when given, a nibabel image on any grid;
+    else of the whole image above its 0.5th percentile), so translations are handled before
+    the network. Intensities: robust min-max (0.5/99.5 percentiles inside the brain) to
+    [0, 1]; outside the mask is zero."""
+
+    def __init__(self, img, cfg: DetectorConfig, mask=None,
+                 device: str | torch.device = 'cpu'):
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if data.ndim > 3:
+            data = data[..., 0]
+        data = np.nan_to_num(data)
+        affine = np.asarray(img.affine, dtype=float)
+        mdata = None
+        if mask is not None:
+            mdata = (np.asarray(mask.dataobj) > 0).astype(np.float32)
+            if mdata.ndim > 3:
+                mdata = mdata[..., 0]
+            if not mdata.any():
+                raise ValueError('the brain mask is empty')
+        # intensity centre of mass of the brain
+        if mdata is not None and mdata.shape == data.shape and np.allclose(mask.affine, affine):
+            w = np.clip(data, 0, None) * mdata
+        else:
+            w = np.clip(data - np.percentile(data, 0.5), 0, None)
+            if mdata is not None:  # mask on another grid: use its own centroid
+                idx = np.argwhere(mdata > 0).mean(0)
+                centre = mask.affine[:3, :3] @ idx + mask.affine[:3, 3]
+                w = None
+        if w is not None:
+            total = w.sum()
+            if total <= 0:
+                raise ValueError('the image has no positive intensity to centre on')
+            idx = [np.arange(n) for n in w.shape]
+            c = [float((w.sum(tuple(b for b in range(3) if b != a)) * idx[a]).sum() / total)
+                 for a in range(3)]
+            centre = affine[:3, :3] @ np.asarray(c) + affine[:3, 3]
+        self.cfg = cfg
+        self.centre_mm = np.asarray(centre, dtype=float)
+        dev = torch.device(device)
+        self.affine = affine
+        self.volume = _prefilter(data, affine, cfg.res_mm, dev)
+        self.mask_affine = np.asarray(mask.affine, dtype=float) if mdata is not None else None
+        self.mask_volume = _prefilter(mdata, self.mask_affine, cfg.res_mm, dev) \
+            if mdata is not None else None
+        vox2ras = grid_vox2ras(cfg.shape, cfg.res_mm, self.centre_mm)
+        x, m = self._sample(vox2ras)
+        self.window = intensity_window(x, m)
+        self._identity = Conformed(tensor=apply_window(x, self.window, m), vox2ras=vox2ras,
+                                   centre_mm=self.centre_mm)
+
+    def _sample(self, vox2ras):
+        x = _sample(self.volume, self.affine, self.cfg.shape, vox2ras)
+        m = None
+        if self.mask_volume is not None:
+            m = _sample(self.mask_volume, self.mask_affine, self.cfg.shape, vox2ras)
+        return x, m
+
+    def grid(self, rotation: np.ndarray | None = None) -> Conformed:
+        """The image on the detector grid turned by ``rotation`` (3x3, world RAS, about the
+        centre; ``None``: axis-aligned). Keypoints detected on it map to this image's world
+        mm through the returned grid's ``vox2ras``, whatever the rotation."""
+        if rotation is None:
+            return self._identity
+        vox2ras = grid_vox2ras(self.cfg.shape, self.cfg.res_mm, self.centre_mm, rotation)
+        x, m = self._sample(vox2ras)
+        return Conformed(tensor=apply_window(x, self.window, m), vox2ras=vox2ras,
+                         centre_mm=self.centre_mm)
+
+
+def conform(img, cfg: DetectorConfig, mask=None, device: str | torch.device = 'cpu') -> Conformed:
+    """Resample a NIfTI image onto the detector's axis-aligned grid (see :class:`Conformer`)."""
+    return Conformer(img, cfg, mask, device).grid()
 
 
 # ---------------------------------------------------------------------------- shipped model

@@ -1,0 +1,139 @@
+"""KeyMorph pose search: the candidate rotations, the NMI score, rotated detector grids, and
+registration from an upside-down start."""
+
+from __future__ import annotations
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from keyprep.pipeline.keymorph.network import Conformer, DetectorConfig, conform
+from keyprep.pipeline.keymorph.search import (
+    cube_rotations,
+    normalised_mutual_information,
+    rotation_angle_deg,
+)
+from keyprep.pipeline.registration import run_engine
+from keyprep.pipeline.transforms import read_itk_affine
+
+from .conftest import rotated_copy
+
+torch.set_num_threads(1)
+
+
+def test_cube_rotations_are_the_octahedral_group():
+    rots = cube_rotations()
+    assert rots.shape == (24, 3, 3)
+    assert np.allclose(rots[0], np.eye(3))
+    for r in rots:
+        assert np.allclose(r @ r.T, np.eye(3)) and np.linalg.det(r) == pytest.approx(1.0)
+    keys = {tuple(r.round().astype(int).ravel()) for r in rots}
+    assert len(keys) == 24
+    for a in rots[::5]:  # closed under composition
+        for b in rots[::3]:
+            assert tuple((a @ b).round().astype(int).ravel()) in keys
+    angles = sorted(round(rotation_angle_deg(r)) for r in rots)
+    assert angles == [0] + [90] * 6 + [120] * 8 + [180] * 9
+    # covering radius: every rotation is within 63 degrees of one candidate
+    from scipy.spatial.transform import Rotation
+
+    q = Rotation.random(400, random_state=1).as_matrix()
+    worst = max(min(rotation_angle_deg(r.T @ x) for r in rots) for x in q)
+    assert 50.0 < worst <= 62.9
+
+
+def test_normalised_mutual_information():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(20, 20, 20, generator=gen)
+    b = torch.rand(20, 20, 20, generator=gen)
+    assert normalised_mutual_information(a, a) == pytest.approx(2.0)
+    assert normalised_mutual_information(a, 1 - a) == pytest.approx(2.0)  # any bijection of bins
+    assert normalised_mutual_information(a, b) < 1.1
+    smooth = torch.linspace(0, 1, 8000).view(20, 20, 20)
+    noisy = (smooth + 0.1 * torch.randn(smooth.shape, generator=gen)).clamp(0, 1)
+    assert 1.1 < normalised_mutual_information(smooth, noisy) < 2.0
+    mask = torch.zeros(20, 20, 20, dtype=torch.bool)
+    assert normalised_mutual_information(a, b, mask) == 0.0
+
+
+def _blob(center_mm, affine, shape=(40, 44, 36)) -> nb.Nifti1Image:
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing='ij'), -1)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    data = np.exp(-((xyz - center_mm) ** 2).sum(-1) / (2 * 6.0 ** 2))
+    data += 0.5 * np.exp(-((xyz - center_mm - [15, 0, 0]) ** 2).sum(-1) / (2 * 4.0 ** 2))
+    return nb.Nifti1Image(data.astype(np.float32), affine)
+
+
+def test_rotated_grids_keep_world_coordinates():
+    """A feature found on a turned detector grid maps back to the same world point."""
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    aff[:3, 3] = [-60, -70, -50]
+    img = _blob(np.array([5.0, -10.0, 8.0]), aff)
+    cfg = DetectorConfig(n_keypoints=4, features=(4,), pool_after=(), res_mm=3.0,
+                         shape=(40, 40, 40))
+    conformer = Conformer(img, cfg)
+    base = conformer.grid()
+    assert np.allclose(base.vox2ras, conform(img, cfg).vox2ras)
+    assert torch.equal(base.tensor, conform(img, cfg).tensor)
+
+    def centroid_mm(conf):  # intensity centre of mass, in world mm
+        t = conf.tensor[0, 0].double().numpy()
+        ijk = np.argwhere(t >= 0)
+        c = (ijk * t.ravel()[:, None]).sum(0) / t.sum()
+        return conf.to_world(c)
+
+    truth = centroid_mm(base)
+    assert np.linalg.norm(truth - base.centre_mm) < 3.0
+
+    for r in cube_rotations()[[3, 9, 17, 23]]:
+        turned = conformer.grid(r)
+        assert np.allclose(turned.vox2ras[:3, :3], r * 3.0)
+        assert np.allclose(turned.centre_mm, base.centre_mm)
+        assert np.linalg.norm(centroid_mm(turned) - truth) < 0.3
+        assert float(turned.tensor.max()) == pytest.approx(float(base.tensor.max()), abs=0.05)
+
+
+@pytest.fixture(scope='module')
+def upside_down(small_brains, tmp_path_factory):
+    """The fixed test brain turned 165 degrees about z and shifted: 15 degrees from the
+    cube's 180-degree candidate, inside the tiny detector's 20-degree training range."""
+    fixed = nb.load(str(small_brains['fixed']))
+    moving = rotated_copy(fixed, 165.0, axis=2, shift=(5.0, -4.0, 3.0))
+    path = tmp_path_factory.mktemp('upside') / 'moving.nii.gz'
+    moving.to_filename(path)
+    truth = moving.affine @ np.linalg.inv(fixed.affine)
+    return path, truth
+
+
+def _mean_error_mm(mat, truth, fixed_path) -> float:
+    img = nb.load(str(fixed_path))
+    ijk = np.argwhere(np.asanyarray(img.dataobj) > 0)[::7]
+    pts = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
+    diff = mat - truth
+    return float(np.linalg.norm(pts @ diff[:3, :3].T + diff[:3, 3], axis=1).mean())
+
+
+def test_pose_search_registers_from_upside_down(small_brains, keymorph_weights, upside_down,
+                                                tmp_path):
+    moving, truth = upside_down
+    found = run_engine('keymorphAffine', small_brains['fixed'], moving, tmp_path / 'cube',
+                       params={'weights': str(keymorph_weights)})
+    assert found.extras['pose_search'] == 'cube' and found.extras['pose_candidates'] == 24
+    assert found.extras['pose_angle_deg'] == pytest.approx(180.0)
+    assert found.extras['pose_nmi'] >= found.extras['pose_nmi_identity']
+    assert _mean_error_mm(read_itk_affine(found.fwd_xfm), truth, small_brains['fixed']) < 4.0
+    # without the search the same detector cannot see the pose (the papers' KeyMorph)
+    plain = run_engine('keymorphAffine', small_brains['fixed'], moving, tmp_path / 'none',
+                       params={'weights': str(keymorph_weights), 'pose_search': 'none'})
+    assert plain.extras['pose_search'] == 'none' and plain.extras['pose_candidates'] == 1
+    assert _mean_error_mm(read_itk_affine(plain.fwd_xfm), truth, small_brains['fixed']) > 20.0
+    rigid = run_engine('keymorphRigid', small_brains['fixed'], moving, tmp_path / 'rigid',
+                       params={'weights': str(keymorph_weights)})
+    assert _mean_error_mm(read_itk_affine(rigid.fwd_xfm), truth, small_brains['fixed']) < 4.0
+
+
+def test_pose_search_parameter_is_checked(small_brains, keymorph_weights, tmp_path):
+    with pytest.raises(ValueError, match='pose_search'):
+        run_engine('keymorphAffine', small_brains['fixed'], small_brains['moving'], tmp_path,
+                   params={'weights': str(keymorph_weights), 'pose_search': 'sphere'})
