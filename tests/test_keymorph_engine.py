@@ -492,6 +492,10 @@ def test_cli_options(tmp_path, random_weights, capsys, monkeypatch):
                        '--keymorph-weights', random_weights.name])
     assert opts.keymorph_weights == random_weights
     assert opts.engine_params['keymorphRigid']['weights'] == str(random_weights)
+    assert 'pose_search' not in opts.engine_params['keymorphRigid']  # the engine's default
+    opts = parse_args([*base, '--methods', 'keymorphAffine', '--keymorph-pose-search', 'none'])
+    assert opts.engine_params['keymorphAffine'] == {'pose_search': 'none'}
+    assert run([*base, '--keymorph-pose-search', 'sphere']) == EXIT_USAGE
     assert parse_args(base).methods == ['antsRigid', 'antsAffine', 'antsSyN']
     assert parse_args(base).engine_params == {}
     assert run([*base, '--keymorph-lambdas', '-1']) == EXIT_USAGE
@@ -505,7 +509,8 @@ def test_cli_options(tmp_path, random_weights, capsys, monkeypatch):
     assert run(['--help']) == 0
     text = ' '.join(capsys.readouterr().out.split())
     for flag in ('--keymorph-weights', '--keymorph-lambdas', '--keymorph-refine ',
-                 '--keymorph-refine-steps', '--keymorph-keypoints', 'groupwise'):
+                 '--keymorph-refine-steps', '--keymorph-keypoints', '--keymorph-pose-search',
+                 'groupwise'):
         assert flag in text
     assert 'keymorphAffineRefined' in text and 'keymorphTPSlam' in text
 
