@@ -208,8 +208,7 @@ class _KeyMorphEngine(Engine):
         fimg, mimg = nb.load(str(fixed)), nb.load(str(moving))
         fmask = nb.load(str(fixed_mask)) if fixed_mask else None
         mmask = nb.load(str(moving_mask)) if moving_mask else None
-        with torch.inference_mode():
-            fdet = model.detect_conformed(Conformer(fimg, model.cfg, fmask, device).grid())
+        fdet = model.detect_conformed(Conformer(fimg, model.cfg, fmask, device).grid())
         pf, wf_ = fdet['points_mm'], fdet['weights']
         index = np.arange(pf.shape[0])
         wanted = params['n_keypoints']

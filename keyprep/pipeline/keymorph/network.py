@@ -434,13 +434,25 @@ class KeyMorphModel:
     def detect_conformed(self, conf: Conformed) -> dict:
         """Keypoints of an already conformed image: voxel and world coordinates, weights and
         heatmaps (numpy)."""
-        out = self.detector(conf.tensor.to(self.device))
-        vox = out['points'][0].double().cpu().numpy()
-        n = vox.shape[0]
-        w = out['weights']
-        weights = w[0].double().cpu().numpy() if w is not None else np.ones(n)
-        return {'points_vox': vox, 'points_mm': conf.to_world(vox), 'weights': weights,
-                'heatmaps': out['heatmaps'][0].cpu().numpy(), 'conformed': conf}
+        return self.detect_batch([conf])[0]
+
+    def detect_batch(self, confs: Sequence[Conformed], batch: int = 8) -> list[dict]:
+        """:meth:`detect_conformed` for several conformed images of the same grid shape, with
+        ``batch`` of them per forward pass (no gradients)."""
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(confs), batch):
+                chunk = confs[start:start + batch]
+                res = self.detector(torch.cat([c.tensor for c in chunk]).to(self.device))
+                for i, conf in enumerate(chunk):
+                    vox = res['points'][i].double().cpu().numpy()
+                    w = res['weights']
+                    weights = w[i].double().cpu().numpy() if w is not None \
+                        else np.ones(vox.shape[0])
+                    out.append({'points_vox': vox, 'points_mm': conf.to_world(vox),
+                                'weights': weights, 'heatmaps': res['heatmaps'][i].cpu().numpy(),
+                                'conformed': conf})
+        return out
 
     def detect(self, img, mask=None) -> tuple[np.ndarray, np.ndarray]:
         """Keypoints of a NIfTI image: ``(points_mm [N, 3] RAS mm, weights [N])`` as float64

@@ -112,34 +112,14 @@ class PoseSearch:
 
 def _warp_to(fixed_conf, moving_conf, mat: np.ndarray) -> torch.Tensor:
     """The moving conformed tensor resampled on the fixed conformed grid through ``mat``
-    (``[3, 4]``, fixed mm -> moving mm)."""
-    from ..synth.generator import identity_grid, sample_field
+    (``[3, 4]``, fixed mm -> moving mm): the moving grid seen from fixed space has the
+    voxel-to-world matrix ``mat^-1 @ moving.vox2ras``."""
+    from .network import _sample
 
     t = np.eye(4)
     t[:3] = mat
-    to_mov = np.linalg.inv(moving_conf.vox2ras) @ t @ fixed_conf.vox2ras
-    dev = moving_conf.tensor.device
-    m = torch.as_tensor(to_mov, dtype=torch.float32, device=dev)
-    grid = identity_grid(fixed_conf.tensor.shape[2:], dev)
-    coords = torch.einsum('ab,bijk->aijk', m[:3, :3], grid) + m[:3, 3].view(3, 1, 1, 1)
-    return sample_field(moving_conf.tensor, coords[None], padding_mode='zeros')
-
-
-def _detections(model, confs: list, batch: int) -> list[dict]:
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(confs), batch):
-            chunk = confs[start:start + batch]
-            x = torch.cat([c.tensor for c in chunk]).to(model.device)
-            res = model.detector(x)
-            for i, conf in enumerate(chunk):
-                vox = res['points'][i].double().cpu().numpy()
-                w = res['weights']
-                weights = w[i].double().cpu().numpy() if w is not None else np.ones(vox.shape[0])
-                out.append({'points_vox': vox, 'points_mm': conf.to_world(vox),
-                            'weights': weights, 'heatmaps': res['heatmaps'][i].cpu().numpy(),
-                            'conformed': conf})
-    return out
+    return _sample(moving_conf.tensor, np.linalg.inv(t) @ moving_conf.vox2ras,
+                   fixed_conf.tensor.shape[2:], fixed_conf.vox2ras)
 
 
 def search_pose(model, fixed_detection: dict, conformer, fit: str = 'affine',
@@ -159,7 +139,7 @@ def search_pose(model, fixed_detection: dict, conformer, fit: str = 'affine',
     t0 = time.perf_counter()
     rots = cube_rotations() if candidates == 'cube' else np.eye(3)[None]
     confs = [conformer.grid(None if i == 0 else r) for i, r in enumerate(rots)]
-    dets = _detections(model, confs, batch)
+    dets = model.detect_batch(confs, batch)
     if len(dets) == 1:
         return PoseSearch(dets[0], 0, rots[0], [float('nan')], time.perf_counter() - t0)
     fconf = fixed_detection['conformed']
