@@ -265,6 +265,34 @@ def test_training_step_checkpoint_resume_and_inference(toy_map, tmp_path):
     assert res.mask.get_data_dtype() == np.uint8
 
 
+def test_bf16_training_step_matches_fp32_and_precision_round_trips(toy_map):
+    """The bfloat16 autocast step computes the same losses as float32 (to bf16 rounding), keeps
+    float32 weights, and the precision survives the config round trip (old configs: fp32)."""
+    from keyprep.pipeline.synth.generator import Synthesizer, load_label_map
+    from keyprep.pipeline.synth.train import TrainConfig, UNet3D, UNetConfig, train_step
+
+    synth = Synthesizer([load_label_map(f) for f in sorted(Path(toy_map).glob('*.nii.gz'))],
+                        SynthConfig(shape=(32, 32, 32)))
+    batch = synth.sample(1, torch.Generator().manual_seed(0))
+    terms = {}
+    for precision in ('fp32', 'bf16'):
+        cfg = TrainConfig(precision=precision, unet=UNetConfig(features=4, levels=2))
+        torch.manual_seed(0)
+        model = UNet3D(cfg.unet)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        terms[precision] = train_step(model, opt, batch, cfg, torch.device('cpu'))
+        assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in model.parameters())
+        assert TrainConfig.from_dict(cfg.to_dict()).precision == precision
+    for key in ('dice_loss', 'ce'):
+        assert terms['bf16'][key] == pytest.approx(terms['fp32'][key], rel=0.02)
+    old = TrainConfig().to_dict()
+    del old['precision']
+    assert TrainConfig.from_dict(old).precision == 'fp32'
+    with pytest.raises(ValueError, match='precision'):
+        TrainConfig.from_dict({**old, 'precision': 'fp8'})
+
+
 def test_missing_weights_is_a_clear_error(tmp_path):
     from keyprep.pipeline.synth.labeller import LabelNetwork
 

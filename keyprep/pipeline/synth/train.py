@@ -24,8 +24,17 @@ from .generator import LabelMap, SynthConfig, Synthesizer, load_label_map
 from .labels import OUTPUT_LABELS
 from .unet import UNet3D, UNetConfig
 
-__all__ = ['TrainConfig', 'RECIPES', 'soft_dice_loss', 'dice_per_class', 'train', 'train_step',
+__all__ = ['TrainConfig', 'PRECISIONS', 'autocast', 'RECIPES', 'soft_dice_loss', 'dice_per_class', 'train', 'train_step',
            'load_training_maps', 'HELD_OUT', 'export_weights']
+
+PRECISIONS = ('fp32', 'bf16')
+
+
+def autocast(device: torch.device | str, precision: str):
+    """The autocast context of ``precision`` on ``device`` (a no-op for 'fp32')."""
+    dev = torch.device(device)
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
+
 
 #: SynthSeg training maps kept out of training for evaluation.
 HELD_OUT: tuple[str, ...] = ('training_seg_14', 'training_seg_15', 'training_seg_16')
@@ -46,6 +55,9 @@ class TrainConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     val_shape: tuple[int, int, int] = (96, 112, 96)
+    #: 'bf16' runs the forward pass under bfloat16 autocast (about 2x faster on CPUs with
+    #: AVX512-BF16 or AMX, and on recent GPUs; losses and weights stay float32); 'fp32' does not.
+    precision: str = 'bf16'
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,6 +69,9 @@ class TrainConfig:
         d['synth'] = SynthConfig.from_dict(d['synth'])
         d['unet'] = UNetConfig(**d['unet'])
         d['val_shape'] = tuple(d['val_shape'])
+        d.setdefault('precision', 'fp32')  # checkpoints written before the option were fp32
+        if d['precision'] not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {d['precision']!r}")
         return cls(**d)
 
 
@@ -118,7 +133,9 @@ def train_step(model: UNet3D, optimiser: torch.optim.Optimizer, batch: dict, cfg
     model.train()
     image = batch['image'].to(device)
     target = batch['labels'].to(device)
-    logits = model(image)
+    with autocast(device, cfg.precision):
+        logits = model(image)
+    logits = logits.float()
     dice = soft_dice_loss(logits, target)
     ce = F.cross_entropy(logits, target)
     loss = cfg.dice_weight * dice + cfg.ce_weight * ce
@@ -148,11 +165,12 @@ def _validation_set(held_out: Sequence[LabelMap], cfg: TrainConfig, device) -> l
 
 
 @torch.no_grad()
-def evaluate(model: UNet3D, items: list[dict], device) -> dict[str, float]:
+def evaluate(model: UNet3D, items: list[dict], device, precision: str = 'fp32') -> dict[str, float]:
     model.eval()
     scores = []
     for it in items:
-        pred = model(it['image'].to(device)).argmax(1).cpu()
+        with autocast(device, precision):
+            pred = model(it['image'].to(device)).argmax(1).cpu()
         scores.append(dice_per_class(pred, it['labels'], len(OUTPUT_LABELS))[1:])
     scores = np.array(scores)
     return {'val_dice': float(np.nanmean(scores))}
@@ -220,7 +238,7 @@ def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainC
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save()
         if val_items and (step % cfg.val_every == 0 or step == cfg.steps):
-            res = evaluate(model, val_items, dev)
+            res = evaluate(model, val_items, dev, cfg.precision)
             with open(vlog, 'a') as fh:
                 fh.write(f"{step}\t{res['val_dice']:.4f}\n")
             log(f"step {step}: loss {terms['loss']:.4f}, held-out Dice {res['val_dice']:.4f}")
