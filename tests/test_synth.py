@@ -353,3 +353,18 @@ def test_labelling_odd_images_does_not_crash(toy_map, tmp_path):
     assert res.labels.shape == data.shape[:3] and np.allclose(res.labels.affine, rot)
     with pytest.raises(ValueError, match='pose'):
         net.predict(odd, pose='sideways')
+
+
+def test_shipped_network_bf16_labels_agree_with_fp32():
+    """bfloat16 inference (used where the hardware runs it natively) changes few labels."""
+    from .conftest import CH2, coarse
+
+    from keyprep.pipeline.synth.labeller import LabelNetwork
+
+    img = coarse(CH2, 2.0)
+    out = {p: np.asarray(LabelNetwork(precision=p).predict(img).labels.dataobj) for p in ('fp32', 'bf16')}
+    brain = (out['fp32'] > 0) | (out['bf16'] > 0)
+    assert brain.sum() > 50_000 / 8
+    assert (out['fp32'] == out['bf16'])[brain].mean() > 0.98
+    with pytest.raises(ValueError, match='precision'):
+        LabelNetwork(precision='fp16')

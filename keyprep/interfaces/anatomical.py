@@ -243,6 +243,7 @@ class SynthSegLabels(SimpleInterface):
             'NetworkTrusted': net.trusted,
             'NetworkResolution': net.res_mm,
             'Device': device,
+            'Precision': net.precision,
             'FlipTTA': bool(self.inputs.flip_tta),
             'Pose': self.inputs.pose,
             'EstimatedPose': result.pose,

@@ -77,6 +77,24 @@ def measure(interval: float = 0.05, device: str = 'cpu'):
             m.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
+def fast_bf16(device: str = 'cpu') -> bool:
+    """Whether ``device`` runs bfloat16 convolutions natively (CUDA with bf16 support, or an x86
+    CPU with AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than float32."""
+    import torch
+
+    if str(device).startswith('cuda'):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        with open('/proc/cpuinfo') as fh:
+            for line in fh:
+                if line.startswith('flags'):
+                    flags = set(line.split(':', 1)[1].split())
+                    return bool(flags & {'avx512_bf16', 'amx_bf16'})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_device(device: str = 'auto') -> str:
     """Map ``auto|cpu|cuda[:N]`` to a concrete torch device string.
 

@@ -84,7 +84,7 @@ class LabelNetwork:
 
     _cache: dict[tuple[str, str], 'LabelNetwork'] = {}
 
-    def __init__(self, weights: str | Path | None = None, device: str = 'cpu'):
+    def __init__(self, weights: str | Path | None = None, device: str = 'cpu', precision: str = 'auto'):
         path = Path(weights) if weights is not None else default_weights()
         if not path.is_file():
             raise MissingInputError(
@@ -96,6 +96,14 @@ class LabelNetwork:
         self.path = path
         self.sha256 = _sha256(path)
         self.device = torch.device(device)
+        if precision not in ('auto', 'fp32', 'bf16'):
+            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
+        if precision == 'auto':
+            from ..resources import fast_bf16
+
+            precision = 'bf16' if fast_bf16(str(self.device)) else 'fp32'
+        #: 'bf16': convolutions under bfloat16 autocast (where the hardware runs it natively)
+        self.precision = precision
         self.config = UNetConfig(**payload['unet'])
         self.res_mm = float(payload['res_mm'])
         self.labels = tuple(int(v) for v in payload['labels'])
@@ -206,9 +214,9 @@ class LabelNetwork:
                                       [:1_000_000].to(dev)], 0.995)) if pos.numel() else lo + 1
         x = ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
         t1 = time.perf_counter()
-        probs = self.model(x).softmax(1)
+        probs = self._forward(x)
         if flip_tta:
-            pf = self.model(x.flip(2)).softmax(1).flip(2)
+            pf = self._forward(x.flip(2)).flip(2)
             probs = 0.5 * (probs + pf[:, self.flip])
         t2 = time.perf_counter()
         labels, mask = self._to_native(probs, net_aff, img)
@@ -225,6 +233,12 @@ class LabelNetwork:
                            timings={'resample_s': t1 - t0, 'network_s': t2 - t1, 'native_s': t3 - t2},
                            probabilities=probs[0].cpu().numpy() if keep_probabilities else None,
                            network_affine=net_aff, pose=pose_info)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (float32) of a normalised network-grid volume."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16'):
+            logits = self.model(x)
+        return logits.float().softmax(1)
 
     def _to_native(self, probs: torch.Tensor, net_aff: np.ndarray, img) -> tuple[np.ndarray, np.ndarray]:
         """Labels on the native grid.
@@ -246,24 +260,28 @@ class LabelNetwork:
             chunk = probs[:, :, start:stop]
             size = [(stop - start - 1) * factor + 1, up_shape[1], up_shape[2]]
             up = F.interpolate(chunk, size=size, mode='trilinear', align_corners=True)
-            fine[start * factor:start * factor + size[0]] = (
-                up[0].permute(1, 2, 3, 0).contiguous().argmax(-1).to(torch.uint8).cpu().numpy())
+            fine[start * factor:start * factor + size[0]] = up.argmax(1)[0].to(torch.uint8).cpu().numpy()
         fine_aff = net_aff.copy()
         fine_aff[:3, :3] = net_aff[:3, :3] / factor
-        # nearest fine voxel of every native voxel
-        to_fine = np.linalg.inv(fine_aff) @ img.affine
+        # nearest fine voxel of every native voxel, a slab of native slices at a time
+        to_fine = torch.as_tensor(np.linalg.inv(fine_aff) @ img.affine, dtype=torch.float64)
         shape = img.shape[:3]
+        fine_t = torch.from_numpy(fine)
+        lut = torch.as_tensor(self.labels, dtype=torch.int16)
+        bound = torch.as_tensor(up_shape).view(3, 1)
+        jk = torch.stack(torch.meshgrid(torch.arange(shape[1]), torch.arange(shape[2]), indexing='ij')
+                         ).reshape(2, -1).to(torch.float64)
+        base = to_fine[:3, 1:3] @ jk + to_fine[:3, 3:4]  # [3, J*K]
         labels = np.zeros(shape, dtype=np.int16)
-        lut = np.asarray(self.labels, dtype=np.int16)
-        jj, kk = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing='ij')
-        for i in range(shape[0]):
-            pts = to_fine[:3, :3] @ np.stack([np.full(jj.size, i), jj.ravel(), kk.ravel()]) \
-                + to_fine[:3, 3:4]
-            idx = np.rint(pts).astype(np.int64)
-            ok = np.all((idx >= 0) & (idx < np.asarray(up_shape)[:, None]), axis=0)
-            vals = np.zeros(jj.size, dtype=np.int16)
-            vals[ok] = lut[fine[idx[0, ok], idx[1, ok], idx[2, ok]]]
-            labels[i] = vals.reshape(jj.shape)
+        step = max(1, 4_000_000 // max(1, jk.shape[1]))
+        for start in range(0, shape[0], step):
+            ii = torch.arange(start, min(shape[0], start + step), dtype=torch.float64)
+            pts = base[:, None, :] + to_fine[:3, 0].view(3, 1, 1) * ii.view(1, -1, 1)
+            idx = torch.round(pts).to(torch.int64).reshape(3, -1)
+            ok = ((idx >= 0) & (idx < bound)).all(0)
+            vals = torch.zeros(idx.shape[1], dtype=torch.int16)
+            vals[ok] = lut[fine_t[idx[0, ok], idx[1, ok], idx[2, ok]].long()]
+            labels[start:start + len(ii)] = vals.reshape(len(ii), shape[1], shape[2]).numpy()
         brain = labels > 0
         if brain.any():
             comp, n = ndimage.label(brain)
