@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     summary: dict = {'weights': str(opts.weights.name), 'sha256': net.sha256, 'step': net.step,
                      'machine': f'{platform.processor() or platform.machine()}, {opts.threads} threads, '
-                                f'torch {torch.__version__}'}
+                                f'torch {torch.__version__}, {net.precision} inference'}
     t0 = time.time()
     if opts.label_maps.is_dir():
         rows += held_out_synthetic(net, opts.label_maps, opts.quick)
