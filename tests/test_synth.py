@@ -291,6 +291,16 @@ def test_bf16_training_step_matches_fp32_and_precision_round_trips(toy_map):
     assert TrainConfig.from_dict(old).precision == 'fp32'
     with pytest.raises(ValueError, match='precision'):
         TrainConfig.from_dict({**old, 'precision': 'fp8'})
+    # the command line's default resolves to bf16 only where the hardware runs it natively
+    from keyprep.bids_app.train import build_parser
+    from keyprep.pipeline.resources import fast_bf16, resolve_precision
+
+    opts = build_parser().parse_args(['synthseg', '--label-maps', 'x', '--output', 'y'])
+    assert opts.precision == 'auto'
+    assert resolve_precision('auto', 'cpu') == ('bf16' if fast_bf16('cpu') else 'fp32')
+    assert resolve_precision('fp32', 'cpu') == 'fp32'
+    with pytest.raises(ValueError, match='precision'):
+        resolve_precision('fp16')
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):

@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
     p.add_argument('--threads', type=int, help='torch CPU threads')
     p.add_argument('--export', type=Path, help='write the weights file for keyprep here at the end')
-    p.add_argument('--precision', choices=['bf16', 'fp32'],
-                   help='bf16: bfloat16 autocast for the forward pass (default of the recipes; about '
-                   '2x faster on CPUs with AVX512-BF16/AMX); fp32: full precision')
+    p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'], default='auto',
+                   help='bf16: bfloat16 autocast for the forward pass (about 2x faster on CPUs with '
+                   'AVX512-BF16/AMX and on recent GPUs); fp32: full precision; auto (default): '
+                   'bf16 where the device runs it natively, else fp32')
 
     from ..pipeline.keymorph.train import RECIPES as KM_RECIPES
 
@@ -139,8 +140,10 @@ def _synthseg(opts) -> int:
         cfg = replace(cfg, steps=opts.steps)
     if opts.seed is not None:
         cfg = replace(cfg, seed=opts.seed)
-    if opts.precision:
-        cfg = replace(cfg, precision=opts.precision)
+    from ..pipeline.resources import resolve_precision
+
+    cfg = replace(cfg, precision=resolve_precision(opts.precision, device))
+    LOGGER.info('precision: %s', cfg.precision)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
                  extra_maps=_extra_maps(opts.extra_anatomies), log=LOGGER.info, max_minutes=opts.max_minutes)
     if opts.export:

@@ -95,6 +95,32 @@ def fast_bf16(device: str = 'cpu') -> bool:
     return False
 
 
+#: Numerical precisions of keyprep's torch networks ('auto' resolves to one of them).
+PRECISIONS = ('fp32', 'bf16')
+
+
+def resolve_precision(precision: str = 'auto', device: str = 'cpu') -> str:
+    """Map ``auto|fp32|bf16`` to a concrete precision: 'auto' is bf16 where ``device`` runs it
+    natively (:func:`fast_bf16`), fp32 elsewhere.
+
+    >>> resolve_precision('fp32')
+    'fp32'
+    """
+    if precision == 'auto':
+        return 'bf16' if fast_bf16(str(device)) else 'fp32'
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
+    return precision
+
+
+def autocast(device, precision: str):
+    """The torch autocast context of a concrete ``precision`` on ``device`` (no-op for fp32)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == 'bf16')
+
+
 def resolve_device(device: str = 'auto') -> str:
     """Map ``auto|cpu|cuda[:N]`` to a concrete torch device string.
 

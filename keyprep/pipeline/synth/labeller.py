@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingInputError
+from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
 from .labels import flip_lut
 from .unet import UNet3D, UNetConfig
@@ -96,14 +97,8 @@ class LabelNetwork:
         self.path = path
         self.sha256 = _sha256(path)
         self.device = torch.device(device)
-        if precision not in ('auto', 'fp32', 'bf16'):
-            raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
-        if precision == 'auto':
-            from ..resources import fast_bf16
-
-            precision = 'bf16' if fast_bf16(str(self.device)) else 'fp32'
-        #: 'bf16': convolutions under bfloat16 autocast (where the hardware runs it natively)
-        self.precision = precision
+        #: 'bf16': convolutions under bfloat16 autocast ('auto': where the hardware runs it natively)
+        self.precision = resolve_precision(precision, str(self.device))
         self.config = UNetConfig(**payload['unet'])
         self.res_mm = float(payload['res_mm'])
         self.labels = tuple(int(v) for v in payload['labels'])
@@ -236,7 +231,7 @@ class LabelNetwork:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities (float32) of a normalised network-grid volume."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == 'bf16'):
+        with autocast(self.device, self.precision):
             logits = self.model(x)
         return logits.float().softmax(1)
 

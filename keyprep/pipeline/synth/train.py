@@ -20,21 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..resources import PRECISIONS, autocast
 from .generator import LabelMap, SynthConfig, Synthesizer, load_label_map
 from .labels import OUTPUT_LABELS
 from .unet import UNet3D, UNetConfig
 
-__all__ = ['TrainConfig', 'PRECISIONS', 'autocast', 'RECIPES', 'soft_dice_loss', 'dice_per_class', 'train', 'train_step',
+__all__ = ['TrainConfig', 'RECIPES', 'soft_dice_loss', 'dice_per_class', 'train', 'train_step',
            'load_training_maps', 'HELD_OUT', 'export_weights']
-
-PRECISIONS = ('fp32', 'bf16')
-
-
-def autocast(device: torch.device | str, precision: str):
-    """The autocast context of ``precision`` on ``device`` (a no-op for 'fp32')."""
-    dev = torch.device(device)
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == 'bf16')
-
 
 #: SynthSeg training maps kept out of training for evaluation.
 HELD_OUT: tuple[str, ...] = ('training_seg_14', 'training_seg_15', 'training_seg_16')
@@ -56,8 +48,9 @@ class TrainConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     val_shape: tuple[int, int, int] = (96, 112, 96)
     #: 'bf16' runs the forward pass under bfloat16 autocast (about 2x faster on CPUs with
-    #: AVX512-BF16 or AMX, and on recent GPUs; losses and weights stay float32); 'fp32' does not.
-    precision: str = 'bf16'
+    #: AVX512-BF16 or AMX, and on recent GPUs; losses and weights stay float32). The command
+    #: line's default ('auto') picks it where the hardware runs it natively.
+    precision: str = 'fp32'
 
     def to_dict(self) -> dict:
         d = asdict(self)
