@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help='cpu-2mm: small U-Net, 2 mm, 64^3 crops (ships); gpu-1mm: SynthSeg-sized, 1 mm')
     p.add_argument('--steps', type=int, help='total optimisation steps (default: the recipe)')
     p.add_argument('--seed', type=int, help='training seed (default: the recipe)')
+    p.add_argument('--lr', type=float, help='peak learning rate (default: the recipe)')
+    p.add_argument('--restart-step', type=int,
+                   help='warm restart of the schedule at this step (resuming a run: its step); '
+                   'the rate warms up again, is held, then decays to the end')
+    p.add_argument('--val-every', type=int, help='validate every N steps (0: never)')
+    p.add_argument('--val-pose', choices=['auto', 'header'],
+                   help="pose mode of the labeller during validation (default: 'auto', as a "
+                   'participant run)')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
     p.add_argument('--held-out', nargs='*', default=list(HELD_OUT),
                    help='label-map names kept out of training for validation')
@@ -140,6 +148,9 @@ def _synthseg(opts) -> int:
         cfg = replace(cfg, steps=opts.steps)
     if opts.seed is not None:
         cfg = replace(cfg, seed=opts.seed)
+    for key in ('lr', 'restart_step', 'val_every', 'val_pose'):
+        if getattr(opts, key) is not None:
+            cfg = replace(cfg, **{key: getattr(opts, key)})
     from ..pipeline.resources import resolve_precision
 
     cfg = replace(cfg, precision=resolve_precision(opts.precision, device))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import MissingInputError
 from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
+from .inference import sliding_window_probabilities
 from .labels import flip_lut
 from .unet import UNet3D, UNetConfig
 
@@ -76,6 +77,22 @@ class LabelResult:
     pose: dict | None = None  # the estimated head pose (``pose='auto'``)
 
 
+def load_weights_file(path: Path) -> dict:
+    """Read a label-network weights file safely (``weights_only=True``: no code runs)."""
+    if not path.is_file():
+        raise MissingInputError(
+            f'label-network weights not found: {path} (they ship with keyprep; '
+            'reinstall it, or pass the path of weights trained with `keyprep train synthseg`)')
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise MissingInputError(f'{path} is not a readable keyprep label-network weights file '
+                                f'({type(exc).__name__})') from None
+    if not isinstance(payload, dict) or 'state_dict' not in payload:
+        raise MissingInputError(f'{path} is not a keyprep label-network weights file')
+    return payload
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -85,17 +102,20 @@ class LabelNetwork:
 
     _cache: dict[tuple[str, str], 'LabelNetwork'] = {}
 
+    #: Overlap of neighbouring inference tiles (fraction of the tile size).
+    TILE_OVERLAP = 0.5
+
     def __init__(self, weights: str | Path | None = None, device: str = 'cpu', precision: str = 'auto'):
         path = Path(weights) if weights is not None else default_weights()
-        if not path.is_file():
-            raise MissingInputError(
-                f'label-network weights not found: {path} (they ship with keyprep; '
-                'reinstall it, or pass the path of weights trained with `keyprep train synthseg`)')
-        payload = torch.load(path, map_location='cpu', weights_only=False)
-        if not isinstance(payload, dict) or 'state_dict' not in payload:
-            raise MissingInputError(f'{path} is not a keyprep label-network weights file')
+        payload = load_weights_file(path)
         self.path = path
         self.sha256 = _sha256(path)
+        self._setup(payload, device, precision)
+        self.model.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
+        self.model.to(self.device).eval()
+        self.card = self._read_card(path)
+
+    def _setup(self, payload: dict, device: str, precision: str) -> None:
         self.device = torch.device(device)
         #: 'bf16': convolutions under bfloat16 autocast ('auto': where the hardware runs it natively)
         self.precision = resolve_precision(precision, str(self.device))
@@ -103,11 +123,28 @@ class LabelNetwork:
         self.res_mm = float(payload['res_mm'])
         self.labels = tuple(int(v) for v in payload['labels'])
         self.step = int(payload.get('step', -1))
-        self.model = UNet3D(self.config)
-        self.model.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
-        self.model.to(self.device).eval()
+        #: inference tile = the training crop (weights exported before tiling: 64^3)
+        self.tile = tuple(int(v) for v in payload.get('crop_shape', (64, 64, 64)))
+        if 'state_dict' in payload:
+            self.model = UNet3D(self.config)
         self.flip = torch.as_tensor(flip_lut(self.labels), device=self.device)
-        self.card = self._read_card(path)
+
+    @classmethod
+    def from_model(cls, model: UNet3D, res_mm: float, crop_shape, labels=None, step: int = -1,
+                   device: str = 'cpu', precision: str = 'fp32') -> 'LabelNetwork':
+        """Wrap a network in memory (training validation goes through :meth:`predict`, the
+        deployment path, with this)."""
+        from .labels import OUTPUT_LABELS
+
+        self = cls.__new__(cls)
+        self.path = Path('<in-memory>')
+        self.sha256 = ''
+        self._setup({'unet': model.config.to_dict(), 'res_mm': res_mm,
+                     'labels': list(labels or OUTPUT_LABELS), 'step': step,
+                     'crop_shape': list(crop_shape)}, device, precision)
+        self.model = model
+        self.card = {}
+        return self
 
     TRUSTED_DICE = TRUSTED_DICE  # held-out structure Dice needed to set the QC status
 
@@ -229,11 +266,18 @@ class LabelNetwork:
                            probabilities=probs[0].cpu().numpy() if keep_probabilities else None,
                            network_affine=net_aff, pose=pose_info)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (float32) of a normalised network-grid volume."""
+    def _forward_tiles(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):
             logits = self.model(x)
         return logits.float().softmax(1)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (float32) of a normalised network-grid volume, predicted in
+        tiles of the training crop size (:mod:`.inference`)."""
+        probs, info = sliding_window_probabilities(self._forward_tiles, x, len(self.labels),
+                                                   roi=self.tile, overlap=self.TILE_OVERLAP)
+        self._last_tiles = info
+        return probs
 
     def _to_native(self, probs: torch.Tensor, net_aff: np.ndarray, img) -> tuple[np.ndarray, np.ndarray]:
         """Labels on the native grid.
