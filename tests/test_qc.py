@@ -145,3 +145,32 @@ def test_registration_rows_per_structure_and_tissue(tmp_path):
     row_u = summary_u.iloc[0]
     assert row_u['label_set'] == 'tissue' and row_u['status'] == 'pass'
     assert 'not validated' in row_u['status_reason'] and '0.02' in row_u['status_reason']
+    # the structure Dice is always in its own, explicitly named columns
+    assert row_u['structure_dice_mean'] == pytest.approx(0.5) and row_u['structure_dice_min'] == 0.0
+    assert row_u['tissue_dice_mean'] == 1.0
+    # a trusted network whose labels of the moving image failed their self-check: the
+    # structure Dice is reported but does not set the status, which is at least warn
+    long_c, summary_c = registration_qc_rows(
+        **kw, target_synthseg=s_ref, warped_synthseg=s_ref,
+        synthseg_meta={'NetworkTrusted': True,
+                       'LabelCheck': {'ok': False, 'failed': ['left_right', 'mask_agreement']}})
+    row_c = summary_c.iloc[0]
+    assert row_c['label_set'] == 'tissue' and row_c['structure_dice_mean'] == 1.0
+    assert row_c['status'] == 'warn' and 'self-check failed' in row_c['status_reason']
+    assert row_c['labels_check'] == 'failed: left_right,mask_agreement'
+    # and a passing self-check leaves a trusted network's structure Dice in charge
+    _, summary_ok = registration_qc_rows(
+        **kw, target_synthseg=s_ref, warped_synthseg=s_test,
+        synthseg_meta={'NetworkTrusted': True, 'LabelCheck': {'ok': True, 'failed': []}})
+    assert summary_ok.iloc[0]['label_set'] == 'synthseg'
+    assert summary_ok.iloc[0]['labels_check'] == 'ok'
+
+
+def test_summary_sidecar_names_each_dice():
+    """The data dictionary says which Dice each column holds (structure or tissue)."""
+    from keyprep.pipeline.qcreport import SUMMARY_COLUMNS
+
+    assert 'label_set' in SUMMARY_COLUMNS['dice_mean']
+    assert 'tissue' in SUMMARY_COLUMNS['dice_mean']
+    assert 'label network' in SUMMARY_COLUMNS['structure_dice_mean']
+    assert 'GM, WM, CSF' in SUMMARY_COLUMNS['tissue_dice_mean'] or 'tissue' in SUMMARY_COLUMNS['tissue_dice_mean']

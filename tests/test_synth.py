@@ -237,7 +237,8 @@ def test_training_step_checkpoint_resume_and_inference(toy_map, tmp_path):
     from keyprep.pipeline.synth.labeller import LabelNetwork
     from keyprep.pipeline.synth.train import TrainConfig, UNetConfig, export_weights, train
 
-    cfg = TrainConfig(steps=2, checkpoint_every=1, val_every=2, warmup=1, val_shape=(32, 32, 32),
+    cfg = TrainConfig(steps=2, checkpoint_every=1, val_every=2, warmup=1, val_grid=(40, 40, 40),
+                      val_contrasts=('t1',),
                       synth=SynthConfig(shape=(32, 32, 32)),
                       unet=UNetConfig(features=4, levels=2))
     out = tmp_path / 'run'

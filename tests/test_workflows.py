@@ -96,7 +96,10 @@ def test_label_network_nodes_exist_and_connect(tmp_path):
     target = [n for n in labels if '.target_wf.' in n.fullname]
     assert len(target) == 1
     for node in labels:
-        assert {_short(p) for p in graph.predecessors(node)} == {'conform'}
+        # the conformed image, and deepbet's brain mask for the labeller's self-check
+        assert {_short(p) for p in graph.predecessors(node)} == {'conform', 'skull_strip'}
+        edge = graph.get_edge_data([p for p in graph.predecessors(node) if _short(p) == 'skull_strip'][0], node)
+        assert ('out_mask', 'reference_mask') in edge['connect']
     # the target's labels reach the QC of every registration (2 x 2 images x 2 engines)
     target_succ = {n.fullname for n in graph.successors(target[0])}
     qcs = [name for name in nodes if name.endswith('.qc')]

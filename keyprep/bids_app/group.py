@@ -52,8 +52,8 @@ def run_group(output_dir: Path) -> int:
     summary = tables['registrationsummary']
     figs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for metric, caption in (('dice_mean', 'Mean structure Dice (label network) per engine'),
-                                ('tissue_dice_mean', 'Mean tissue-class Dice per engine'),
+        for metric, caption in (('structure_dice_mean', 'Mean structure Dice (label network) per engine'),
+                                ('tissue_dice_mean', 'Mean tissue-class Dice (GM, WM, CSF) per engine'),
                                 ('runtime_s', 'Registration wall time per engine (s)'),
                                 ('jac_neg_frac', 'Fraction of folding voxels per engine'),
                                 ('peak_mem_mb', 'Peak memory per engine (MiB)')):
@@ -62,10 +62,14 @@ def run_group(output_dir: Path) -> int:
             png = Path(tmp) / f'{metric}.png'
             plot_group(summary, png, metric=metric, by='method', title=caption)
             figs.append((caption, png_to_data_uri(png)))
-    if 'tissue_dice_mean' not in summary:  # tables written before structure labels existed
-        summary = summary.assign(tissue_dice_mean=float('nan'))
+    for col in ('tissue_dice_mean', 'structure_dice_mean', 'label_set'):
+        if col not in summary:  # tables written before these columns existed
+            summary = summary.assign(**{col: float('nan')})
     agg = summary.groupby('method').agg(
-        n=('dice_mean', 'size'), dice_mean=('dice_mean', 'mean'), dice_min=('dice_min', 'min'),
+        n=('dice_mean', 'size'),
+        label_set=('label_set', lambda s: '/'.join(sorted({str(v) for v in s.dropna()})) or 'n/a'),
+        dice_mean=('dice_mean', 'mean'), dice_min=('dice_min', 'min'),
+        structure_dice_mean=('structure_dice_mean', 'mean'),
         tissue_dice_mean=('tissue_dice_mean', 'mean'),
         jac_neg_frac_max=('jac_neg_frac', 'max'), runtime_s_median=('runtime_s', 'median'),
         peak_mem_mb_max=('peak_mem_mb', 'max'),
@@ -76,8 +80,10 @@ def run_group(output_dir: Path) -> int:
             f'participant(s), {len(summary)} registration(s); keyprep {__version__}; '
             f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
             '<section id="engines"><h2>Per engine</h2>', _table_html(agg),
-            '<p>dice_mean: mean structure Dice (the structures of the label network present '
-            'in the target); tissue_dice_mean: mean Dice over GM, WM and CSF.</p></section>',
+            '<p>dice_mean: the Dice that sets the status, over the label set named in the '
+            'tables (synthseg: the structures of the label network present in the target, '
+            'once the network is trusted; else tissue); structure_dice_mean: mean structure '
+            'Dice (label network); tissue_dice_mean: mean Dice over GM, WM and CSF.</p></section>',
             '<section id="structures"><h2>Per structure</h2>',
             _structure_table(tables['registration']), '</section>',
             '<section id="plots"><h2>Plots</h2>']
@@ -85,8 +91,8 @@ def run_group(output_dir: Path) -> int:
         body.append(f'<figure><figcaption>{html.escape(caption)}</figcaption>'
                     f'<img src="{uri}" alt="{html.escape(caption)}"></figure>')
     body.append('</section><section id="table"><h2>All registrations</h2>')
-    cols = [c for c in ('participant_id', 'session_id', 'source', 'method', 'dice_mean',
-                        'dice_min', 'tissue_dice_mean', 'jac_min', 'jac_neg_frac',
+    cols = [c for c in ('participant_id', 'session_id', 'source', 'method', 'label_set', 'dice_mean',
+                        'dice_min', 'structure_dice_mean', 'tissue_dice_mean', 'jac_min', 'jac_neg_frac',
                         'logjac_std', 'runtime_s', 'peak_mem_mb', 'status', 'status_reason')
             if c in summary]
     shown = summary[cols].copy()

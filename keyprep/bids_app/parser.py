@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import __version__
 from ..pipeline.errors import EXIT_CODES, EXIT_UNKNOWN_LEVEL, EXIT_USAGE, KeyprepError
 
-__all__ = ['build_parser', 'engine_params', 'parse_args', 'parse_mem']
+__all__ = ['build_parser', 'check_paths', 'engine_params', 'parse_args', 'parse_mem']
 
 ANALYSIS_LEVELS = ('participant', 'group')
 
@@ -243,6 +243,72 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
     return out
 
 
+def _inside(path: Path, root: Path) -> tuple[str, ...] | None:
+    """The parts of ``path`` below ``root`` when ``path`` is ``root`` (``()``) or inside
+    it, else ``None``. Both must be resolved; an existing ancestor of ``path`` that is the
+    same folder as ``root`` (same device and inode: a bind mount, or another spelling on a
+    case-insensitive file system) counts as ``root``."""
+    try:
+        root_stat = root.stat()
+    except OSError:
+        root_stat = None
+    for anc in (path, *path.parents):
+        if anc == root:
+            return path.relative_to(anc).parts
+        if root_stat is not None:
+            try:
+                if os.path.samestat(anc.stat(), root_stat):
+                    return path.relative_to(anc).parts
+            except OSError:  # not there (yet), or not reachable
+                continue
+    return None
+
+
+def check_paths(opts: argparse.Namespace) -> None:
+    """Resolve the input, output, work and pybids database folders (``~``, ``..`` and
+    symlinks, :meth:`Path.resolve`) and refuse (exit 64) every layout that would write into
+    the input dataset:
+
+    * the output folder is the input dataset, or inside it anywhere but
+      ``<bids_dir>/derivatives/<name>/`` (the BIDS place for derivatives, allowed);
+    * the work folder, or ``--bids-database-dir``, is the input dataset or inside it
+      (``derivatives/`` included: they hold scratch files, not derivatives).
+
+    The resolved paths replace the given ones in ``opts``, so what was checked is what is
+    written to.
+    """
+    given_bids = opts.bids_dir
+    opts.bids_dir = opts.bids_dir.expanduser().resolve()
+    if not opts.bids_dir.is_dir():
+        raise KeyprepError(f'bids_dir does not exist or is not a folder: {given_bids}',
+                           EXIT_USAGE)
+    bids = opts.bids_dir
+    suggestion = bids / 'derivatives' / 'keyprep'
+
+    def resolved(given: Path, what: str) -> Path:
+        path = given.expanduser().resolve()
+        shown = f'{what} {given}' + (f' (= {path})' if str(path) != str(given) else '')
+        rel = _inside(path, bids)
+        if rel is None:
+            return path
+        if what == 'output_dir':
+            if len(rel) >= 2 and rel[0] == 'derivatives':
+                return path
+            where = 'is the input dataset' if not rel else 'is inside the input dataset'
+            raise KeyprepError(f'{shown} {where} {bids}: nothing is written into the input '
+                               'dataset; use a folder outside it, or '
+                               f'{suggestion} (BIDS derivatives)', EXIT_USAGE)
+        where = 'is the input dataset' if not rel else 'is inside the input dataset'
+        raise KeyprepError(f'{shown} {where} {bids}: nothing is written into the input '
+                           'dataset (derivatives/ included); use a folder outside it',
+                           EXIT_USAGE)
+
+    opts.output_dir = resolved(opts.output_dir, 'output_dir')
+    opts.work_dir = resolved(opts.work_dir, 'the work folder (-w)')
+    if getattr(opts, 'bids_database_dir', None) is not None:
+        opts.bids_database_dir = resolved(opts.bids_database_dir, '--bids-database-dir')
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line. Usage errors exit with code 64, an unknown
     analysis level with 17; errors in the values raise :class:`KeyprepError`."""
@@ -255,23 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.exit(EXIT_UNKNOWN_LEVEL,
                     f'keyprep: error: unknown analysis level {opts.analysis_level!r}; '
                     f'choose from {", ".join(ANALYSIS_LEVELS)}\n')
-    opts.bids_dir = opts.bids_dir.expanduser().absolute()
-    opts.output_dir = opts.output_dir.expanduser().absolute()
-    opts.work_dir = opts.work_dir.expanduser().absolute()
-    if not opts.bids_dir.is_dir():
-        raise KeyprepError(f'bids_dir does not exist or is not a folder: {opts.bids_dir}',
-                           EXIT_USAGE)
-    if opts.output_dir == opts.bids_dir:
-        raise KeyprepError('output_dir must differ from bids_dir; use e.g. '
-                           f'{opts.bids_dir / "derivatives" / ("keyprep-" + __version__)}',
-                           EXIT_USAGE)
-    if opts.bids_dir in opts.work_dir.parents or opts.work_dir == opts.bids_dir:
-        raise KeyprepError('the work folder must not be inside bids_dir: nothing is ever '
-                           'written into the input dataset', EXIT_USAGE)
-    if opts.bids_dir in opts.output_dir.parents and \
-            opts.output_dir.relative_to(opts.bids_dir).parts[0] != 'derivatives':
-        raise KeyprepError('output_dir is inside bids_dir but not under its derivatives/ '
-                           'folder', EXIT_USAGE)
+    check_paths(opts)
     engines = available_engines()
     names = {k.lower(): k for k in engines}
     methods = []

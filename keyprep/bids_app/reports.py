@@ -177,7 +177,18 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                              extension='.png')),
         ]
         vol = mask_meta.get('BrainVolumeCm3')
+        seg_meta = _read_json(out_dir / derivative_name(rel_raw, seg='synthseg', suffix='dseg',
+                                                        extension='.json'))
+        check = seg_meta.get('LabelCheck') or {}
+        labels_warning = None
+        if check and not check.get('ok', True):
+            tried = ', '.join(a.get('pose', '?') for a in check.get('attempts', []))
+            labels_warning = ('The label network\'s labels of this image failed their self-check '
+                              f"({', '.join(check.get('failed', []))}; poses tried: {tried}): "
+                              'they are written but not trusted, and the QC status of its '
+                              'registrations rests on the tissue classes.')
         images.append({
+            'labels_warning': labels_warning,
             'source': Path(rel_raw).name, 'suffix': suffix, 'rel_raw': rel_raw,
             'shape': ' x '.join(map(str, meta.get('InputShape', []))) or 'n/a',
             'zooms': ' x '.join(f'{z:g}' for z in meta.get('InputVoxelSize', [])) or 'n/a',
@@ -273,7 +284,7 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                     f"{row['jac_neg_frac']:.3%}, std log J {row['logjac_std']:.3f} | "
                     f"{row['runtime_s']:.1f} s, {row['peak_mem_mb']:.0f} MiB, {row['device']}, "
                     f"{int(row['threads'])} thread(s)")
-                dice = f"{row['dice_mean']:.3f}" if measured else 'n/a'
+                dice = f"{kind} Dice {row['dice_mean']:.3f}" if measured else 'Dice n/a'
                 cells.append({'status': row['status'], 'dice': dice,
                               'reason': reg['reason']})
             else:
@@ -326,11 +337,13 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
         'long_html': _markup(_table_html(long)),
         'summary_name': summaries[0].name if summaries else '',
         'long_name': longs[0].name if longs else '',
-        'thresholds': (f'fail if the mean structure Dice (label network, the structures '
-                       f'present in the target) < {qcmod.DICE_FAIL} or folding in more than '
-                       f'{qcmod.NEG_FAIL:.0%} of the brain; warn if mean structure Dice < '
-                       f'{qcmod.DICE_WARN}, any folding, or std(log J) > {qcmod.LOGJAC_WARN}. '
-                       'The tissue-class Dice (GM, WM, CSF) is reported beside it'),
+        'thresholds': (f'fail if the status Dice < {qcmod.DICE_FAIL} or folding in more than '
+                       f'{qcmod.NEG_FAIL:.0%} of the brain; warn if the status Dice < '
+                       f'{qcmod.DICE_WARN}, any folding, std(log J) > {qcmod.LOGJAC_WARN}, or a '
+                       "failed self-check of the label network's labels. The status Dice is the "
+                       "mean structure Dice (label network) once the network is trusted (held-out "
+                       f'structure Dice >= 0.70) and its labels pass their self-check; otherwise '
+                       'the mean tissue-class Dice (GM, WM, CSF). Each cell names the one it shows'),
         'command': ' '.join(config.get('command', [])) or 'n/a',
         'date': time.strftime('%Y-%m-%d %H:%M:%S'), 'versions': versions,
         'settings': settings or 'n/a',

@@ -8,6 +8,7 @@ import os
 os.environ.setdefault('NIPYPE_NO_ET', '1')
 os.environ.setdefault('NO_ET', '1')
 
+import errno  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -18,18 +19,25 @@ from .. import __version__  # noqa: E402
 from ..pipeline.errors import (  # noqa: E402
     EXIT_DATA,
     EXIT_FAILED_NODES,
+    EXIT_IOERR,
     EXIT_NO_INPUT,
     EXIT_NO_MATCH,
     EXIT_OK,
     KeyprepError,
 )
 
-__all__ = ['main', 'run']
+__all__ = ['main', 'prepare_folder', 'run']
 
 LOGGER = logging.getLogger('keyprep')
 
 #: When several problems happened, the exit code reports the first of these.
 _EXIT_PRIORITY = (EXIT_FAILED_NODES, EXIT_DATA, EXIT_NO_INPUT, EXIT_NO_MATCH)
+
+#: OSErrors that the environment causes (a full disk, a quota, a read-only file system, a
+#: path taken by a file): exit 74 with one line instead of "internal error".
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                 errno.EPERM, errno.EIO, errno.EFBIG, errno.ENOTDIR,
+                                 errno.EEXIST})
 
 
 def main() -> None:
@@ -60,6 +68,8 @@ def run(argv: list[str] | None = None) -> int:
         if opts.analysis_level == 'group':
             from .group import run_group
 
+            if opts.output_dir.exists():
+                prepare_folder(opts.output_dir, 'output_dir')
             return run_group(opts.output_dir)
         return _run_participant(opts, argv if argv is not None else sys.argv[1:])
     except KeyprepError as exc:
@@ -68,18 +78,55 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         LOGGER.error('interrupted; rerun with the same --work-dir to resume')
         return 130
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            return _internal_error(opts, exc)
+        where = f' at {exc.filename}' if exc.filename else ''
+        LOGGER.error('file system error%s: %s (%s); free space or fix the folder, then rerun '
+                     'with the same --work-dir to resume', where, exc.strerror or exc,
+                     errno.errorcode.get(exc.errno, exc.errno))
+        return EXIT_IOERR
     except Exception as exc:  # an internal error: one line here, the traceback in a file
-        import traceback
+        return _internal_error(opts, exc)
 
-        log = opts.work_dir / 'keyprep-internal-error.txt'
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(traceback.format_exc())
-        except OSError:
-            log = None
-        LOGGER.error('internal error: %s: %s%s', type(exc).__name__, exc,
-                     f' (traceback in {log})' if log else '')
-        return EXIT_FAILED_NODES
+
+def _internal_error(opts, exc: BaseException) -> int:
+    """One line on stderr, the traceback in ``<work_dir>/keyprep-internal-error.txt``."""
+    import traceback
+
+    log = opts.work_dir / 'keyprep-internal-error.txt'
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+    except OSError:
+        log = None
+    LOGGER.error('internal error: %s: %s%s', type(exc).__name__, exc,
+                 f' (traceback in {log})' if log else '')
+    return EXIT_FAILED_NODES
+
+
+def prepare_folder(path: Path, what: str) -> Path:
+    """Create ``path`` (and its parents) if needed and check that files can be created in
+    it, by creating and removing an empty file: the only reliable test (``os.access`` says
+    yes to root on read-only mounts and pseudo file systems). Raises
+    :class:`~keyprep.pipeline.errors.CantCreateError` (exit 73) with one line."""
+    import tempfile
+
+    from ..pipeline.errors import CantCreateError
+
+    if path.exists() and not path.is_dir():
+        raise CantCreateError(f'{what} {path} exists and is not a folder')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.keyprep-write-test-', dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise CantCreateError(f'{what} {path} cannot be created or written into: {why}'
+                              + (f' ({exc.filename})' if exc.filename and
+                                 str(exc.filename) != str(path) else '')) from None
+    return path
 
 
 def _setup_logging(verbose: int) -> None:
@@ -102,6 +149,12 @@ def _run_participant(opts, argv: list[str]) -> int:
     t0 = time.time()
     run_uuid = f'{time.strftime("%Y%m%d-%H%M%S")}_{uuid.uuid4()}'
     out_dir, work_dir, bids_dir = opts.output_dir, opts.work_dir, opts.bids_dir
+
+    # Environment problems first, before any validation or indexing: exit 73.
+    prepare_folder(work_dir, 'the work folder')
+    if opts.bids_database_dir:
+        prepare_folder(Path(opts.bids_database_dir), '--bids-database-dir')
+    prepare_folder(out_dir, 'output_dir')
 
     target = parse_target(opts.target)
     if getattr(opts, 'use_plugin', None):

@@ -177,8 +177,11 @@ class _SynthSegInputSpec(ComputeInputSpec):
                            desc='average with the left/right mirrored image (labels swapped)')
     seed = traits.Int(0, usedefault=True, desc='random seed (inference is deterministic)')
     pose = traits.Enum('auto', 'header', usedefault=True,
-                       desc="auto: find the head's pose from any orientation first (about 1-5 s); "
-                            "header: trust the image's orientation, as SynthSeg does")
+                       desc="auto: label at the header's orientation, check the labels, and when "
+                            "the check fails find the head's pose and label again; header: trust "
+                            "the image's orientation, as SynthSeg does (labels still checked)")
+    reference_mask = File(exists=True, desc='a brain mask of in_file (deepbet): the labels are '
+                                            'checked against it and the pose found from it')
 
 
 class _SynthSegOutputSpec(TraitedSpec):
@@ -221,7 +224,9 @@ class SynthSegLabels(SimpleInterface):
         net = LabelNetwork.cached(weights, device)
         t1 = time.perf_counter()
         img = nb.load(self.inputs.in_file)
-        result = net.predict(img, flip_tta=self.inputs.flip_tta, pose=self.inputs.pose)
+        ref = nb.load(self.inputs.reference_mask) if isdefined(self.inputs.reference_mask) else None
+        result = net.predict(img, flip_tta=self.inputs.flip_tta, pose=self.inputs.pose,
+                             reference_mask=ref)
         labels = np.asanyarray(result.labels.dataobj).astype(np.int16)
         # An empty result is not an error here: the QC then says that no structure overlap
         # could be measured, and --skull-strip synth refuses the empty mask.
@@ -247,6 +252,7 @@ class SynthSegLabels(SimpleInterface):
             'FlipTTA': bool(self.inputs.flip_tta),
             'Pose': self.inputs.pose,
             'EstimatedPose': result.pose,
+            'LabelCheck': result.check,
             'RandomSeed': int(self.inputs.seed),
             'RuntimeS': round(time.perf_counter() - t0, 3),
             'Timings': {'load_s': round(t1 - t0, 3),

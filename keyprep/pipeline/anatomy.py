@@ -119,9 +119,18 @@ def bias_correct(data: np.ndarray, affine: np.ndarray, mask: np.ndarray,
     return out.numpy().astype(np.float32)
 
 
+#: Atropos initialisation: Otsu thresholds of the brain's intensity histogram. A histogram
+#: does not depend on the voxel order, so the start (and, with Atropos' constant seed, the
+#: result) is the same for any header orientation; k-means with a random start gave a
+#: degenerate white matter (8,000 instead of 690,000 voxels) on a head rotated 90 degrees.
+ATROPOS_INIT = 'Otsu[3]'
+
+
 def tissue_segmentation(data: np.ndarray, affine: np.ndarray, mask: np.ndarray,
                         contrast: str = 'T1w', *, sloppy: bool = False) -> np.ndarray:
-    """Three-class tissue segmentation (ANTs Atropos, k-means initialised, MRF-smoothed).
+    """Three-class tissue segmentation (ANTs Atropos, Otsu-initialised, MRF-smoothed),
+    deterministic: Atropos runs with its constant seed (``-r 0``), so two runs give the same
+    labels, and the Otsu start makes it independent of the image's orientation.
 
     Returns an ``int16`` array with the BIDS common labels 1=GM, 2=WM, 3=CSF and 0
     outside the mask. Classes are assigned from their mean intensity using the ordering
@@ -135,7 +144,7 @@ def tissue_segmentation(data: np.ndarray, affine: np.ndarray, mask: np.ndarray,
     img = _to_ants(data, affine)
     msk = _to_ants(mask.astype(np.float32), affine)
     conv = '[2,0]' if sloppy else '[3,0]'
-    seg = ants.atropos(a=img, m='[0.2,1x1x1]', c=conv, i='kmeans[3]', x=msk)
+    seg = ants.atropos(a=img, m='[0.2,1x1x1]', c=conv, i=ATROPOS_INIT, x=msk, r=0)
     raw = seg['segmentation'].numpy().astype(np.int16)
     means = [float(data[raw == k].mean()) if np.any(raw == k) else np.inf for k in (1, 2, 3)]
     order = np.argsort(means)  # class indices (0-based) from darkest to brightest

@@ -10,9 +10,13 @@ code  meaning
 16    the input dataset failed BIDS validation
 17    unknown analysis level
 18    participant/session labels or BIDS filters selected nothing
-64    usage error (bad option, bad option value, output inside input ...)
-65    an input image is unusable (corrupt, truncated, 4-D, NaNs, empty)
-66    a required input is missing (no anatomical image, target not found)
+64    usage error (bad option or value, output or work folder in the input ...)
+65    an input file is unusable (an image that is corrupt, truncated, 4-D,
+      NaN, empty or of implausible geometry; a weights file that does not load)
+66    a required input is missing (no anatomical image, target or weights file)
+73    the output or work folder cannot be created or written into
+74    a write failed during the run (disk full, quota, file system turned
+      read-only...)
 ====  =====================================================================
 """
 
@@ -26,6 +30,8 @@ EXIT_NO_MATCH = 18
 EXIT_USAGE = 64
 EXIT_DATA = 65
 EXIT_NO_INPUT = 66
+EXIT_CANTCREAT = 73  # sysexits.h EX_CANTCREAT
+EXIT_IOERR = 74  # sysexits.h EX_IOERR
 
 EXIT_CODES = {
     EXIT_OK: 'success',
@@ -34,8 +40,10 @@ EXIT_CODES = {
     EXIT_UNKNOWN_LEVEL: 'unknown analysis level',
     EXIT_NO_MATCH: 'labels or BIDS filters selected nothing',
     EXIT_USAGE: 'usage error',
-    EXIT_DATA: 'an input image is unusable',
+    EXIT_DATA: 'an input image or weights file is unusable',
     EXIT_NO_INPUT: 'a required input is missing',
+    EXIT_CANTCREAT: 'the output or work folder cannot be created or written into',
+    EXIT_IOERR: 'a write failed during the run (disk full, quota, read-only file system)',
 }
 
 
@@ -70,3 +78,22 @@ class ImageError(KeyprepError):
 
 class MissingInputError(KeyprepError):
     exit_code = EXIT_NO_INPUT
+
+
+class WeightsError(KeyprepError):
+    """A weights file that exists but is not a loadable keyprep weights file."""
+
+    exit_code = EXIT_DATA
+
+
+class CantCreateError(KeyprepError):
+    """The output or work folder cannot be created, or is not writable (checked at
+    start-up, before anything is written)."""
+
+    exit_code = EXIT_CANTCREAT
+
+
+class WriteError(KeyprepError):
+    """A write failed during the run for a reason of the environment (disk full...)."""
+
+    exit_code = EXIT_IOERR

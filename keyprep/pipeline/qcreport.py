@@ -47,12 +47,19 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'transform_kind': 'linear (one affine) or deformable (displacement field)',
     'label_set': ('Label set of dice_mean, dice_min and the status: synthseg (structures of '
                   'the label network), or tissue where no structure labels were given'),
-    'dice_mean': ('Mean structure Dice: mean over the labels of label_set that are present in '
-                  "the target's labels (sets the status)"),
+    'dice_mean': ('The Dice that sets the status: mean over the labels of label_set present in '
+                  "the target's labels (label_set synthseg: the label network's structures, "
+                  'used once the network is trusted and its self-check passed; tissue: GM, WM, '
+                  'CSF otherwise)'),
     'dice_min': 'Lowest Dice over the labels of label_set present in the target',
     'n_labels': 'Number of labels averaged in dice_mean',
     'tissue_dice_mean': 'Mean Dice over the three tissue classes (GM, WM, CSF)',
     'tissue_dice_min': 'Lowest Dice over the three tissue classes',
+    'structure_dice_mean': ("Mean Dice over the label network's structures present in the "
+                            'target (whether or not it sets the status); n/a without them'),
+    'structure_dice_min': "Lowest Dice over the label network's structures present in the target",
+    'labels_check': ("The label network's self-check of the moving image's labels: ok, or "
+                     'failed: <checks> (then the structure Dice does not set the status)'),
     'jac_min': 'Minimum Jacobian determinant of the forward transform inside the target brain',
     'jac_max': 'Maximum Jacobian determinant inside the target brain',
     'jac_mean': 'Mean Jacobian determinant inside the target brain',
@@ -67,9 +74,9 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'versions': 'Software versions (keyprep, antspyx, torch, nipype, nibabel, numpy...)',
     'synthseg_weights_sha256': "SHA-256 of the label network's weights file",
     'synthseg_weights_step': "Training step of the label network's weights",
-    'status': (f'pass, warn or fail: fail if mean structure Dice < {qc.DICE_FAIL} or > '
-               f'{qc.NEG_FAIL:.0%} folding; warn if mean structure Dice < {qc.DICE_WARN}, any '
-               f'folding, or std(log J) > {qc.LOGJAC_WARN}'),
+    'status': (f'pass, warn or fail: fail if dice_mean (the Dice of label_set) < {qc.DICE_FAIL} or > '
+               f'{qc.NEG_FAIL:.0%} folding; warn if dice_mean < {qc.DICE_WARN}, any '
+               f'folding, std(log J) > {qc.LOGJAC_WARN}, or a failed label self-check'),
     'status_reason': 'Why the status is not pass, and how it was decided',
 }
 
@@ -143,11 +150,15 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     rows += trows
     long = pd.DataFrame([{**ids, **r} for r in rows], columns=list(LONG_COLUMNS))
     meta = synthseg_meta or {}
+    structure = primary
     # Structure Dice sets the status only when the label network is validated (its model
-    # card's held-out Dice reaches LabelNetwork.TRUSTED_DICE); otherwise the structure rows
-    # are reported but the status rests on the tissue classes.
+    # card's held-out Dice reaches LabelNetwork.TRUSTED_DICE) and its self-check of the
+    # moving image's labels passed; otherwise the structure rows are reported but the
+    # status rests on the tissue classes.
     untrusted = primary is not None and meta and not meta.get('NetworkTrusted', True)
-    if untrusted:
+    check = meta.get('LabelCheck') or {}
+    check_failed = bool(check) and not check.get('ok', True)
+    if untrusted or check_failed:
         primary = None
     main_set = 'synthseg' if primary is not None else label_set
     primary = primary if primary is not None else tissue
@@ -160,12 +171,22 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
         note = ('status from tissue Dice: the label network is not validated yet '
                 f"(held-out structure Dice {meta.get('NetworkHeldOutDice')})")
         reason = f'{reason}; {note}' if reason else note
+    if check_failed:
+        note = ("the label network's self-check failed on the moving image "
+                f"({', '.join(check.get('failed', []))}): structure labels not trusted")
+        reason = f'{reason}; {note}' if reason else note
+        if status == 'pass':
+            status = 'warn'
     versions = rec.get('versions', {})
     row = {
         **ids, 'target': target, 'transform_kind': rec['transform_kind'],
         'label_set': main_set, 'dice_mean': round(primary['mean'], 4),
         'dice_min': round(primary['min'], 4), 'n_labels': primary['n'],
         'tissue_dice_mean': round(tissue['mean'], 4), 'tissue_dice_min': round(tissue['min'], 4),
+        'structure_dice_mean': None if structure is None else round(structure['mean'], 4),
+        'structure_dice_min': None if structure is None else round(structure['min'], 4),
+        'labels_check': (None if not check else 'ok' if check.get('ok', True)
+                         else 'failed: ' + ','.join(check.get('failed', []))),
         **{k: round(v, 5) for k, v in jstats.items()},
         'runtime_s': rec['runtime_s'], 'peak_mem_mb': rec['peak_mem_mb'],
         'peak_gpu_mb': rec.get('peak_gpu_mb'), 'device': rec['device'],

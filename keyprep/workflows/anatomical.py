@@ -144,4 +144,7 @@ def init_anat_preproc_wf(*, contrast: str = 'T1w', skull_strip: str = 'auto',
         wf.connect([
             (synthseg, strip, [('out_mask', 'synth_mask'), ('out_meta', 'synth_meta')]),
         ])  # fmt:skip
+    elif skull_strip != 'skip':
+        # deepbet's mask checks the label network's labels and finds the pose they need
+        wf.connect([(strip, synthseg, [('out_mask', 'reference_mask')])])  # fmt:skip
     return wf

@@ -26,6 +26,7 @@ from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
 from .inference import sliding_window_probabilities
 from .labels import flip_lut
+from .selfcheck import check_labels
 from .unet import UNet3D, UNetConfig
 
 __all__ = ['LabelNetwork', 'LabelResult', 'default_weights', 'label_image', 'MODEL_DIR',
@@ -74,7 +75,8 @@ class LabelResult:
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: np.ndarray | None = None  # network-grid probabilities (if asked)
     network_affine: np.ndarray | None = None
-    pose: dict | None = None  # the estimated head pose (``pose='auto'``)
+    pose: dict | None = None  # the pose searches, when the header's pose failed the check
+    check: dict | None = None  # the self-check of the returned labels (:mod:`.selfcheck`)
 
 
 def load_weights_file(path: Path) -> dict:
@@ -198,59 +200,88 @@ class LabelNetwork:
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, img: nib.spatialimages.SpatialImage, flip_tta: bool = True,
-                keep_probabilities: bool = False, pose: str = 'header') -> LabelResult:
-        """Label ``img``. ``pose='header'`` trusts the image's orientation (as SynthSeg does);
-        ``pose='auto'`` first finds the head's pose from any starting orientation
-        (:func:`~.orient.estimate_pose`, about 1-5 s) and labels on a grid aligned with it."""
+                keep_probabilities: bool = False, pose='auto',
+                reference_mask: nib.spatialimages.SpatialImage | None = None,
+                max_attempts: int = 4) -> LabelResult:
+        """Label ``img`` and check the result (:mod:`.selfcheck`).
+
+        ``pose='header'`` trusts the image's orientation (as SynthSeg does). ``pose='auto'``
+        (default) labels at the header's orientation first and, when the labels fail the
+        self-check, finds the head's pose (:func:`~.orient.estimate_pose`: from
+        ``reference_mask``, a brain mask of the image such as deepbet's, when given, else
+        from the intensities) and labels again on a grid aligned with it, trying the
+        search's next candidates, up to ``max_attempts`` labellings. The first labelling that
+        passes is returned; if none does, the one with the fewest failed checks, with
+        ``result.check['ok'] = False``. A 4x4 matrix (template world -> image world) labels
+        at that pose, checked but without retries."""
         t0 = time.perf_counter()
         data = np.asarray(img.dataobj, dtype=np.float32)
         if data.ndim > 3:
             data = data[..., 0]
         data = np.nan_to_num(data)
         zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
-        pose_info = None
-        if pose == 'auto':
-            from .orient import estimate_pose
-
-            try:
-                found = estimate_pose(img)
-            except ValueError as exc:  # e.g. an empty image: label it as its header says
-                found, reason = None, str(exc)
-            else:
-                reason = (None if found.score >= MIN_POSE_SCORE else
-                          f'pose search inconclusive (correlation {found.score:.2f} < {MIN_POSE_SCORE})')
-            if reason is None:
-                pose_info = {'matrix': found.matrix.round(6).tolist(), 'score': round(found.score, 4),
-                             'header_score': round(found.identity_score, 4),
-                             'seconds': round(time.perf_counter() - t0, 2)}
-                shape, net_aff = self.template_grid(found.matrix)
-            else:
-                pose_info = {'fallback': 'header', 'reason': reason}
-                shape, net_aff = self.network_grid(img)
-        elif pose == 'header':
-            shape, net_aff = self.network_grid(img)
-        else:
-            raise ValueError(f"pose must be 'header' or 'auto', not {pose!r}")
         dev = self.device
         vol = torch.as_tensor(data, device=dev)[None, None]
         # anti-aliasing: FWHM of the network's voxel, in native voxels
         sig = [0.42 * self.res_mm / z if self.res_mm > z * 1.2 else 0.0 for z in zooms]
         vol = gaussian_blur(vol, sig)
-        to_native = torch.as_tensor(np.linalg.inv(img.affine) @ net_aff, dtype=torch.float32, device=dev)
-        grid = identity_grid(shape, dev)
-        coords = torch.einsum('ab,bijk->aijk', to_native[:3, :3], grid) + to_native[:3, 3].view(3, 1, 1, 1)
-        x = sample_field(vol, coords[None], mode='bilinear', padding_mode='zeros')
-        lo = float(x.min())
-        pos = x[x > lo]
-        hi = float(torch.quantile(pos[torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(0))
-                                      [:1_000_000].to(dev)], 0.995)) if pos.numel() else lo + 1
-        x = ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
-        t1 = time.perf_counter()
-        probs = self._forward(x)
-        if flip_tta:
-            pf = self._forward(x.flip(2)).flip(2)
-            probs = 0.5 * (probs + pf[:, self.flip])
+        ref = None
+        if reference_mask is not None:
+            ref = (np.asarray(reference_mask.dataobj) > 0).astype(np.float32)
+            ref = (torch.as_tensor(ref, device=dev)[None, None], reference_mask.affine)
+        timings = {'resample_s': 0.0, 'network_s': 0.0, 'pose_s': 0.0}
+
+        def attempt(name: str, shape, net_aff) -> dict:
+            ta = time.perf_counter()
+            x = self._network_input(vol, img.affine, shape, net_aff)
+            tb = time.perf_counter()
+            probs = self._forward(x)
+            if flip_tta:
+                pf = self._forward(x.flip(2)).flip(2)
+                probs = 0.5 * (probs + pf[:, self.flip])
+            tc = time.perf_counter()
+            timings['resample_s'] += tb - ta
+            timings['network_s'] += tc - tb
+            grid_labels = np.asarray(self.labels, dtype=np.int16)[probs[0].argmax(0).cpu().numpy()]
+            ref_grid = None
+            if ref is not None:
+                ref_grid = self._network_input(ref[0], ref[1], shape, net_aff, normalise=False)
+                ref_grid = ref_grid[0, 0].cpu().numpy() > 0.5
+            check = check_labels(grid_labels, (self.res_mm,) * 3, ref_grid, x[0, 0].cpu().numpy())
+            return {'name': name, 'probs': probs, 'net_aff': net_aff, 'check': check,
+                    'tiles': dict(self._last_tiles)}
+
+        attempts: list[dict] = []
+        pose_info: dict | None = None
+        if isinstance(pose, np.ndarray):
+            shape, net_aff = self.template_grid(np.asarray(pose, dtype=float))
+            attempts.append(attempt('given', shape, net_aff))
+        elif pose in ('header', 'auto'):
+            shape, net_aff = self.network_grid(img)
+            attempts.append(attempt('header', shape, net_aff))
+            if pose == 'auto' and not attempts[-1]['check'].ok:
+                pose_info = {}
+                for name, matrix in self._pose_candidates(img, reference_mask, pose_info, timings):
+                    if len(attempts) >= max_attempts:
+                        break
+                    shape, net_aff = self.template_grid(matrix)
+                    attempts.append(attempt(name, shape, net_aff))
+                    attempts[-1]['matrix'] = matrix
+                    if attempts[-1]['check'].ok:
+                        break
+        else:
+            raise ValueError(f"pose must be 'header', 'auto' or a 4x4 matrix, not {pose!r}")
+        best = next((a for a in attempts if a['check'].ok), None)
+        if best is None:
+            best = min(attempts, key=lambda a: len(a['check'].failed))
+        if pose_info is not None and 'matrix' in best:
+            pose_info['matrix'] = np.asarray(best['matrix']).round(6).tolist()
+        elif pose_info is not None:  # the header's grid stays: say why
+            errors = [v['error'] for v in pose_info.values() if isinstance(v, dict) and 'error' in v]
+            pose_info['fallback'] = 'header'
+            pose_info['reason'] = '; '.join(errors) or 'no searched pose passed the self-check better'
         t2 = time.perf_counter()
+        probs, net_aff = best['probs'], best['net_aff']
         labels, mask = self._to_native(probs, net_aff, img)
         t3 = time.perf_counter()
         lab_img = nib.Nifti1Image(labels, img.affine)
@@ -261,10 +292,51 @@ class LabelNetwork:
         mask_img.header.set_data_dtype(np.uint8)
         mask_img.set_qform(img.affine, 1)
         mask_img.set_sform(img.affine, 1)
-        return LabelResult(labels=lab_img, mask=mask_img,
-                           timings={'resample_s': t1 - t0, 'network_s': t2 - t1, 'native_s': t3 - t2},
+        check = {**best['check'].to_dict(), 'pose': best['name'],
+                 'attempts': [{'pose': a['name'], 'ok': a['check'].ok, 'failed': a['check'].failed}
+                              for a in attempts], 'tiles': best['tiles']}
+        timings.update({'native_s': t3 - t2, 'total_s': t3 - t0})
+        return LabelResult(labels=lab_img, mask=mask_img, timings=timings,
                            probabilities=probs[0].cpu().numpy() if keep_probabilities else None,
-                           network_affine=net_aff, pose=pose_info)
+                           network_affine=net_aff, pose=pose_info, check=check)
+
+    def _pose_candidates(self, img, reference_mask, info: dict, timings: dict):
+        """Poses to try after the header's: the brain-mask search (with a reference mask),
+        then the intensity search, each best candidate first."""
+        from .orient import estimate_pose
+
+        searches = ([('mask', reference_mask)] if reference_mask is not None else []) + [('intensity', None)]
+        for kind, mask in searches:
+            tp = time.perf_counter()
+            try:
+                found = estimate_pose(img, mask=mask)
+            except ValueError as exc:  # e.g. an empty image
+                info[f'{kind}_search'] = {'error': str(exc)}
+                continue
+            finally:
+                timings['pose_s'] += time.perf_counter() - tp
+            info[f'{kind}_search'] = {'score': round(found.score, 4),
+                                      'header_score': round(found.identity_score, 4)}
+            yield f'{kind}-search', found.matrix
+            for k, alt in enumerate(found.alternatives):
+                yield f'{kind}-search-{k + 2}', alt
+
+    def _network_input(self, vol: torch.Tensor, affine: np.ndarray, shape, net_aff,
+                       normalise: bool = True) -> torch.Tensor:
+        """``vol`` resampled onto the network grid (trilinear), then (``normalise``) scaled
+        to [0, 1] between its minimum and its 99.5th percentile, clipped."""
+        dev = self.device
+        to_native = torch.as_tensor(np.linalg.inv(affine) @ net_aff, dtype=torch.float32, device=dev)
+        grid = identity_grid(shape, dev)
+        coords = torch.einsum('ab,bijk->aijk', to_native[:3, :3], grid) + to_native[:3, 3].view(3, 1, 1, 1)
+        x = sample_field(vol, coords[None], mode='bilinear', padding_mode='zeros')
+        if not normalise:
+            return x
+        lo = float(x.min())
+        pos = x[x > lo]
+        hi = float(torch.quantile(pos[torch.randperm(pos.numel(), generator=torch.Generator().manual_seed(0))
+                                      [:1_000_000].to(dev)], 0.995)) if pos.numel() else lo + 1
+        return ((x - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
 
     def _forward_tiles(self, x: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.precision):

@@ -52,24 +52,33 @@ def _rot(axis: int, deg: float) -> np.ndarray:
     return r
 
 
-@lru_cache(maxsize=2)
-def template_points(name: str = 'MNI152NLin2009aSym') -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brain voxel centres of the template at 6 mm (world mm), their standardised blurred
-    intensities, and the brain's centre of mass."""
+@lru_cache(maxsize=4)
+def template_points(name: str = 'MNI152NLin2009aSym', kind: str = 'intensity'
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points of the template at 6 mm (world mm), their standardised blurred values, and the
+    brain's centre of mass.
+
+    ``kind='intensity'``: the brain voxels and their T1w intensities (for a head or brain
+    image of T1-like contrast). ``kind='mask'``: the brain and a 12 mm shell around it, and
+    the blurred brain mask (for matching a brain mask: independent of the contrast)."""
     from ..targets import template_file
 
     img = nib.load(str(template_file(name)))
     data = np.asarray(img.dataobj, dtype=np.float32)
     zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    if kind == 'mask':
+        data = (data > 0).astype(np.float32)
     smooth = ndimage.gaussian_filter(data, 0.42 * SPACING_MM / zooms)
     step = np.maximum(1, np.round(SPACING_MM / zooms)).astype(int)
     sub = smooth[::step[0], ::step[1], ::step[2]]
-    mask = data[::step[0], ::step[1], ::step[2]] > 0
-    ijk = np.argwhere(mask) * step
+    brain = data[::step[0], ::step[1], ::step[2]] > 0
+    sel = ndimage.binary_dilation(brain, iterations=2) if kind == 'mask' else brain
+    ijk = np.argwhere(sel) * step
     pts = ijk @ img.affine[:3, :3].T + img.affine[:3, 3]
-    vals = sub[mask]
+    vals = sub[sel]
     vals = (vals - vals.mean()) / (vals.std() + 1e-6)
-    return pts, vals, pts.mean(0)
+    centre = (np.argwhere(brain) * step) @ img.affine[:3, :3].T + img.affine[:3, 3]
+    return pts, vals, centre.mean(0)
 
 
 @dataclass
@@ -79,10 +88,12 @@ class Pose:
     matrix: np.ndarray
     score: float
     identity_score: float
+    #: the other refined candidates (4x4 matrices), best first
+    alternatives: tuple = ()
 
 
 class _Sampler:
-    def __init__(self, img: nib.spatialimages.SpatialImage):
+    def __init__(self, img: nib.spatialimages.SpatialImage, foreground: str = 'percentile'):
         data = np.asarray(img.dataobj, dtype=np.float32)
         if data.ndim > 3:
             data = data[..., 0]
@@ -93,7 +104,7 @@ class _Sampler:
         aff = img.affine.copy()
         aff[:3, :3] = img.affine[:3, :3] * step
         self.inv = np.linalg.inv(aff)
-        fg = self.data > np.percentile(self.data, 60)
+        fg = self.data > (0.5 if foreground == 'mask' else np.percentile(self.data, 60))
         if not fg.any() or not np.isfinite(self.data).all():
             raise ValueError('the image has no foreground to find its pose from')
         idx = np.argwhere(fg)
@@ -113,10 +124,20 @@ def _score(sampler: _Sampler, pts, vals, rot, centre_t, centre_i) -> float:
 
 
 def estimate_pose(img: nib.spatialimages.SpatialImage, template: str = 'MNI152NLin2009aSym',
-                  candidates: int = 4) -> Pose:
-    """Rigid pose of a head or brain image relative to the template (see module docstring)."""
-    pts, vals, c_t = template_points(template)
-    sampler = _Sampler(img)
+                  candidates: int = 4, mask: nib.spatialimages.SpatialImage | None = None) -> Pose:
+    """Rigid pose of a head or brain image relative to the template (see module docstring).
+
+    With ``mask`` (a brain mask of the image, e.g. deepbet's), the brain mask is matched to
+    the template's instead of the intensities: this works for any contrast."""
+    if mask is not None:
+        pts, vals, c_t = template_points(template, 'mask')
+        mdata = (np.asarray(mask.dataobj) > 0).astype(np.float32)
+        if not mdata.any():
+            raise ValueError('the brain mask is empty')
+        sampler = _Sampler(nib.Nifti1Image(mdata, mask.affine), foreground='mask')
+    else:
+        pts, vals, c_t = template_points(template)
+        sampler = _Sampler(img)
     c_i = sampler.com
     # global stage: 24 axis-aligned rotations, each tilted by 0 or +-35 degrees about each
     # axis (168 candidates, no rotation is more than about 35 degrees from one of them), and
@@ -134,7 +155,7 @@ def estimate_pose(img: nib.spatialimages.SpatialImage, template: str = 'MNI152NL
                 found.append((_score(sampler, pts[sparse], vals[sparse], rot, c_t, centre), rot, centre))
     found.sort(key=lambda item: -item[0])
     # local refinement of the best few: coordinate search on rotations (deg) and translations (mm)
-    best = (-2.0, np.eye(3), c_i)
+    refined = []
     for _, rot, centre in found[:candidates]:
         score = _score(sampler, pts, vals, rot, c_t, centre)
         for rstep, tstep in ((20.0, 10.0), (10.0, 5.0), (5.0, 2.5), (2.5, 1.25)):
@@ -152,10 +173,20 @@ def estimate_pose(img: nib.spatialimages.SpatialImage, template: str = 'MNI152NL
                         s = _score(sampler, pts, vals, rot, c_t, centre + delta)
                         if s > score + 1e-4:
                             score, centre, improved = s, centre + delta, True
-        if score > best[0]:
-            best = (score, rot, centre)
-    score, rot, centre = best
-    mat = np.eye(4)
-    mat[:3, :3] = rot
-    mat[:3, 3] = centre - rot @ c_t
-    return Pose(matrix=mat, score=score, identity_score=ident)
+        mat = np.eye(4)
+        mat[:3, :3] = rot
+        mat[:3, 3] = centre - rot @ c_t
+        refined.append((score, mat))
+    refined.sort(key=lambda item: -item[0])
+    distinct = [refined[0]]
+    for score, mat in refined[1:]:  # drop candidates that converged to the same pose
+        if all(_angle(mat[:3, :3], m[:3, :3]) > 15.0 for _, m in distinct):
+            distinct.append((score, mat))
+    return Pose(matrix=distinct[0][1], score=distinct[0][0], identity_score=ident,
+                alternatives=tuple(m for _, m in distinct[1:]))
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees) of the rotation between two rotation matrices."""
+    c = (np.trace(a.T @ b) - 1) / 2
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))

@@ -57,6 +57,9 @@ class TrainConfig:
     #: by ``LabelNetwork.predict`` with this pose mode (:mod:`.validation`)
     val_contrasts: tuple[str, ...] = ('t1', 't2', 'pd', 'flair')
     val_pose: str = 'auto'
+    #: the 1 mm grid the validation volumes are synthesised on (SynthSeg's cropped 1 mm field
+    #: of view; tests use a small one)
+    val_grid: tuple[int, int, int] = (176, 208, 176)
     #: 'bf16' runs the forward pass under bfloat16 autocast (about 2x faster on CPUs with
     #: AVX512-BF16 or AMX, and on recent GPUs; losses and weights stay float32). The command
     #: line's default ('auto') picks it where the hardware runs it natively.
@@ -74,6 +77,8 @@ class TrainConfig:
         d['val_shape'] = tuple(d['val_shape'])
         if 'val_contrasts' in d:
             d['val_contrasts'] = tuple(d['val_contrasts'])
+        if 'val_grid' in d:
+            d['val_grid'] = tuple(d['val_grid'])
         d.setdefault('precision', 'fp32')  # checkpoints written before the option were fp32
         if d['precision'] not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {d['precision']!r}")
@@ -227,7 +232,7 @@ def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainC
     if test_maps and cfg.val_every:
         from .validation import heldout_volumes
 
-        val_items = heldout_volumes(test_maps, contrasts=cfg.val_contrasts)
+        val_items = heldout_volumes(test_maps, contrasts=cfg.val_contrasts, shape=cfg.val_grid)
         log(f'validation set: {len(val_items)} held-out volumes at 1 mm')
     else:
         val_items = []
@@ -266,6 +271,9 @@ def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainC
             with open(vlog, 'a') as fh:
                 fh.write(f"{step}\t{res['mean_dice']:.4f}\t{worst}\t{time.time() - tv:.0f}\n")
             (out / f'val_step{step}.json').write_text(json.dumps(res, indent=1))
+            # the weights this number belongs to (model only, not committed): what to export
+            _atomic_save({'model': model.state_dict(), 'step': step, 'config': cfg.to_dict(),
+                          'val_dice': res['mean_dice']}, out / 'validated.pt')
             log(f"step {step}: loss {terms['loss']:.4f}, held-out Dice {res['mean_dice']:.4f} "
                 f"(worst {worst})")
         if max_minutes is not None and (time.time() - t_start) > 60 * max_minutes:

@@ -1,0 +1,217 @@
+"""The label network's inference path, its self-check, and the tissue fallback.
+
+* the tiled (sliding-window) inference: geometry, blending, air tiles;
+* validation == deployment: training's ``evaluate``, ``score_volumes`` (used by
+  ``benchmarks/eval_synthseg.py``) and ``LabelNetwork.predict`` give the same labels;
+* the self-check catches a deliberately misaligned pose, and ``pose='auto'`` recovers from a
+  header rotation of a head synthesised on SynthSeg's native 256^3 LIA 1 mm grid;
+* Atropos tissue classes: deterministic, and invariant to a header-only rotation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+nib = pytest.importorskip('nibabel')
+
+
+def _rotation(axis: str, deg: float) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    out = np.eye(4)
+    out[:3, :3] = Rotation.from_euler(axis, deg, degrees=True).as_matrix()
+    return out
+
+
+# ---------------------------------------------------------------- sliding window
+def test_tiles_cover_and_overlap():
+    from keyprep.pipeline.synth.inference import tile_starts
+
+    for size in (40, 64, 65, 96, 104, 128, 131):
+        starts = tile_starts(size, 64, 0.5)
+        covered = np.zeros(max(size, 64), bool)
+        for s in starts:
+            covered[s:s + 64] = True
+        assert covered[:size].all() and starts[0] == 0
+        assert starts[-1] + 64 == max(size, 64)
+        assert all(b - a <= 32 for a, b in zip(starts, starts[1:]))  # at least 50 % overlap
+
+
+def test_sliding_window_blends_and_skips_air():
+    """A per-voxel 'network' gives the same probabilities tiled as whole; tiles of air are not
+    run and come out as background."""
+    from keyprep.pipeline.synth.inference import sliding_window_probabilities
+
+    calls = []
+
+    def forward(x):  # two classes, a function of the voxel only: tiling must not change it
+        calls.append(x.shape[0])
+        p1 = x.clamp(0, 1)
+        return torch.cat([1 - p1, p1], 1)
+
+    x = torch.zeros(1, 1, 96, 80, 70)
+    x[:, :, 10:40, 10:40, 10:40] = torch.rand(1, 1, 30, 30, 30, generator=torch.Generator().manual_seed(0))
+    probs, info = sliding_window_probabilities(forward, x, 2, roi=(32, 32, 32), overlap=0.5)
+    assert probs.shape == (1, 2, 96, 80, 70)
+    expect = torch.cat([1 - x, x], 1)
+    assert torch.allclose(probs, expect, atol=1e-5)
+    assert info['skipped'] > 0 and info['tiles'] + info['skipped'] == 5 * 4 * 4
+    assert probs[0, 0, 80:, 70:, 60:].eq(1).all()  # air: background, never a label
+    empty, info0 = sliding_window_probabilities(forward, torch.zeros(1, 1, 64, 64, 64), 2,
+                                                roi=(32, 32, 32))
+    assert info0['tiles'] == 0 and empty[0, 0].eq(1).all()
+
+
+def test_sliding_window_pads_small_volumes():
+    from keyprep.pipeline.synth.inference import sliding_window_probabilities
+
+    x = torch.rand(1, 1, 20, 30, 70, generator=torch.Generator().manual_seed(1))
+    probs, info = sliding_window_probabilities(lambda t: torch.cat([1 - t, t], 1), x, 2,
+                                               roi=(32, 32, 32))
+    assert probs.shape == (1, 2, 20, 30, 70)
+    assert torch.allclose(probs[0, 1], x[0, 0], atol=1e-5)
+
+
+def test_instance_norm_network_needs_tiles():
+    """The reason for tiling: with InstanceNorm, a 64^3 crop inside a larger field of view is
+    labelled differently when the network sees the whole field of view."""
+    from keyprep.pipeline.synth.unet import UNet3D, UNetConfig
+
+    torch.manual_seed(0)
+    net = UNet3D(UNetConfig(features=4, levels=3, max_features=16, out_channels=3)).eval()
+    x = torch.rand(1, 1, 64, 64, 64)
+    big = torch.zeros(1, 1, 128, 128, 128)
+    big[:, :, 32:96, 32:96, 32:96] = x
+    with torch.no_grad():
+        alone = net(x)
+        inside = net(big)[:, :, 32:96, 32:96, 32:96]
+    assert not torch.allclose(alone, inside, atol=1e-3)
+
+
+# ---------------------------------------------------------------- validation == deployment
+@pytest.fixture(scope='module')
+def small_volumes():
+    """Two held-out-style volumes synthesised from Colin27's map (mricron-data), at 2 mm to
+    keep the test quick."""
+    from keyprep.pipeline.synth import anatomies
+    from keyprep.pipeline.synth.validation import heldout_volumes
+
+    return heldout_volumes([anatomies.colin27_label_map()], contrasts=('t2',),
+                           shape=(88, 104, 88), res_mm=2.0)
+
+
+def test_training_validation_is_the_deployment_path(small_volumes):
+    """Training's evaluate() and score_volumes() score exactly what LabelNetwork.predict, the
+    labeller of a participant run, writes."""
+    from keyprep.pipeline.synth.labeller import LabelNetwork
+    from keyprep.pipeline.synth.train import TrainConfig, evaluate
+    from keyprep.pipeline.synth.unet import UNet3D
+    from keyprep.pipeline.synth.validation import score_volumes, structure_dice
+
+    shipped = LabelNetwork(precision='fp32')
+    model = UNet3D(shipped.config)
+    model.load_state_dict(shipped.model.state_dict())
+    model.train()  # as in the middle of training
+    cfg = TrainConfig(unet=shipped.config, precision='fp32', val_pose='header')
+    res = evaluate(model, small_volumes, cfg, step=1, device='cpu')
+    assert model.training  # restored
+    direct = score_volumes(shipped, small_volumes, pose='header')
+    assert res['per_volume'] == pytest.approx(direct['per_volume'], abs=1e-9)
+    for v in small_volumes:
+        pred = np.asarray(shipped.predict(v.image, pose='header').labels.dataobj)
+        mean = float(np.mean(list(structure_dice(pred, v.truth).values())))
+        assert direct['per_volume'][v.name] == pytest.approx(mean, abs=1e-9)
+    assert len(res['worst']) == min(3, len(small_volumes))
+
+
+# ---------------------------------------------------------------- self-check and pose
+def _lia_head(deg_axis: tuple[str, float]):
+    """Colin27's map synthesised with skull on SynthSeg's native grid (256^3, 1 mm, LIA),
+    T1-like, rotated in its header only; returns (image, brain mask, truth labels)."""
+    from keyprep.pipeline.synth import anatomies
+    from keyprep.pipeline.synth.validation import heldout_volumes
+
+    vol = _lia_head.cache = getattr(_lia_head, 'cache', None) or heldout_volumes(
+        [anatomies.colin27_label_map()], contrasts=('t1',), skull=(True,),
+        shape=(256, 256, 256))[0]
+    ras = nib.orientations.axcodes2ornt('RAS')
+    lia = nib.orientations.axcodes2ornt('LIA')
+    xfm = nib.orientations.ornt_transform(ras, lia)
+    data = nib.orientations.apply_orientation(vol.image.get_fdata(dtype=np.float32), xfm)
+    truth = nib.orientations.apply_orientation(vol.truth, xfm)
+    aff = vol.image.affine @ nib.orientations.inv_ornt_aff(xfm, vol.image.shape)
+    aff = _rotation(*deg_axis) @ aff
+    assert nib.aff2axcodes(nib.Nifti1Image(data, vol.image.affine @ nib.orientations.inv_ornt_aff(
+        xfm, vol.image.shape)).affine) == ('L', 'I', 'A')
+    brain = ((truth > 0) & (truth != 24)).astype(np.uint8)
+    return nib.Nifti1Image(data, aff), nib.Nifti1Image(brain, aff), truth
+
+
+@pytest.mark.slow
+def test_self_check_catches_misaligned_pose():
+    from keyprep.pipeline.synth.labeller import LabelNetwork
+
+    img, mask, _ = _lia_head(('x', 0.0))
+    net = LabelNetwork()
+    wrong = _rotation('y', 90.0)  # template -> image: a pose 90 degrees off
+    res = net.predict(img, pose=wrong, reference_mask=mask, flip_tta=False)
+    assert res.check['ok'] is False and res.check['failed']
+    assert [a['pose'] for a in res.check['attempts']] == ['given']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('rotation', [('x', 0.0), ('x', 90.0), ('z', 180.0)])
+def test_auto_pose_on_native_lia_grid(rotation):
+    """Skull on, 256^3 LIA 1 mm, rotated in the header: the labels pass their self-check
+    (after a pose search where the header is wrong) and land on the anatomy."""
+    from keyprep.pipeline.synth.labeller import LabelNetwork
+    from keyprep.pipeline.synth.validation import structure_dice
+
+    img, mask, truth = _lia_head(rotation)
+    res = LabelNetwork().predict(img, reference_mask=mask, flip_tta=False)
+    assert res.check['ok'], res.check
+    if rotation[1]:
+        assert res.check['attempts'][0] == {'pose': 'header', 'ok': False,
+                                            'failed': res.check['attempts'][0]['failed']}
+        assert not res.check['attempts'][0]['ok']
+    dice = np.mean(list(structure_dice(np.asarray(res.labels.dataobj), truth).values()))
+    assert dice > 0.4, dice
+
+
+# ---------------------------------------------------------------- tissue classes
+@pytest.fixture(scope='module')
+def colin_brain_2mm():
+    from keyprep.pipeline.io import conform
+    from keyprep.pipeline.targets import mricron_file
+
+    ch2 = nib.load(str(mricron_file('ch2bet.nii.gz')))
+    data = np.asarray(ch2.dataobj, dtype=np.float32)[::2, ::2, ::2]  # 2 mm, to be quick
+    return nib.Nifti1Image(data, ch2.affine @ np.diag([2.0, 2.0, 2.0, 1.0])), conform
+
+
+def _tissue(img, conform):
+    from keyprep.pipeline.anatomy import tissue_segmentation
+
+    c = conform(img)
+    data = np.asarray(c.dataobj, dtype=np.float32)
+    return tissue_segmentation(data, c.affine, data > 0)
+
+
+def test_tissue_segmentation_is_deterministic(colin_brain_2mm):
+    img, conform = colin_brain_2mm
+    a, b = _tissue(img, conform), _tissue(img, conform)
+    assert np.array_equal(a, b)
+    assert all((a == k).sum() > 1000 for k in (1, 2, 3))
+
+
+@pytest.mark.parametrize('rotation', [('x', 90.0), ('z', 180.0)])
+def test_tissue_classes_invariant_to_header_rotation(colin_brain_2mm, rotation):
+    img, conform = colin_brain_2mm
+    ref = _tissue(img, conform)
+    rot = nib.Nifti1Image(np.asarray(img.dataobj), _rotation(*rotation) @ img.affine)
+    seg = _tissue(rot, conform)
+    for k in (1, 2, 3):
+        v0, v1 = int((ref == k).sum()), int((seg == k).sum())
+        assert abs(v1 - v0) <= 0.02 * v0, (k, v0, v1)
