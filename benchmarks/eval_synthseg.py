@@ -73,27 +73,46 @@ def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
     return round(2 * float((a & b).sum()) / max(1, int(a.sum() + b.sum())), 4)
 
 
-def held_out_synthetic(net: LabelNetwork, maps_dir: Path, quick: bool) -> list[dict]:
+def held_out_synthetic(net: LabelNetwork, maps_dir: Path, quick: bool, pose: str = 'auto') -> tuple[list[dict], dict]:
+    """The validation set of training (:func:`~keyprep.pipeline.synth.validation.heldout_volumes`:
+    held-out maps x T1/T2/PD/FLAIR-like x with/without skull, 1 mm), scored by
+    :func:`~keyprep.pipeline.synth.validation.score_volumes` (``LabelNetwork.predict``, the
+    deployment path); then SynthSeg's random contrasts (3 seeds) and a 1x1x5 mm T1."""
+    from keyprep.pipeline.synth.validation import heldout_volumes, score_volumes
+
     maps = [load_label_map(maps_dir / f'{name}.nii.gz') for name in HELD_OUT
             if (maps_dir / f'{name}.nii.gz').exists()]
     shape = (176, 208, 176)
     rows = []
-    conditions = dict(list(CONDITIONS.items())[:2]) if quick else CONDITIONS
-    for cname, (contrast, res) in conditions.items():
-        cfg = SynthConfig(shape=shape, res_mm=1.0).evaluation(contrast, res)
+    vols = heldout_volumes(maps, contrasts=('t1',) if quick else ('t1', 't2', 'pd', 'flair'))
+    res = score_volumes(net, vols, pose=pose, log=lambda m: print(m, flush=True))
+    for name, d in res['per_volume_structure'].items():
+        subject, contrast, skull = name.split(':')
+        for lab, dice in d.items():
+            rows.append({'case': 'validation-set', 'condition': f'{contrast}-like:{skull}', 'subject': subject,
+                         'seed': 0, 'label': lab, 'structure': OUTPUT_NAMES[lab], 'dice': round(dice, 4),
+                         'truth_voxels': int((vols[[v.name for v in vols].index(name)].truth == lab).sum())})
+    validation = {'n_volumes': len(vols), 'mean_dice': round(res['mean_dice'], 4),
+                  'min_volume_dice': round(min(res['per_volume'].values()), 4),
+                  'worst_volumes': [(n, round(d, 4)) for n, d in res['worst']],
+                  'volumes_below_0.5': [n for n, d in res['per_volume'].items() if d < 0.5],
+                  'per_volume': {n: round(d, 4) for n, d in res['per_volume'].items()}, 'pose': pose}
+    conditions = {} if quick else {k: v for k, v in CONDITIONS.items() if k in ('random-gmm', 't1-1x1x5mm')}
+    for cname, (contrast, acq) in conditions.items():
+        cfg = SynthConfig(shape=shape, res_mm=1.0).evaluation(contrast, acq)
         synth = Synthesizer(maps, cfg)
-        seeds = (0,) if (contrast is not None or quick) else (0, 1, 2)
+        seeds = (0, 1, 2) if contrast is None else (0,)
         for i, m in enumerate(maps):
             for seed in seeds:
                 s = synth.synthesize(i, torch.Generator().manual_seed(1000 * seed + i))
                 img = nib.Nifti1Image(s['image'].numpy().astype(np.float32), grid_affine(shape, 1.0))
                 truth = np.asarray(OUTPUT_LABELS)[s['labels'].numpy()]
-                pred = np.asarray(net.predict(img).labels.dataobj)
+                pred = np.asarray(net.predict(img, pose=pose).labels.dataobj)
                 rows += dice_rows(pred, truth, case='held-out-synthetic', condition=cname,
                                   subject=m.name, seed=seed)
                 print(f'  {cname} {m.name} seed {seed}: mean Dice '
                       f'{np.nanmean([r["dice"] for r in rows[-len(STRUCTURES):]]):.3f}', flush=True)
-    return rows
+    return rows, validation
 
 
 def real_heads(net: LabelNetwork, quick: bool) -> tuple[list[dict], dict]:
@@ -106,12 +125,13 @@ def real_heads(net: LabelNetwork, quick: bool) -> tuple[list[dict], dict]:
     ch2 = conform(nib.load(str(mricron_file('ch2.nii.gz'))))
     bet = np.asarray(nib.load(str(mricron_file('ch2bet.nii.gz'))).dataobj) > 0
     # speed and memory of one 1 mm head (the model is loaded already)
-    net.predict(ch2)  # warm-up
-    with measure() as m:
-        res = net.predict(ch2)
+    db_img = nib.Nifti1Image(deepbet_mask(ch2).astype(np.uint8), ch2.affine)
+    net.predict(ch2, reference_mask=db_img)  # warm-up
+    with measure() as m:  # as a participant run: deepbet's mask is the self-check's reference
+        res = net.predict(ch2, reference_mask=db_img)
     summary['label_1mm_head'] = {'wall_s': round(m.wall_s, 2), 'peak_rss_mb': round(m.peak_rss_mb),
                                  'timings': {k: round(v, 2) for k, v in res.timings.items()},
-                                 'threads': torch.get_num_threads()}
+                                 'threads': torch.get_num_threads(), 'check': res.check}
     with measure() as m2:
         db = deepbet_mask(ch2)
     summary['deepbet_1mm_head'] = {'wall_s': round(m2.wall_s, 2), 'peak_rss_mb': round(m2.peak_rss_mb)}
@@ -172,12 +192,25 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _validation_lines(v: dict | None) -> list[str]:
+    if not v:
+        return []
+    lines = [f"## Validation set ({v['n_volumes']} held-out volumes, 1 mm, pose {v['pose']})", '',
+             f"Mean structure Dice **{v['mean_dice']:.3f}**; lowest volume {v['min_volume_dice']:.3f}; "
+             f"volumes below 0.5: {len(v['volumes_below_0.5'])}. Worst three: "
+             + ', '.join(f'{n} {d:.3f}' for n, d in v['worst_volumes']) + '.', '',
+             '| volume | mean structure Dice |', '|---|---|']
+    lines += [f'| {n} | {d:.3f} |' for n, d in sorted(v['per_volume'].items())]
+    return lines + ['']
+
+
 def write_markdown(rows: list[dict], summary: dict, path: Path) -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows)
     lines = ['# Label network evaluation', '', f"Weights: `{summary['weights']}` (sha256 "
              f"`{summary['sha256'][:16]}...`, step {summary['step']}); machine: {summary['machine']}.", '',
+             *_validation_lines(summary.get('validation_set')),
              '## Mean Dice over the 32 structures', '', '| case | condition | volumes | mean | median | worst three |',
              '|---|---|---|---|---|---|']
     for key, s in summary['cases'].items():
@@ -216,6 +249,8 @@ def main(argv=None) -> int:
     ap.add_argument('--quick', action='store_true', help='two synthetic conditions, one seed')
     ap.add_argument('--skip-real', action='store_true')
     ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--pose', default='auto', choices=('auto', 'header'),
+                    help="the labeller's pose mode (default: auto, as a participant run)")
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
     torch.manual_seed(0)
@@ -226,7 +261,8 @@ def main(argv=None) -> int:
                                 f'torch {torch.__version__}, {net.precision} inference'}
     t0 = time.time()
     if opts.label_maps.is_dir():
-        rows += held_out_synthetic(net, opts.label_maps, opts.quick)
+        syn_rows, summary['validation_set'] = held_out_synthetic(net, opts.label_maps, opts.quick, opts.pose)
+        rows += syn_rows
     else:
         print(f'no held-out label maps at {opts.label_maps}: synthetic part skipped', file=sys.stderr)
     if not opts.skip_real:

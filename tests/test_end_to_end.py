@@ -167,7 +167,7 @@ def test_qc_tables(e2e):
     from keyprep.pipeline import qc
 
     for _, row in summ.iterrows():
-        if row['dice_mean'] < qc.DICE_FAIL:
+        if row['dice_mean'] < qc.dice_thresholds(row['label_set'])[0]:
             assert row['status'] == 'fail'
             assert ('structure Dice' if trusted else 'tissue Dice') in row['status_reason']
         if not trusted:

@@ -44,6 +44,20 @@ def test_status_thresholds(dice, neg, expected):
     assert qc.qc_status(dice, {'jac_neg_frac': neg, 'logjac_std': 0.1})[0] == expected
 
 
+@pytest.mark.parametrize('dice, expected', [
+    (0.50, 'pass'), (qc.STRUCTURE_DICE_WARN - 1e-3, 'warn'), (qc.STRUCTURE_DICE_FAIL - 1e-3, 'fail'),
+])
+def test_structure_status_thresholds(dice, expected):
+    """32 structures overlap less than 3 tissue classes: their own thresholds, named in the
+    reason."""
+    status, reason = qc.qc_status(dice, {'jac_neg_frac': 0.0, 'logjac_std': 0.1},
+                                  what='mean structure Dice', thresholds=qc.dice_thresholds('synthseg'))
+    assert status == expected
+    assert qc.qc_status(dice, {'jac_neg_frac': 0.0, 'logjac_std': 0.1})[0] != 'pass'  # tissue: stricter
+    if expected != 'pass':
+        assert reason.startswith('mean structure Dice') and str(qc.dice_thresholds('synthseg')[expected == 'warn']) in reason
+
+
 def _label_files(tmp_path, ref, test, prefix='', zooms=(2.0, 2.0, 2.0)):
     import nibabel as nb
 
@@ -129,7 +143,8 @@ def test_registration_rows_per_structure_and_tissue(tmp_path):
     assert row['label_set'] == 'synthseg' and row['n_labels'] == 2
     assert row['dice_mean'] == pytest.approx(0.5) and row['dice_min'] == 0.0
     assert row['tissue_dice_mean'] == 1.0  # the tissue Dice stays available
-    assert row['status'] == 'warn' and 'mean structure Dice 0.500' in row['status_reason']
+    # 0.5 passes the structures' thresholds (it would warn as a tissue Dice)
+    assert row['status'] == 'pass' and not row['status_reason']
     assert row['synthseg_weights_sha256'] == 'ab' * 32 and row['synthseg_weights_step'] == 50
     # without structure labels: the tissue Dice sets the status, as before
     long_t, summary_t = registration_qc_rows(**kw)

@@ -337,9 +337,11 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
         'long_html': _markup(_table_html(long)),
         'summary_name': summaries[0].name if summaries else '',
         'long_name': longs[0].name if longs else '',
-        'thresholds': (f'fail if the status Dice < {qcmod.DICE_FAIL} or folding in more than '
+        'thresholds': (f'fail if the status Dice < {qcmod.STRUCTURE_DICE_FAIL} (structures) or '
+                       f'{qcmod.DICE_FAIL} (tissue) or folding in more than '
                        f'{qcmod.NEG_FAIL:.0%} of the brain; warn if the status Dice < '
-                       f'{qcmod.DICE_WARN}, any folding, std(log J) > {qcmod.LOGJAC_WARN}, or a '
+                       f'{qcmod.STRUCTURE_DICE_WARN} (structures) or {qcmod.DICE_WARN} (tissue), '
+                       'any folding, std(log J) > {qcmod.LOGJAC_WARN}, or a '
                        "failed self-check of the label network's labels. The status Dice is the "
                        "mean structure Dice (label network) once the network is trusted (held-out "
                        f'structure Dice >= 0.70) and its labels pass their self-check; otherwise '

@@ -74,8 +74,10 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'versions': 'Software versions (keyprep, antspyx, torch, nipype, nibabel, numpy...)',
     'synthseg_weights_sha256': "SHA-256 of the label network's weights file",
     'synthseg_weights_step': "Training step of the label network's weights",
-    'status': (f'pass, warn or fail: fail if dice_mean (the Dice of label_set) < {qc.DICE_FAIL} or > '
-               f'{qc.NEG_FAIL:.0%} folding; warn if dice_mean < {qc.DICE_WARN}, any '
+    'status': (f'pass, warn or fail: fail if dice_mean (the Dice of label_set) < {qc.DICE_FAIL} '
+               f'(tissue) or {qc.STRUCTURE_DICE_FAIL} (synthseg structures), or > '
+               f'{qc.NEG_FAIL:.0%} folding; warn if dice_mean < {qc.DICE_WARN} (tissue) or '
+               f'{qc.STRUCTURE_DICE_WARN} (structures), any '
                f'folding, std(log J) > {qc.LOGJAC_WARN}, or a failed label self-check'),
     'status_reason': 'Why the status is not pass, and how it was decided',
 }
@@ -166,7 +168,8 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     jac = np.asanyarray(nb.load(jacobian).dataobj)
     jstats = qc.jacobian_stats(jac, mask)
     what = 'mean structure Dice' if main_set == 'synthseg' else f'mean {label_set} Dice'
-    status, reason = qc.qc_status(primary['mean'], jstats, what=what)
+    status, reason = qc.qc_status(primary['mean'], jstats, what=what,
+                                  thresholds=qc.dice_thresholds(main_set))
     if untrusted:
         note = ('status from tissue Dice: the label network is not validated yet '
                 f"(held-out structure Dice {meta.get('NetworkHeldOutDice')})")

@@ -81,12 +81,14 @@ def score_volumes(net, volumes: Sequence[HeldOutVolume], pose: str = 'auto', log
     """Label every volume with ``net.predict`` (the deployment path) and score it.
 
     Returns ``{'mean_dice': mean over volumes of the mean structure Dice, 'per_volume':
-    {name: mean}, 'per_structure': {label: mean over volumes}, 'worst': [(name, dice)...]}``.
+    {name: mean}, 'per_structure': {label: mean over volumes}, 'worst': [(name, dice)...],
+    'per_volume_structure': {name: {label: dice}}}``.
     """
-    per_volume, per_struct = {}, {}
+    per_volume, per_struct, detail = {}, {}, {}
     for v in volumes:
         pred = np.asarray(net.predict(v.image, pose=pose).labels.dataobj)
         d = structure_dice(pred, v.truth)
+        detail[v.name] = d
         per_volume[v.name] = float(np.mean(list(d.values())))
         for k, val in d.items():
             per_struct.setdefault(k, []).append(val)
@@ -94,4 +96,5 @@ def score_volumes(net, volumes: Sequence[HeldOutVolume], pose: str = 'auto', log
             log(f'  {v.name}: {per_volume[v.name]:.3f}')
     worst = sorted(per_volume.items(), key=lambda kv: kv[1])[:3]
     return {'mean_dice': float(np.mean(list(per_volume.values()))), 'per_volume': per_volume,
-            'per_structure': {k: float(np.mean(v)) for k, v in per_struct.items()}, 'worst': worst}
+            'per_structure': {k: float(np.mean(v)) for k, v in per_struct.items()}, 'worst': worst,
+            'per_volume_structure': detail}
