@@ -93,12 +93,12 @@ def test_instance_norm_network_needs_tiles():
 # ---------------------------------------------------------------- validation == deployment
 @pytest.fixture(scope='module')
 def small_volumes():
-    """Two held-out-style volumes synthesised from Colin27's map (mricron-data), at 2 mm to
-    keep the test quick."""
+    """A held-out-style volume (T2-like, with skull) synthesised from Colin27's map
+    (mricron-data), at 2 mm to keep the test quick."""
     from keyprep.pipeline.synth import anatomies
     from keyprep.pipeline.synth.validation import heldout_volumes
 
-    return heldout_volumes([anatomies.colin27_label_map()], contrasts=('t2',),
+    return heldout_volumes([anatomies.colin27_label_map()], contrasts=('t2',), skull=(True,),
                            shape=(88, 104, 88), res_mm=2.0)
 
 
