@@ -25,6 +25,28 @@ transforms, ``.nii.gz`` displacement fields, a ``qc`` suffix for the QC tables).
 >>> derivative_name(src, datatype='figures', desc='antsSyN', space='MNI152NLin2009aSym',
 ...                 extension='.png')
 'sub-01/figures/sub-01_ses-1_run-1_space-MNI152NLin2009aSym_desc-antsSyN_T1w.png'
+
+Derivatives of a T2w, PDw or FLAIR image whose suffix no longer names the contrast (masks,
+label maps, Jacobian maps and their figures) carry it in an entity, so that the images of
+one participant never share a file name: ``space-<contrast>`` on the image's own grid,
+``from-<contrast>`` next to the target's ``space-`` (the T1w's names are unchanged):
+
+>>> t2 = 'sub-01/anat/sub-01_T2w.nii.gz'
+>>> derivative_name(t2, desc='brain', suffix='mask', extension='.nii.gz')
+'sub-01/anat/sub-01_space-T2w_desc-brain_mask.nii.gz'
+>>> derivative_name(t2, seg='synthseg', suffix='dseg', extension='.nii.gz')
+'sub-01/anat/sub-01_space-T2w_seg-synthseg_dseg.nii.gz'
+>>> derivative_name(t2, space='MNI152NLin2009aSym', seg='synthseg', desc='antsSyN',
+...                 suffix='dseg', extension='.nii.gz')
+'sub-01/anat/sub-01_from-T2w_space-MNI152NLin2009aSym_seg-synthseg_desc-antsSyN_dseg.nii.gz'
+>>> derivative_name(t2, space='MNI152NLin2009aSym', desc='antsSyN', extension='.nii.gz')
+'sub-01/anat/sub-01_space-MNI152NLin2009aSym_desc-antsSyN_T2w.nii.gz'
+>>> derivative_name('sub-01/anat/sub-01_echo-2_T1w.nii.gz', desc='brain', suffix='mask',
+...                 extension='.nii.gz')
+'sub-01/anat/sub-01_echo-2_desc-brain_mask.nii.gz'
+
+QC tables, one per participant (and session):
+
 >>> qc_table_name('01', '1', 'registration')
 'sub-01/ses-1/anat/sub-01_ses-1_desc-registration_qc.tsv'
 >>> qc_table_name('01', None, 'registrationsummary')
@@ -33,6 +55,7 @@ transforms, ``.nii.gz`` displacement fields, a ``qc`` suffix for the QC tables).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -40,8 +63,16 @@ __all__ = ['PATTERNS', 'bids_uri', 'derivative_name', 'qc_table_name', 'source_e
            'target_figure_name', 'target_stem']
 
 _ENTITIES = ('[_ses-{session}][_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}]'
-             '[_run-{run}][_from-{from}][_to-{to}][_mode-{mode}][_space-{space}][_seg-{seg}]'
+             '[_run-{run}][_echo-{echo}][_part-{part}][_chunk-{chunk}]'
+             '[_from-{from}][_to-{to}][_mode-{mode}][_space-{space}][_seg-{seg}]'
              '[_desc-{desc}]')
+
+#: Contrasts of the raw images keyprep processes.
+CONTRASTS = ('T1w', 'T2w', 'PDw', 'FLAIR')
+
+#: The contrast whose derivatives need no entity for it (the anatomical reference, as in
+#: the NiPreps).
+REFERENCE_CONTRAST = 'T1w'
 
 PATTERNS = [
     'sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}' + _ENTITIES
@@ -54,12 +85,17 @@ PATTERNS = [
 
 def source_entities(source_file: str | Path) -> dict:
     """BIDS entities of a raw file name (subject, session, acquisition, run, suffix...)."""
+    return dict(_parsed_entities(str(source_file)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_entities(source_file: str) -> tuple:
     from bids.layout import parse_file_entities
 
-    ents = parse_file_entities(str(source_file))
+    ents = parse_file_entities(source_file)
     ents.pop('extension', None)
     ents.setdefault('datatype', 'anat')
-    return ents
+    return tuple(ents.items())
 
 
 def derivative_name(source_file: str | Path, **entities) -> str:
@@ -68,6 +104,7 @@ def derivative_name(source_file: str | Path, **entities) -> str:
     from bids.layout.writing import build_path
 
     ents = source_entities(source_file)
+    contrast = ents.get('suffix')
     for key, value in entities.items():
         if value is None:
             ents.pop(key, None)
@@ -75,6 +112,7 @@ def derivative_name(source_file: str | Path, **entities) -> str:
             ents[key] = value
     if ents.get('datatype') != 'figures':
         ents['datatype'] = 'anat'
+    _name_contrast(ents, contrast)
     for key in ('space', 'desc', 'seg', 'from', 'to'):
         if key in ents and not re.fullmatch(r'[A-Za-z0-9]+', str(ents[key])):
             raise ValueError(f'entity {key}-{ents[key]} is not a BIDS alphanumeric label')
@@ -82,6 +120,18 @@ def derivative_name(source_file: str | Path, **entities) -> str:
     if path is None:
         raise ValueError(f'no derivative pattern matches entities {ents}')
     return path
+
+
+def _name_contrast(ents: dict, contrast: str | None) -> None:
+    """Put the source's contrast into ``ents`` when the suffix no longer carries it (see the
+    module docstring): ``space-<contrast>`` without a space, else ``from-<contrast>``."""
+    if (contrast not in CONTRASTS or contrast == REFERENCE_CONTRAST
+            or ents.get('suffix') in (contrast, 'xfm', 'qc')):
+        return
+    if 'space' not in ents:
+        ents['space'] = contrast
+    elif 'from' not in ents and ents['space'] != contrast:
+        ents['from'] = contrast
 
 
 def qc_table_name(subject: str, session: str | None, desc: str, extension: str = '.tsv') -> str:

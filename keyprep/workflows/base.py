@@ -598,4 +598,7 @@ def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | No
         ])  # fmt:skip
     if not any(g.images for g in groups):
         wf.add_nodes([target_wf])
+    from .derivatives import check_unique_derivatives
+
+    check_unique_derivatives(wf)  # no output of this run may replace another
     return wf
