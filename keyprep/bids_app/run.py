@@ -143,9 +143,11 @@ def _setup_logging(verbose: int) -> None:
 def _run_participant(opts, argv: list[str]) -> int:
     from ..pipeline.io import load_image
     from ..pipeline.targets import parse_target
+    from ..pipeline.weights import check_run_weights
     from .bids import collect_groups, collect_participants, init_layout, validate_dataset
     from .outputs import write_dataset_files, write_run_config
 
+    check_run_weights(opts)  # every learned model's weights: 66/65 before anything runs
     t0 = time.time()
     run_uuid = f'{time.strftime("%Y%m%d-%H%M%S")}_{uuid.uuid4()}'
     out_dir, work_dir, bids_dir = opts.output_dir, opts.work_dir, opts.bids_dir
@@ -236,6 +238,7 @@ def _run_participant(opts, argv: list[str]) -> int:
         'skull_strip_method': opts.skull_strip_method,
         'device': opts.device, 'nprocs': opts.nprocs, 'omp_nthreads': opts.omp_nthreads,
         'mem_gb': opts.mem, 'random_seed': opts.random_seed, 'sloppy': opts.sloppy,
+        'weights': getattr(opts, 'weights', None),
     }
     for subject in subjects_run:
         write_run_config(out_dir / f'sub-{subject}' / 'log' / run_uuid, config,

@@ -413,20 +413,24 @@ class KeyMorphModel:
     @classmethod
     def load(cls, path: str | Path | None = None,
              device: str | torch.device = 'cpu') -> 'KeyMorphModel':
-        from ..errors import MissingInputError
+        from ..errors import WeightsError
+        from ..weights import load_weights
 
         path = Path(path) if path is not None else default_weights()
-        if not path.is_file():
-            raise MissingInputError(
-                f'KeyMorph weights not found: {path} (they ship with keyprep in '
-                f'{MODEL_DIR}; reinstall it, or pass weights exported by `keyprep train keymorph '
-                '--export`)')
-        payload = torch.load(path, map_location='cpu', weights_only=False)
-        if not isinstance(payload, dict) or payload.get('format') != FORMAT:
-            raise MissingInputError(f'{path} is not a keyprep KeyMorph weights file')
-        cfg = DetectorConfig.from_dict(payload['detector'])
-        det = KeypointDetector(cfg)
-        det.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
+        # weights_only=True: a file crafted to run code when unpickled is refused
+        payload = load_weights(path, 'KeyMorph', ('format', 'state_dict', 'detector'),
+                               hint=f' (they ship with keyprep in {MODEL_DIR}; reinstall it, '
+                                    'or pass weights exported by `keyprep train keymorph '
+                                    '--export`)')
+        if payload.get('format') != FORMAT:
+            raise WeightsError(f'{path} is not a keyprep KeyMorph weights file')
+        try:
+            cfg = DetectorConfig.from_dict(payload['detector'])
+            det = KeypointDetector(cfg)
+            det.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
+        except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise WeightsError(f'KeyMorph weights {path} do not fit the detector they '
+                               f'describe ({type(exc).__name__})') from None
         meta = {k: v for k, v in payload.items() if k not in ('state_dict', 'detector')}
         return cls(det, device, path, meta)
 

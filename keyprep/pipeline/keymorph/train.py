@@ -632,7 +632,7 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
     ckpt_path = out / 'checkpoint.pt'
     step = 0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
         if KeyMorphTrainConfig.from_dict(ckpt['config']).detector != cfg.detector:
             raise ValueError(f'{ckpt_path} was trained with another detector architecture')
         trainer.model.load_state_dict(ckpt['model'])
@@ -642,7 +642,7 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
         log(f'resumed from {ckpt_path} at step {step} ({trainer.stage(step)})')
         _truncate_logs(out, step)
     elif init is not None:  # e.g. several ablation runs from one pretraining
-        state = torch.load(init, map_location=dev, weights_only=False)['model']
+        state = torch.load(init, map_location=dev, weights_only=True)['model']
         trainer.model.load_state_dict(state)
         step = cfg.pretrain_steps
         trainer.optimiser = trainer._new_optimiser(step)
@@ -720,7 +720,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
     card beside it (``<name>.json``, with the file's sha256). Returns the metadata."""
     import hashlib
 
-    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     cfg = KeyMorphTrainConfig.from_dict(ckpt['config'])
     state = {k: (v.half() if half and v.is_floating_point() else v)
              for k, v in ckpt['model'].items()}
