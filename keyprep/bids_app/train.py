@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='model', required=True)
     p = sub.add_parser('synthseg', help='the contrast-agnostic label network (SynthSeg-style)')
     p.add_argument('--label-maps', type=Path, required=True,
-                   help='folder of training label maps (*.nii.gz) in SynthSeg generation labels')
+                   help='folder of training label maps (*.nii.gz) in SynthSeg generation '
+                   'labels, or a label-map bundle (python -m keyprep.pipeline.synth.bundle)')
     p.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
     p.add_argument('--recipe', choices=sorted(RECIPES), default='cpu-2mm',
                    help='cpu-2mm: small U-Net, 2 mm, 64^3 crops (ships); gpu-1mm: SynthSeg-sized, 1 mm')
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser('keymorph', help='the KeyMorph keypoint detector (pretraining, then '
                        'supervised or unsupervised registration training)')
     k.add_argument('--label-maps', type=Path, required=True,
-                   help='folder of training label maps (*.nii.gz) in SynthSeg generation labels')
+                   help='folder of training label maps (*.nii.gz) in SynthSeg generation '
+                   'labels, or a label-map bundle (python -m keyprep.pipeline.synth.bundle)')
     k.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
     k.add_argument('--recipe', choices=sorted(KM_RECIPES), default='cpu-2.5mm',
                    help='cpu-2.5mm: 96^3 at 2.5 mm, small detector (ships); gpu-2mm: the '
@@ -129,9 +131,12 @@ def run_train(argv: list[str]) -> int:
         LOGGER.error('%s', exc)
         return EXIT_NO_INPUT
     except Exception as exc:  # unreadable or wrong label maps (nibabel, numpy, our checks)
-        import nibabel as nib
-
-        if not isinstance(exc, (ValueError, OSError, EOFError, nib.filebasedimages.ImageFileError)):
+        try:  # a machine training from a bundle may have no nibabel
+            from nibabel.filebasedimages import ImageFileError
+            nib_errors: tuple = (ImageFileError,)
+        except ImportError:
+            nib_errors = ()
+        if not isinstance(exc, (ValueError, OSError, EOFError, *nib_errors)):
             raise
         LOGGER.error('unusable training data: %s', exc)
         return EXIT_DATA
@@ -156,7 +161,8 @@ def _synthseg(opts) -> int:
     cfg = replace(cfg, precision=resolve_precision(opts.precision, device))
     LOGGER.info('precision: %s', cfg.precision)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
-                 extra_maps=_extra_maps(opts.extra_anatomies), log=LOGGER.info, max_minutes=opts.max_minutes)
+                 extra_maps=_extra_maps(opts.extra_anatomies, opts.label_maps), log=LOGGER.info,
+                 max_minutes=opts.max_minutes)
     if opts.export:
         meta = export_weights(ckpt, opts.export)
         LOGGER.info('weights: %s', json.dumps(meta))
@@ -170,22 +176,23 @@ def _prepare(opts) -> str | None:
 
     from ..pipeline.resources import resolve_device
 
-    if not opts.label_maps.is_dir():
-        LOGGER.error('label-map folder not found: %s', opts.label_maps)
+    if not (opts.label_maps.is_dir() or opts.label_maps.is_file()):
+        LOGGER.error('label-map folder (or bundle file) not found: %s', opts.label_maps)
         return None
     if opts.threads:
         torch.set_num_threads(opts.threads)
     return resolve_device(opts.device)
 
 
-def _extra_maps(names) -> list:
+def _extra_maps(names, label_maps: Path | None = None) -> list:
+    """The extra anatomies: from ``label_maps`` when it is a bundle holding them (a machine
+    without the atlases), else built from the installed atlases."""
     if not names:
         return []
-    from ..pipeline.synth import anatomies
+    from ..pipeline.synth.bundle import extra_label_map, load_bundle
 
-    builders = {'colin27': anatomies.colin27_label_map, 'jhu189': anatomies.jhu189_label_map,
-                'icbm': anatomies.icbm_label_map}
-    return [builders[name]() for name in names]
+    bundle = load_bundle(label_maps) if label_maps is not None and label_maps.is_file() else None
+    return [extra_label_map(name, bundle) for name in names]
 
 
 def _keymorph(opts) -> int:
@@ -212,7 +219,7 @@ def _keymorph(opts) -> int:
         changes['detector'] = DetectorConfig(**{**cfg.detector.to_dict(), **det})
     cfg = replace(cfg, **changes)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
-                 extra_maps=_extra_maps(opts.extra_anatomies), log=LOGGER.info,
+                 extra_maps=_extra_maps(opts.extra_anatomies, opts.label_maps), log=LOGGER.info,
                  max_minutes=opts.max_minutes, init=opts.init)
     if opts.export:
         meta = export_weights(ckpt, opts.export, card={'recipe': opts.recipe})
@@ -222,3 +229,7 @@ def _keymorph(opts) -> int:
 
 def main() -> None:
     sys.exit(run_train(sys.argv[1:]))
+
+
+if __name__ == '__main__':  # ``python -m keyprep.bids_app.train`` (no entry point installed)
+    main()

@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..transforms import write_itk_affine, write_itk_displacement_field
+# the ITK writers (``write_itk_*``, re-exported from :mod:`keyprep.pipeline.transforms`) are
+# imported on first use: transforms needs nibabel, which training on a bare machine lacks
 
 __all__ = [
     'InverseField',
@@ -78,8 +79,22 @@ Tensor = torch.Tensor
 DEFAULT_CHUNK = 4096
 KERNELS = ('r2logr', 'r')
 
-#: The ITK displacement-field writer under the name used in the design notes.
-write_itk_displacement = write_itk_displacement_field
+#: ``write_itk_displacement``: the ITK displacement-field writer under the name used in the
+#: design notes.
+_FROM_TRANSFORMS = {'write_itk_affine': 'write_itk_affine',
+                    'write_itk_displacement_field': 'write_itk_displacement_field',
+                    'write_itk_displacement': 'write_itk_displacement_field'}
+
+
+def __getattr__(name: str):
+    """The ITK writers of :mod:`keyprep.pipeline.transforms`, imported on first use."""
+    if name in _FROM_TRANSFORMS:
+        from .. import transforms
+
+        value = getattr(transforms, _FROM_TRANSFORMS[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 # --------------------------------------------------------------------------------------

@@ -122,12 +122,18 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
 
 def load_training_maps(folder: str | Path, held_out: Sequence[str] = HELD_OUT
                        ) -> tuple[list[LabelMap], list[LabelMap]]:
-    """Read every ``*.nii.gz`` label map of ``folder``: (training maps, held-out maps)."""
+    """Read every ``*.nii.gz`` label map of ``folder`` (or the maps of a label-map bundle file,
+    :mod:`.bundle`): (training maps, held-out maps)."""
     folder = Path(folder)
-    files = sorted(folder.glob('*.nii.gz'))
-    if not files:
-        raise FileNotFoundError(f'no label maps (*.nii.gz) in {folder}')
-    maps = [load_label_map(f) for f in files]
+    if folder.is_file():
+        from .bundle import load_bundle
+
+        maps = load_bundle(folder).maps
+    else:
+        files = sorted(folder.glob('*.nii.gz'))
+        if not files:
+            raise FileNotFoundError(f'no label maps (*.nii.gz) in {folder}')
+        maps = [load_label_map(f) for f in files]
     train = [m for m in maps if m.name not in held_out]
     test = [m for m in maps if m.name in held_out]
     return train, test
