@@ -57,7 +57,7 @@ def test_bad_arrays(tmp_path, data, message):
 
 def test_single_volume_4d_is_accepted(tmp_path):
     f = tmp_path / 'x.nii.gz'
-    _img((5, 6, 7, 1)).to_filename(f)
+    _img((5, 6, 7, 1), affine=np.diag([4.0, 4.0, 4.0, 1.0])).to_filename(f)  # 20-28 mm
     assert load_image(f).shape == (5, 6, 7)
 
 
