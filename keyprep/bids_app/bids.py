@@ -119,6 +119,10 @@ def init_layout(bids_dir: Path, database_dir: Path, participants: list[str] | No
               re.compile(r'^\.'), re.compile(r'/(beh|dwi|eeg|ieeg|meg|perf|func|fmap|pet)/')]
     if participants:
         ignore.append(re.compile(r'sub-(?!(%s)(\b|_))' % '|'.join(map(re.escape, participants))))
+    # folders named sub-<not a label> (with --skip-bids-validation): pybids would give their
+    # files to another participant (sub-01_x/anat/sub-01_x_T1w.nii.gz to sub-01)
+    ignore += [p.name for p in Path(bids_dir).glob('sub-*')
+               if p.is_dir() and not re.fullmatch(r'sub-[A-Za-z0-9]+', p.name)]
     database_dir.mkdir(parents=True, exist_ok=True)
     indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
     try:
@@ -133,10 +137,15 @@ def collect_participants(bids_dir: Path, labels: list[str] | None) -> list[str]:
     when none of the requested labels exist, a warning when some are missing.
 
     Participants are the ``sub-<label>`` folders, so that one without any anatomical
-    image is reported as such instead of silently ignored.
+    image is reported as such instead of silently ignored; ``sub-*`` folders whose names
+    are not valid labels are skipped with a warning that names them.
     """
-    available = sorted(p.name[4:] for p in Path(bids_dir).glob('sub-*')
-                       if p.is_dir() and re.fullmatch(r'sub-[A-Za-z0-9]+', p.name))
+    folders = sorted(p.name for p in Path(bids_dir).glob('sub-*') if p.is_dir())
+    available = [f[4:] for f in folders if re.fullmatch(r'sub-[A-Za-z0-9]+', f)]
+    invalid = [f for f in folders if not re.fullmatch(r'sub-[A-Za-z0-9]+', f)]
+    if invalid:  # files in them fail validation; with --skip-bids-validation, say so
+        LOGGER.warning('skipped: %d folder(s) whose names are not valid participant labels '
+                       '(sub-<letters and digits>): %s', len(invalid), ', '.join(invalid))
     if not available:
         raise NoMatchError('the dataset has no participants')
     if not labels:
