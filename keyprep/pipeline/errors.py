@@ -10,13 +10,17 @@ code  meaning
 16    the input dataset failed BIDS validation
 17    unknown analysis level
 18    participant/session labels or BIDS filters selected nothing
-64    usage error (bad option or value, output or work folder in the input ...)
+64    usage error (bad option or value, output or work folder in the input
+      dataset, --mem below what one node needs ...)
 65    an input file is unusable (an image that is corrupt, truncated, 4-D,
       NaN, empty or of implausible geometry; a weights file that does not load)
 66    a required input is missing (no anatomical image, target or weights file)
 73    the output or work folder cannot be created or written into
 74    a write failed during the run (disk full, quota, file system turned
       read-only...)
+75    the work folder is in use by another keyprep run (try again later)
+130   interrupted by SIGINT (Ctrl-C); rerun with the same work folder to resume
+143   stopped by SIGTERM; rerun with the same work folder to resume
 ====  =====================================================================
 """
 
@@ -32,6 +36,9 @@ EXIT_DATA = 65
 EXIT_NO_INPUT = 66
 EXIT_CANTCREAT = 73  # sysexits.h EX_CANTCREAT
 EXIT_IOERR = 74  # sysexits.h EX_IOERR
+EXIT_LOCKED = 75  # sysexits.h EX_TEMPFAIL
+EXIT_SIGINT = 130  # 128 + SIGINT
+EXIT_SIGTERM = 143  # 128 + SIGTERM
 
 EXIT_CODES = {
     EXIT_OK: 'success',
@@ -39,11 +46,15 @@ EXIT_CODES = {
     EXIT_VALIDATION: 'the input dataset failed BIDS validation',
     EXIT_UNKNOWN_LEVEL: 'unknown analysis level',
     EXIT_NO_MATCH: 'labels or BIDS filters selected nothing',
-    EXIT_USAGE: 'usage error',
+    EXIT_USAGE: 'usage error (also: output or work folder in the input dataset, --mem '
+                'below what one node needs)',
     EXIT_DATA: 'an input image or weights file is unusable',
     EXIT_NO_INPUT: 'a required input is missing',
     EXIT_CANTCREAT: 'the output or work folder cannot be created or written into',
     EXIT_IOERR: 'a write failed during the run (disk full, quota, read-only file system)',
+    EXIT_LOCKED: 'the work folder is in use by another keyprep run',
+    EXIT_SIGINT: 'interrupted (SIGINT, Ctrl-C); rerun with the same work folder to resume',
+    EXIT_SIGTERM: 'stopped (SIGTERM); rerun with the same work folder to resume',
 }
 
 

@@ -89,9 +89,9 @@ def load_image(path: str | os.PathLike, *, what: str = 'image',
                              'an anatomical image must be a single 3-D volume')
         n_voxels = int(np.prod(shape, dtype=np.int64))
         if n_voxels > MAX_VOXELS:
-            raise ImageError(f'{name}: image has {n_voxels:,} voxels ({" x ".join(map(str, shape))}'
-                             f'), more than the {MAX_VOXELS:,} keyprep accepts; resample it '
-                             'to a coarser grid')
+            dims = ' x '.join(map(str, shape))
+            raise ImageError(f'{name}: image has {n_voxels:,} voxels ({dims}), more than the '
+                             f'{MAX_VOXELS:,} keyprep accepts; resample it to a coarser grid')
         data = np.asanyarray(img.dataobj)
     except ImageError:
         raise
