@@ -23,6 +23,7 @@ from ..pipeline.errors import (  # noqa: E402
     EXIT_NO_INPUT,
     EXIT_NO_MATCH,
     EXIT_OK,
+    EXIT_SIGINT,
     KeyprepError,
 )
 
@@ -40,8 +41,15 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.
                                  errno.EEXIST})
 
 
+#: True in the console script: after SIGINT/SIGTERM, the signal watcher also ends a
+#: process whose exit hangs (see :class:`~keyprep.bids_app.guard.Interruptions`).
+_CONSOLE = False
+
+
 def main() -> None:
     """Console script."""
+    global _CONSOLE
+    _CONSOLE = True
     sys.exit(run(sys.argv[1:]))
 
 
@@ -64,20 +72,33 @@ def run(argv: list[str] | None = None) -> int:
         LOGGER.error('%s', exc)
         return exc.exit_code
     _setup_logging(opts.verbose_count)
+    from contextlib import ExitStack
+
+    from .guard import Interruptions
+
+    with Interruptions(keep_armed=_CONSOLE) as interruptions, ExitStack() as stack:
+        opts.interruptions, opts.exit_stack = interruptions, stack
+        return _run_level(opts, argv)
+
+
+def _run_level(opts, argv) -> int:
     try:
         if opts.analysis_level == 'group':
             from .group import run_group
+            from .guard import output_lock
 
             if opts.output_dir.exists():
                 prepare_folder(opts.output_dir, 'output_dir')
+                opts.exit_stack.enter_context(output_lock(opts.output_dir))
             return run_group(opts.output_dir)
         return _run_participant(opts, argv if argv is not None else sys.argv[1:])
     except KeyprepError as exc:
         LOGGER.error('%s', exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        LOGGER.error('interrupted; rerun with the same --work-dir to resume')
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT or SIGTERM (guard.RunInterrupted)
+        LOGGER.error('%s: stopped; every output written so far is complete. Rerun with the '
+                     'same --work-dir to resume', getattr(exc, 'signal_name', 'SIGINT'))
+        return getattr(exc, 'exit_code', EXIT_SIGINT)
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             return _internal_error(opts, exc)
@@ -145,6 +166,7 @@ def _run_participant(opts, argv: list[str]) -> int:
     from ..pipeline.targets import parse_target
     from ..pipeline.weights import check_run_weights
     from .bids import collect_groups, collect_participants, init_layout, validate_dataset
+    from .guard import WorkFolderLock, output_lock
     from .outputs import write_dataset_files, write_run_config
 
     check_run_weights(opts)  # every learned model's weights: 66/65 before anything runs
@@ -152,15 +174,24 @@ def _run_participant(opts, argv: list[str]) -> int:
     run_uuid = f'{time.strftime("%Y%m%d-%H%M%S")}_{uuid.uuid4()}'
     out_dir, work_dir, bids_dir = opts.output_dir, opts.work_dir, opts.bids_dir
 
-    # Environment problems first, before any validation or indexing: exit 73.
+    target = parse_target(opts.target)
+    if getattr(opts, 'use_plugin', None):
+        _load_plugin_file(opts.use_plugin)  # a bad plugin file stops the run before it starts
+    # Environment problems next, before any validation or indexing: exit 73.
     prepare_folder(work_dir, 'the work folder')
     if opts.bids_database_dir:
         prepare_folder(Path(opts.bids_database_dir), '--bids-database-dir')
     prepare_folder(out_dir, 'output_dir')
+    # One run per work folder (and pybids database) at a time: exit 75 at once otherwise.
+    hold = getattr(opts, 'exit_stack', None)
+    locks = [WorkFolderLock(work_dir)]
+    if opts.bids_database_dir and Path(opts.bids_database_dir) != work_dir:
+        locks.append(WorkFolderLock(Path(opts.bids_database_dir), '--bids-database-dir'))
+    for lock in locks:
+        lock.acquire()
+        if hold is not None:
+            hold.callback(lock.release)
 
-    target = parse_target(opts.target)
-    if getattr(opts, 'use_plugin', None):
-        _load_plugin_file(opts.use_plugin)  # a bad plugin file stops the run before it starts
     if not opts.skip_bids_validation:
         validate_dataset(bids_dir, opts.participant_label)
     elif not any(p.is_dir() for p in bids_dir.glob('sub-*')):
@@ -177,22 +208,26 @@ def _run_participant(opts, argv: list[str]) -> int:
     subjects = collect_participants(bids_dir, opts.participant_label)
 
     target_file, skip_source = _resolve_target_file(layout, target)
+    notes: list[str] = []  # header problems that were resolved (qform/sform conflicts)
     if target_file is not None:
-        load_image(target_file, what='target image')  # a bad target stops everything
+        load_image(target_file, what='target image', warnings=notes)  # a bad target stops all
 
     groups = collect_groups(layout, subjects, opts.session_label, opts.bids_filters)
     for group in groups:
         valid = []
         for image in group.images:
             try:
-                load_image(image.path)
+                load_image(image.path, warnings=notes)
                 valid.append(image)
             except KeyprepError as exc:
                 group.errors.append((str(exc), exc.exit_code))
         group.images = valid
+    for note in notes:
+        LOGGER.warning('%s', note)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_dataset_files(out_dir, bids_dir, opts.methods)
+    with output_lock(out_dir):
+        write_dataset_files(out_dir, bids_dir, opts.methods)
     errors_by_subject: dict[str, list[tuple[str, int]]] = {}
     for group in groups:
         for msg, code in group.errors:
@@ -222,8 +257,11 @@ def _run_participant(opts, argv: list[str]) -> int:
         engine_params=getattr(opts, 'engine_params', None),
         keymorph_weights=(str(opts.keymorph_weights)
                           if getattr(opts, 'keymorph_weights', None) else None))
-    write_boilerplate(out_dir, opts.methods, target, opts.skull_strip_method,
-                      getattr(opts, 'engine_params', None))
+    if not opts.boilerplate_only:
+        _check_memory(wf, opts, runnable, target, target_file)
+    with output_lock(out_dir):
+        write_boilerplate(out_dir, opts.methods, target, opts.skull_strip_method,
+                          getattr(opts, 'engine_params', None))
     from ..workflows.registration import method_variants
 
     variants = {m: [v for v, _ in method_variants(m, opts.engine_params.get(m), opts.sloppy)]
@@ -249,25 +287,35 @@ def _run_participant(opts, argv: list[str]) -> int:
         return next((c for c in _EXIT_PRIORITY if c in codes), EXIT_OK)
     (out_dir / 'logs' / run_uuid).mkdir(parents=True, exist_ok=True)
 
-    crashed = False
+    crashed = interrupted = False
     try:
         if runnable:
             crashed = not _run_workflow(wf, opts, out_dir / 'logs' / run_uuid, device)
-    finally:
-        crash_files = sorted(out_dir.glob(f'sub-*/log/{run_uuid}/crash-*')) + \
-            sorted((out_dir / 'logs' / run_uuid).glob('crash-*'))
-        if crash_files:
-            from ..workflows.base import workflow_name
-            from .qctables import complete_qc_tables, crashed_nodes
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: no QC completion, no report, no false fail
+        from .guard import drop_interrupt_crash_files, terminate_descendants
 
-            complete_qc_tables(out_dir=out_dir, work_dir=work_dir, wf_name=workflow_name(),
-                               groups=runnable, methods=opts.methods, variants=variants,
-                               target=target.name,
-                               bids_dir=bids_dir, skip_source=skip_source,
-                               crashes=crashed_nodes(crash_files),
-                               since=t0 if opts.stop_on_first_crash else None)
-        failed_reports = generate_reports(out_dir, subjects_run, run_uuid=run_uuid,
-                                          input_errors=errors_by_subject)
+        interrupted = True
+        terminate_descendants()
+        drop_interrupt_crash_files([*out_dir.glob(f'sub-*/log/{run_uuid}'),
+                                    out_dir / 'logs' / run_uuid])
+        raise
+    finally:
+        if not interrupted:
+            crash_files = sorted(out_dir.glob(f'sub-*/log/{run_uuid}/crash-*')) + \
+                sorted((out_dir / 'logs' / run_uuid).glob('crash-*'))
+            if crash_files:
+                from ..workflows.base import workflow_name
+                from .qctables import complete_qc_tables, crashed_nodes
+
+                complete_qc_tables(out_dir=out_dir, work_dir=work_dir,
+                                   wf_name=workflow_name(), groups=runnable,
+                                   methods=opts.methods, variants=variants,
+                                   target=target.name, bids_dir=bids_dir,
+                                   skip_source=skip_source,
+                                   crashes=crashed_nodes(crash_files),
+                                   since=t0 if opts.stop_on_first_crash else None)
+            failed_reports = generate_reports(out_dir, subjects_run, run_uuid=run_uuid,
+                                              input_errors=errors_by_subject)
     codes = []
     if crash_files or crashed or failed_reports:
         codes.append(EXIT_FAILED_NODES)
@@ -284,6 +332,29 @@ def _run_participant(opts, argv: list[str]) -> int:
                      'reports: %s', code, minutes,
                      ', '.join(str(out_dir / f'sub-{s}.html') for s in subjects_run))
     return code
+
+
+def _check_memory(wf, opts, groups, target, target_file) -> None:
+    """Give every node a memory estimate from the size of its images, refuse (exit 64) a
+    node that needs more than ``--mem`` (or, without it, than the machine has), and say
+    when ``--mem`` lowers how many heavy nodes run at once (:mod:`keyprep.pipeline.memory`).
+    """
+    from ..pipeline.memory import Geometry, apply_memory_estimates, check_budget
+    from ..pipeline.targets import template_file
+
+    if target_file is not None:
+        geom = Geometry.of(target_file)
+    else:  # groupwise: a template on the bundled template's field of view
+        geom = Geometry.of(template_file('MNI152NLin2009aSym'))
+        if geom is not None:
+            geom = geom.resampled(float(target.resolution or 1.0))
+    if geom is not None and target_file is not None and target.resolution:
+        geom = geom.resampled(float(target.resolution))
+    estimates = apply_memory_estimates(wf, groups, geom)
+    note = check_budget(estimates, opts.mem, nprocs=opts.nprocs,
+                        omp_nthreads=opts.omp_nthreads)
+    if note:
+        LOGGER.warning('%s', note)
 
 
 def _device(device: str) -> str:
@@ -419,10 +490,15 @@ def _run_workflow(wf, opts, target_crash_dir: Path, device: str = 'cpu') -> bool
         plugin, extra = _load_plugin_file(opts.use_plugin)
         plugin_args = {**plugin_args, **extra} if plugin == 'MultiProc' else extra
         LOGGER.info('Nipype plugin %s from %s', plugin, opts.use_plugin)
+    # After SIGINT/SIGTERM no node starts, and the interrupted one is no failure.
+    interruptions = getattr(opts, 'interruptions', None)
+    callback = {'status_callback': interruptions.status_callback} if interruptions else {}
     try:
         if plugin == 'Linear':
-            wf.run(plugin='Linear')
+            wf.run(plugin='Linear', **({'plugin_args': callback} if callback else {}))
         else:
+            if plugin == 'MultiProc':
+                plugin_args = {**plugin_args, **callback}
             wf.run(plugin=plugin, plugin_args=plugin_args)
     except (RuntimeError, OSError) as exc:
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
