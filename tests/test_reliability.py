@@ -533,3 +533,146 @@ def test_interrupted_run_stops_cleanly_and_resumes(tmp_path, signame, nprocs):
     summary = next(out.rglob('*desc-registrationsummary_qc.tsv')).read_text()
     assert '\tfail\t' not in summary and 'antsRigid' in summary
     _outputs_are_whole(out)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    """``kill -9`` of the main process (the OOM killer, a lost node): its workers end with
+    it (they no longer keep computing, or hold the work folder's lock), and a rerun with
+    the same work folder reuses every finished node and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from keyprep.bids_app.guard import descendants
+
+    from .conftest import CH2, coarse
+
+    bids = write_bids(tmp_path / 'ds', {'01': coarse(CH2, 6.0)})
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    args = [sys.executable, '-m', 'keyprep', str(bids), str(out), 'participant', '-w', str(work),
+            '--nprocs', '2', '--omp-nthreads', '1', '--methods', 'antsRigid', '--sloppy',
+            '--target', 'MNI152NLin2009aSym:res-4']
+    proc = subprocess.Popen(args, env=_python_env(), stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while len(list(work.glob('keyprep_*_wf/**/result_*.pklz'))) < 3:
+        assert proc.poll() is None and time.monotonic() - t0 < 300
+        time.sleep(0.1)
+    time.sleep(1.0)
+    workers = descendants(proc.pid)
+    assert workers  # MultiProc's worker processes
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while [p for p in workers if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)]  # they died with the run
+    finished = {p: p.stat().st_mtime_ns for p in work.rglob('result_*.pklz')
+                if not p.parent.name.startswith('ds_')}
+    assert finished
+    res = subprocess.run(args, env=_python_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # reused, not recomputed
+    _outputs_are_whole(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-only and full file systems (a private mount namespace: root, unshare(1))
+
+
+def _can_mount() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which('unshare') or not hasattr(os, 'geteuid') or os.geteuid() != 0:
+        return False
+    res = subprocess.run(['unshare', '-m', 'sh', '-c', 'mount -t tmpfs tmpfs /mnt'],
+                         capture_output=True)
+    return res.returncode == 0
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason='needs root and unshare -m '
+                                                          '(a private mount namespace)')
+
+_CHECK_WHOLE = '''
+import json, sys
+from pathlib import Path
+import nibabel as nb, numpy as np, pandas as pd
+out = Path(sys.argv[1])
+extra = [p.name for p in out.rglob('.*') if p.name != '.bidsignore']
+assert not extra, extra
+n = 0
+for p in out.rglob('*'):
+    if p.name.endswith('.nii.gz'):
+        np.asarray(nb.load(p).dataobj); n += 1
+    elif p.suffix == '.json':
+        json.loads(p.read_text()); n += 1
+    elif p.suffix == '.tsv':
+        pd.read_csv(p, sep='\\t'); n += 1
+print(n)
+'''
+
+
+def _in_namespace(tmp_path: Path, script: str, timeout: int = 900):
+    import subprocess
+
+    sh = tmp_path / 'ns.sh'
+    sh.write_text('set -u\n' + script)
+    return subprocess.run(['unshare', '-m', 'sh', str(sh)], env=_python_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@needs_mount
+def test_read_only_output_file_system_exits_73(tmp_path, dataset):
+    import sys
+
+    out = tmp_path / 'out'
+    out.mkdir()
+    res = _in_namespace(tmp_path, f'''
+mount -t tmpfs -o size=1m,ro tmpfs {out}
+{sys.executable} -m keyprep {dataset} {out} participant -w {tmp_path / 'work'} --boilerplate-only
+''', timeout=300)
+    assert res.returncode == E.EXIT_CANTCREAT, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and 'Read-only file system' in lines[0] and 'output_dir' in lines[0]
+
+
+@needs_mount
+@pytest.mark.slow
+def test_full_disk_and_read_only_input(tmp_path):
+    """The input dataset mounted read-only and the output on a 500 kB file system that fills
+    up mid-run: exit 74 with one line, every file written is whole (no temporary file);
+    with room again, the rerun finishes (exit 0) from the input still read-only."""
+    import sys
+
+    from .conftest import CH2, coarse
+
+    bids = write_bids(tmp_path / 'ds', {'01': coarse(CH2, 6.0)})
+    raw = tree_digest(bids)
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    out.mkdir()
+    check = tmp_path / 'check.py'
+    check.write_text(_CHECK_WHOLE)
+    py = sys.executable
+    run_ = (f'{py} -m keyprep {bids} {out} participant -w {work} --nprocs 1 --methods antsRigid '
+            '--sloppy --target MNI152NLin2009aSym:res-4')
+    res = _in_namespace(tmp_path, f'''
+mount --bind {bids} {bids} && mount -o remount,bind,ro {bids}
+mount -t tmpfs -o size=500k tmpfs {out}
+{run_} 2> {tmp_path / 'err1.txt'}; echo "rc1 $?"
+{py} {check} {out} && echo "whole1"
+mount -o remount,size=64m {out}
+{run_} 2> {tmp_path / 'err2.txt'}; echo "rc2 $?"
+{py} {check} {out} && echo "whole2"
+touch {bids}/probe 2>/dev/null || echo "input read-only"
+''')
+    stdout = res.stdout.split()
+    err1 = (tmp_path / 'err1.txt').read_text()
+    assert 'rc1' in stdout and stdout[stdout.index('rc1') + 1] == str(E.EXIT_IOERR), err1[-3000:]
+    last = err1.strip().splitlines()[-1]
+    assert 'No space left on device' in last and 'internal error' not in err1
+    assert 'whole1' in stdout, res.stderr[-3000:]
+    assert stdout[stdout.index('rc2') + 1] == '0', (tmp_path / 'err2.txt').read_text()[-3000:]
+    assert 'whole2' in stdout and 'input read-only' in res.stdout
+    assert tree_digest(bids) == raw

@@ -42,6 +42,9 @@ LOGGER = logging.getLogger('keyprep')
 
 #: errnos of a lock held by someone else (flock with LOCK_NB)
 _BUSY = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
+#: descriptors of the locks this process holds: a forked worker closes its copies, so that
+#: a worker left behind by a killed run never keeps the work folder locked
+_HELD_FDS: set[int] = set()
 
 
 class WorkFolderLock:
@@ -93,6 +96,7 @@ class WorkFolderLock:
                            'not be detected', self.path, exc.strerror or exc)
             return self
         self._fd = fd
+        _HELD_FDS.add(fd)
         info = (f'pid {os.getpid()} on {socket.gethostname()}, started '
                 f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n').encode()
         try:
@@ -104,6 +108,7 @@ class WorkFolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_FDS.discard(self._fd)
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
@@ -257,19 +262,42 @@ _ACTIVE: Interruptions | None = None
 
 
 def _after_fork_in_child() -> None:
-    """A worker forked during a run leaves interruptions to the main process: SIGINT (a
-    Ctrl-C reaches the whole process group) is ignored, SIGTERM (what the main process
-    sends to end it) ends it at once, even inside C code."""
+    """A worker forked during a run (Nipype's MultiProc) closes its copies of the run's
+    locks (closing, not unlocking: the run keeps them) and leaves interruptions to the main
+    process: SIGINT (a Ctrl-C reaches the whole process group) is ignored, SIGTERM (what
+    the main process sends to end it) ends it at once, even inside C code, and it gets
+    SIGTERM when the main process dies (``kill -9``, the OOM killer): no worker outlives
+    its run to go on writing into the work folder."""
     global _ACTIVE
-    if _ACTIVE is None:
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+    active, _ACTIVE = _ACTIVE, None
+    if active is None:
         return
-    _ACTIVE = None
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except (ValueError, OSError):  # pragma: no cover - not the main thread
         pass
+    _die_with_parent(active._pid)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM to this process when its parent ends (``PR_SET_PDEATHSIG``)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - elsewhere: the main process ends its workers itself
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(128 + signal.SIGTERM)
 
 
 if hasattr(os, 'register_at_fork'):
