@@ -676,3 +676,56 @@ touch {bids}/probe 2>/dev/null || echo "input read-only"
     assert stdout[stdout.index('rc2') + 1] == '0', (tmp_path / 'err2.txt').read_text()[-3000:]
     assert 'whole2' in stdout and 'input read-only' in res.stdout
     assert tree_digest(bids) == raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Documentation and wiring
+
+
+def test_readme_exit_code_table_matches_the_code():
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    section = readme[readme.index('### Exit codes'):]
+    section = section[:section.index('\n## ')]
+    codes = {int(m) for m in re.findall(r'^\| (\d+) \|', section, flags=re.M)}
+    assert codes == set(E.EXIT_CODES)
+    assert '<bids_dir>/derivatives/<name>/' in section
+
+
+def test_help_lists_every_exit_code(capsys):
+    assert run(['--help']) == 0
+    text = capsys.readouterr().out
+    for code in (73, 74, 75, 130, 143):
+        assert f'  {code} ' in text
+
+
+def test_mem_and_interruptions_reach_nipype(tmp_path, monkeypatch):
+    import argparse
+
+    from nipype.pipeline import engine as pe
+
+    from keyprep.bids_app import run as run_mod
+    from keyprep.bids_app.guard import Interruptions
+
+    for var in ('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        monkeypatch.setenv(var, os.environ.get(var, '1'))
+    wf = pe.Workflow(name='w', base_dir=str(tmp_path))
+    calls = []
+    monkeypatch.setattr(wf, 'run', lambda **kw: calls.append(kw))
+    stop = Interruptions()
+    opts = argparse.Namespace(stop_on_first_crash=False, write_graph=False, verbose_count=0,
+                              omp_nthreads=1, nprocs=2, mem=6.0, device='cpu', use_plugin=None,
+                              interruptions=stop)
+    assert run_mod._run_workflow(wf, opts, tmp_path / 'crash', 'cpu')
+    args = calls[0]['plugin_args']
+    assert calls[0]['plugin'] == 'MultiProc' and args['memory_gb'] == 6.0
+    assert args['status_callback'] == stop.status_callback
+    opts.nprocs = 1
+    run_mod._run_workflow(wf, opts, tmp_path / 'crash', 'cpu')
+    assert calls[1] == {'plugin': 'Linear',
+                        'plugin_args': {'status_callback': stop.status_callback}}
+    stop.status_callback(None, 'start')  # no signal: nothing happens
+    stop.signum = 15
+    with pytest.raises(KeyboardInterrupt):
+        stop.status_callback(None, 'start')
