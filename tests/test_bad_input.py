@@ -43,6 +43,7 @@ def _one_line(capsys, needle):
     ('empty', E.EXIT_DATA, 'empty'),
     ('4d', E.EXIT_DATA, '4-D'),
     ('truncated', E.EXIT_DATA, 'truncated'),
+    ('2d', E.EXIT_DATA, '2-D'),
     ('noanat', E.EXIT_NO_INPUT, 'no anatomical image'),
 ])
 def test_bad_participant_does_not_stop_the_others(tmp_path, capsys, good_image, kind, code,
@@ -53,6 +54,8 @@ def test_bad_participant_does_not_stop_the_others(tmp_path, capsys, good_image, 
                                        np.nan, 1.0).astype('f4'), good_image.affine),
         'empty': nb.Nifti1Image(np.zeros(shape, 'f4'), good_image.affine),
         '4d': nb.Nifti1Image(np.zeros(shape + (3,), 'f4') + 1, good_image.affine),
+        '2d': nb.Nifti1Image(np.arange(shape[0] * shape[1], dtype='f4').reshape(shape[:2]),
+                             good_image.affine),
         'noanat': None,
     }
     if kind == 'truncated':

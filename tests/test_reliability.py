@@ -238,7 +238,8 @@ def test_memory_budget_refuses_or_lowers_parallelism():
     with pytest.raises(E.UsageError) as err:
         check_budget(est, 4.0)
     assert err.value.exit_code == E.EXIT_USAGE
-    assert 'synthseg of sub-02_T1w.nii.gz' in str(err.value) and '--mem 10G' in str(err.value)
+    assert 'the label network on sub-02_T1w.nii.gz' in str(err.value)
+    assert '--mem 10G' in str(err.value)
     note = check_budget(est, 20.0, nprocs=8, omp_nthreads=2)
     assert note and 'at most 2 of them run at once instead of 4' in note
     assert check_budget(est, 40.0, nprocs=8, omp_nthreads=2) is None
@@ -354,6 +355,23 @@ def test_parallel_participant_runs_share_one_output_folder(tmp_path):
         'derivative'
     assert [p.name for p in out.rglob('.*')] == ['.bidsignore']  # no temporary files
     assert (out / 'sub-01' / 'log').is_dir() and (out / 'sub-02' / 'log').is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases that already behaved (issue 17's sweep), checked here where no other test did
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'not an image'])
+def test_corrupt_target_stops_the_run(tmp_path, capsys, dataset, kind):
+    target = tmp_path / 'target.nii.gz'
+    _tiny_head().to_filename(target)
+    data = target.read_bytes()
+    target.write_bytes(data[:len(data) // 2] if kind == 'truncated' else b'not an image' * 50)
+    code = run([str(dataset), str(tmp_path / 'out'), 'participant', '-w', str(tmp_path / 'work'),
+                '--target', str(target), '--boilerplate-only'])
+    lines = _stderr_lines(capsys)
+    assert code == E.EXIT_DATA, lines
+    assert len(lines) == 1 and lines[0].startswith('keyprep: --target: target.nii.gz: ')
 
 
 # ---------------------------------------------------------------------------------------------

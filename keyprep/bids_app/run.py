@@ -209,8 +209,13 @@ def _run_participant(opts, argv: list[str]) -> int:
 
     target_file, skip_source = _resolve_target_file(layout, target)
     notes: list[str] = []  # header problems that were resolved (qform/sform conflicts)
-    if target_file is not None:
-        load_image(target_file, what='target image', warnings=notes)  # a bad target stops all
+    if target_file is not None:  # a bad target stops everything
+        from ..pipeline.errors import ImageError
+
+        try:
+            load_image(target_file, what='target image', warnings=notes)
+        except ImageError as exc:
+            raise ImageError(f'--target: {exc}') from None
 
     groups = collect_groups(layout, subjects, opts.session_label, opts.bids_filters)
     for group in groups:

@@ -193,6 +193,13 @@ def system_memory_gb() -> float | None:
         return None
 
 
+#: Leaf node name -> the step, in messages.
+_STEPS = {'synthseg': 'the label network', 'skull_strip': 'skull stripping',
+          'register': 'the registration', 'bias_correct': 'bias correction',
+          'tissue_seg': 'tissue segmentation', 'conform': 'conforming',
+          'template': 'the groupwise template'}
+
+
 def check_budget(estimates: list[NodeEstimate], mem_gb: float | None, *, nprocs: int = 1,
                  omp_nthreads: int = 1) -> str | None:
     """Raise :class:`~keyprep.pipeline.errors.UsageError` (exit 64) when one node needs
@@ -213,7 +220,8 @@ def check_budget(estimates: list[NodeEstimate], mem_gb: float | None, *, nprocs:
     if not estimates:
         return None
     top = max(estimates, key=lambda e: e.mem_gb)
-    what = f'{top.name.split(".")[-1]} of {top.image}' if top.image else top.name
+    leaf = top.name.split('.')[-1]
+    what = _STEPS.get(leaf, leaf) + (f' on {top.image}' if top.image else '')
     if mem_gb is not None and top.mem_gb > mem_gb:
         raise UsageError(f'--mem {mem_gb:g} GB is less than the {top.mem_gb:g} GB that '
                          f'{what} needs ({top.name}): give --mem {math.ceil(top.mem_gb)}G or '
