@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import MissingInputError
 from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
-from .inference import sliding_window_probabilities
+from .inference import head_region, sliding_window_probabilities
 from .labels import flip_lut
 from .selfcheck import check_labels
 from .unet import UNet3D, UNetConfig
@@ -149,6 +149,7 @@ class LabelNetwork:
         return self
 
     TRUSTED_DICE = TRUSTED_DICE  # held-out structure Dice needed to set the QC status
+    REGION_MARGIN_MM = 10.0  # labels stay within this distance of the reference brain mask
 
     def _read_card(self, path: Path) -> dict:
         return read_model_card(path, self.sha256)
@@ -234,19 +235,20 @@ class LabelNetwork:
         def attempt(name: str, shape, net_aff) -> dict:
             ta = time.perf_counter()
             x = self._network_input(vol, img.affine, shape, net_aff)
+            ref_grid = None
+            if ref is not None:
+                ref_grid = self._network_input(ref[0], ref[1], shape, net_aff, normalise=False)
+                ref_grid = ref_grid[0, 0].cpu().numpy() > 0.5
+            region = self._region(x, ref_grid)
             tb = time.perf_counter()
-            probs = self._forward(x)
+            probs = self._forward(x, region)
             if flip_tta:
-                pf = self._forward(x.flip(2)).flip(2)
+                pf = self._forward(x.flip(2), region.flip(0)).flip(2)
                 probs = 0.5 * (probs + pf[:, self.flip])
             tc = time.perf_counter()
             timings['resample_s'] += tb - ta
             timings['network_s'] += tc - tb
             grid_labels = np.asarray(self.labels, dtype=np.int16)[probs[0].argmax(0).cpu().numpy()]
-            ref_grid = None
-            if ref is not None:
-                ref_grid = self._network_input(ref[0], ref[1], shape, net_aff, normalise=False)
-                ref_grid = ref_grid[0, 0].cpu().numpy() > 0.5
             check = check_labels(grid_labels, (self.res_mm,) * 3, ref_grid, x[0, 0].cpu().numpy())
             return {'name': name, 'probs': probs, 'net_aff': net_aff, 'check': check,
                     'tiles': dict(self._last_tiles)}
@@ -343,11 +345,29 @@ class LabelNetwork:
             logits = self.model(x)
         return logits.float().softmax(1)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _region(self, x: torch.Tensor, ref_grid: np.ndarray | None) -> torch.Tensor:
+        """Where labels may be (network grid): the head (:func:`~.inference.head_region`),
+        and, when a reference brain mask is given (deepbet's in a participant run), within
+        ``REGION_MARGIN_MM`` of it if its volume is that of a brain (500-2500 cm^3). The
+        network was trained on crops around the brain: the
+        neck and face of a large field of view are outside its training distribution and
+        would otherwise receive brain labels."""
+        from scipy import ndimage
+
+        region = head_region(x)
+        ref_cm3 = 0.0 if ref_grid is None else float(ref_grid.sum()) * self.res_mm ** 3 / 1000
+        if 500.0 <= ref_cm3 <= 2500.0:  # a plausible brain (else the mask itself is wrong)
+            near = ndimage.binary_dilation(ref_grid, iterations=max(1, int(round(self.REGION_MARGIN_MM
+                                                                                  / self.res_mm))))
+            region &= near
+        return torch.as_tensor(region, device=x.device)
+
+    def _forward(self, x: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities (float32) of a normalised network-grid volume, predicted in
-        tiles of the training crop size (:mod:`.inference`)."""
+        tiles of the training crop size (:mod:`.inference`); outside ``region``, background."""
         probs, info = sliding_window_probabilities(self._forward_tiles, x, len(self.labels),
-                                                   roi=self.tile, overlap=self.TILE_OVERLAP)
+                                                   roi=self.tile, overlap=self.TILE_OVERLAP,
+                                                   region=region)
         self._last_tiles = info
         return probs
 
