@@ -310,8 +310,11 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     with pytest.raises(MissingInputError, match='weights not found'):
         LabelNetwork(tmp_path / 'nope.pt')
     (tmp_path / 'junk.pt').write_bytes(b'not a model')
-    with pytest.raises(Exception):
+    from keyprep.pipeline.errors import EXIT_DATA, WeightsError
+
+    with pytest.raises(WeightsError, match='not a readable') as info:  # exit 65, not 66
         LabelNetwork(tmp_path / 'junk.pt')
+    assert info.value.exit_code == EXIT_DATA
 
 
 # ---------------------------------------------------------------- pose search

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MissingInputError
+from ..errors import MissingInputError, WeightsError
 from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
 from .inference import head_region, sliding_window_probabilities
@@ -88,10 +88,10 @@ def load_weights_file(path: Path) -> dict:
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise MissingInputError(f'{path} is not a readable keyprep label-network weights file '
-                                f'({type(exc).__name__})') from None
+        raise WeightsError(f'{path} is not a readable keyprep label-network weights file '
+                           f'({type(exc).__name__})') from None
     if not isinstance(payload, dict) or 'state_dict' not in payload:
-        raise MissingInputError(f'{path} is not a keyprep label-network weights file')
+        raise WeightsError(f'{path} is not a keyprep label-network weights file')
     return payload
 
 

@@ -293,7 +293,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
     """Write the shipped weights (state dict, float16 by default) and return their metadata."""
     import hashlib
 
-    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt['model'].items()}
     cfg = TrainConfig.from_dict(ckpt['config'])
     payload = {'state_dict': state, 'unet': cfg.unet.to_dict(), 'res_mm': cfg.synth.res_mm,
