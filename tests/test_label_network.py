@@ -64,24 +64,6 @@ def test_sliding_window_blends_and_skips_air():
     assert info0['tiles'] == 0 and empty[0, 0].eq(1).all()
 
 
-def test_head_region_excludes_bright_noisy_air():
-    """Air brightened by noise and a gamma (as in synthetic and some real scans) is not head:
-    the region is the head (a ball here) with a small margin, hollow parts filled."""
-    from keyprep.pipeline.synth.inference import head_region
-
-    g = torch.Generator().manual_seed(0)
-    zz, yy, xx = torch.meshgrid(*[torch.arange(80.0)] * 3, indexing='ij')
-    r = ((zz - 40) ** 2 + (yy - 40) ** 2 + (xx - 40) ** 2).sqrt()
-    x = 0.2 + 0.08 * torch.randn(80, 80, 80, generator=g)  # air: mean 0.2, noisy
-    x[r < 25] = 0.7 + 0.05 * torch.randn(int((r < 25).sum()), generator=g)  # head
-    x[r < 8] = 0.05  # a dark ventricle inside
-    region = head_region(x.clamp(0, 1)[None, None])
-    ball = (r < 25).numpy()
-    assert region[ball].all()  # the whole head, the dark inside included
-    assert not region[(r > 30).numpy()].any()  # far air excluded
-    assert region.sum() < 1.5 * ball.sum()
-
-
 def test_sliding_window_region_bounds_labels():
     """With a region, tiles outside it are not run and voxels outside it are background."""
     from keyprep.pipeline.synth.inference import sliding_window_probabilities

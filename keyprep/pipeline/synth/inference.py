@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 __all__ = ['tile_starts', 'gaussian_importance', 'sliding_window_probabilities', 'head_fraction']
@@ -64,48 +63,6 @@ def head_fraction(x: torch.Tensor, background: float, threshold: float = 0.05) -
     return float((x > background + threshold).float().mean())
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` (the one that maximises the between-class variance).
-
-    >>> v = np.r_[np.zeros(100), np.ones(50)]
-    >>> 0.0 < otsu_threshold(v) < 1.0
-    True
-    """
-    hist, edges = np.histogram(values, bins=bins)
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(hist).astype(float)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    between = w0 * w1 * (m0 - m1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
-
-
-def head_region(x: torch.Tensor, smooth_vox: float = 1.0, dilate_vox: int = 3,
-                min_fraction: float = 0.005) -> np.ndarray:
-    """Where the head is on a network-grid volume ``x [1, 1, D, H, W]`` (bool ``[D, H, W]``):
-    Otsu's threshold of the lightly smoothed image, its largest connected component, holes
-    filled, dilated by ``dilate_vox`` voxels. Air that is noisy or brightened (a gamma, a
-    bias field) falls outside it, so the network is never asked to label it: tiles of pure
-    background were rare in training and gave labels in the air. If the estimate is
-    implausibly small, everything counts as head.
-    """
-    from scipy import ndimage
-
-    a = ndimage.gaussian_filter(x[0, 0].float().cpu().numpy(), smooth_vox)
-    fg = a > otsu_threshold(a.ravel())
-    lab, n = ndimage.label(fg)
-    if n == 0:
-        return np.ones(a.shape, bool)
-    sizes = ndimage.sum(fg, lab, index=np.arange(1, n + 1))
-    keep = ndimage.binary_fill_holes(lab == int(np.argmax(sizes)) + 1)
-    if dilate_vox:
-        keep = ndimage.binary_dilation(keep, iterations=dilate_vox)
-    if keep.mean() < min_fraction:
-        return np.ones(a.shape, bool)
-    return keep
-
-
 @torch.no_grad()
 def sliding_window_probabilities(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                                  n_classes: int, roi: Sequence[int] = (64, 64, 64),
@@ -119,7 +76,7 @@ def sliding_window_probabilities(forward: Callable[[torch.Tensor], torch.Tensor]
     padded with its minimum (the background) to at least ``roi``. A tile whose fraction of
     voxels above background (:func:`head_fraction`) is below ``min_head_fraction`` is skipped
     and counts as background; so does every voxel that no run tile covers. With ``region``
-    (bool ``[D, H, W]``, e.g. :func:`head_region`), tiles without a region voxel are
+    (bool ``[D, H, W]``, e.g. near a reference brain mask), tiles without a region voxel are
     skipped too and every voxel outside it is background. Returns the probabilities and
     ``{'tiles': run, 'skipped': skipped}``.
     """

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import MissingInputError, WeightsError
 from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
-from .inference import head_region, sliding_window_probabilities
+from .inference import sliding_window_probabilities
 from .labels import flip_lut
 from .selfcheck import check_labels
 from .unet import UNet3D, UNetConfig
@@ -95,6 +95,22 @@ def load_weights_file(path: Path) -> dict:
     return payload
 
 
+def _rotation_deg(matrix: np.ndarray) -> float:
+    """Angle (degrees) of the rotation in a 4x4 affine (its nearest rotation, so scaling
+    and shear do not count).
+
+    >>> import numpy as np
+    >>> m = np.eye(4); m[:3, :3] = [[0, -2, 0], [2, 0, 0], [0, 0, 2]]
+    >>> round(_rotation_deg(m), 6)
+    90.0
+    """
+    u, _, vt = np.linalg.svd(np.asarray(matrix, dtype=float)[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:  # a reflection: as far from the header as it gets
+        return 180.0
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -150,6 +166,8 @@ class LabelNetwork:
 
     TRUSTED_DICE = TRUSTED_DICE  # held-out structure Dice needed to set the QC status
     REGION_MARGIN_MM = 10.0  # labels stay within this distance of the reference brain mask
+    #: searched poses closer than this to the header's are not tried (training rotates +-20 deg)
+    MIN_POSE_CHANGE_DEG = 30.0
 
     def _read_card(self, path: Path) -> dict:
         return read_model_card(path, self.sha256)
@@ -243,7 +261,7 @@ class LabelNetwork:
             tb = time.perf_counter()
             probs = self._forward(x, region)
             if flip_tta:
-                pf = self._forward(x.flip(2), region.flip(0)).flip(2)
+                pf = self._forward(x.flip(2), None if region is None else region.flip(0)).flip(2)
                 probs = 0.5 * (probs + pf[:, self.flip])
             tc = time.perf_counter()
             timings['resample_s'] += tb - ta
@@ -266,6 +284,12 @@ class LabelNetwork:
                 for name, matrix in self._pose_candidates(img, reference_mask, pose_info, timings):
                     if len(attempts) >= max_attempts:
                         break
+                    if _rotation_deg(matrix) < self.MIN_POSE_CHANGE_DEG:
+                        # the header's pose, give or take what training covers (rotations
+                        # of +-20 deg): relabelling there cannot fix a wrong pose, and the
+                        # search's error would only cost accuracy
+                        pose_info.setdefault('skipped', []).append(name)
+                        continue
                     shape, net_aff = self.template_grid(matrix)
                     attempts.append(attempt(name, shape, net_aff))
                     attempts[-1]['matrix'] = matrix
@@ -345,22 +369,22 @@ class LabelNetwork:
             logits = self.model(x)
         return logits.float().softmax(1)
 
-    def _region(self, x: torch.Tensor, ref_grid: np.ndarray | None) -> torch.Tensor:
-        """Where labels may be (network grid): the head (:func:`~.inference.head_region`),
-        and, when a reference brain mask is given (deepbet's in a participant run), within
-        ``REGION_MARGIN_MM`` of it if its volume is that of a brain (500-2500 cm^3). The
-        network was trained on crops around the brain: the
-        neck and face of a large field of view are outside its training distribution and
-        would otherwise receive brain labels."""
+    def _region(self, x: torch.Tensor, ref_grid: np.ndarray | None) -> torch.Tensor | None:
+        """Where labels may be (network grid): within ``REGION_MARGIN_MM`` of the reference
+        brain mask (deepbet's in a participant run) when one is given and its volume is that
+        of a brain (500-2500 cm^3); else everywhere (``None``). The network was trained on
+        crops around the brain: the neck and face of a large field of view (SynthSeg's
+        256^3) are outside its training distribution and would otherwise get brain labels.
+        (An Otsu head mask without a reference was tried and cut into the brain of a
+        held-out T1 with skull: structure Dice 0.54 instead of 0.69.)"""
         from scipy import ndimage
 
-        region = head_region(x)
         ref_cm3 = 0.0 if ref_grid is None else float(ref_grid.sum()) * self.res_mm ** 3 / 1000
-        if 500.0 <= ref_cm3 <= 2500.0:  # a plausible brain (else the mask itself is wrong)
-            near = ndimage.binary_dilation(ref_grid, iterations=max(1, int(round(self.REGION_MARGIN_MM
-                                                                                  / self.res_mm))))
-            region &= near
-        return torch.as_tensor(region, device=x.device)
+        if not 500.0 <= ref_cm3 <= 2500.0:  # no mask, or not a brain's (the mask is wrong)
+            return None
+        near = ndimage.binary_dilation(ref_grid, iterations=max(1, int(round(self.REGION_MARGIN_MM
+                                                                              / self.res_mm))))
+        return torch.as_tensor(near, device=x.device)
 
     def _forward(self, x: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
         """Class probabilities (float32) of a normalised network-grid volume, predicted in
