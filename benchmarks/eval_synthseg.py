@@ -214,7 +214,7 @@ def write_markdown(rows: list[dict], summary: dict, path: Path) -> None:
              '## Mean Dice over the 32 structures', '', '| case | condition | volumes | mean | median | worst three |',
              '|---|---|---|---|---|---|']
     for key, s in summary['cases'].items():
-        case, cond = key.split(':')
+        case, cond = key.split(':', 1)
         worst = ', '.join(f'{k} {v:.2f}' for k, v in s['worst'].items())
         lines.append(f"| {case} | {cond} | {s['n_volumes']} | {s['mean_dice']:.3f} | "
                      f"{s['median_dice']:.3f} | {worst} |")
