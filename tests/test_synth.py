@@ -312,7 +312,7 @@ def test_missing_weights_is_a_clear_error(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a model')
     from keyprep.pipeline.errors import EXIT_DATA, WeightsError
 
-    with pytest.raises(WeightsError, match='not a readable') as info:  # exit 65, not 66
+    with pytest.raises(WeightsError, match='cannot be loaded') as info:  # exit 65, not 66
         LabelNetwork(tmp_path / 'junk.pt')
     assert info.value.exit_code == EXIT_DATA
 

@@ -26,10 +26,11 @@ from pathlib import Path
 from .errors import MissingInputError, WeightsError
 
 __all__ = ['check_keymorph_weights', 'check_label_network_weights', 'check_run_weights',
-           'load_weights']
+           'load_weights', 'sha256_file']
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, 'rb') as fh:
         for block in iter(lambda: fh.read(1 << 20), b''):
@@ -134,7 +135,7 @@ def check_keymorph_weights(path: str | Path | None = None) -> dict:
         raise WeightsError(f'KeyMorph weights {path}: the detector they describe cannot be '
                            f'built ({type(exc).__name__}: {exc})') from None
     _compare_state(model, payload['state_dict'], 'KeyMorph', path)
-    return {'path': str(path), 'sha256': _sha256(path)}
+    return {'path': str(path), 'sha256': sha256_file(path)}
 
 
 def check_label_network_weights(path: str | Path | None = None) -> dict:
@@ -158,7 +159,7 @@ def check_label_network_weights(path: str | Path | None = None) -> dict:
         raise WeightsError(f'label-network weights {path}: the network they describe cannot '
                            f'be built ({type(exc).__name__}: {exc})') from None
     _compare_state(model, payload['state_dict'], 'label-network', path)
-    return {'path': str(path), 'sha256': _sha256(path)}
+    return {'path': str(path), 'sha256': sha256_file(path)}
 
 
 def uses_keymorph(methods: list[str], target: str) -> bool:

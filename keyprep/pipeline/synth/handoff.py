@@ -40,6 +40,8 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+from ..weights import sha256_file
+
 __all__ = ['split_file', 'join_parts', 'checkpoint_step', 'trainer_processes', 'travel_bytes',
            'prepare', 'device_run', 'package', 'collect', 'RECIPE_ARGS', 'PART_BYTES',
            'DEVICE_LIMIT_BYTES', 'main']
@@ -70,14 +72,6 @@ CHECKPOINT = 'checkpoint.pt'
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as fh:
-        for block in iter(lambda: fh.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _log(msg: str) -> None:
     print(f'[gpu_train] {msg}', flush=True)
 
@@ -101,7 +95,7 @@ def split_file(path: str | Path, out_dir: str | Path, part_bytes: int = PART_BYT
             (out_dir / name).write_bytes(data)
             parts.append({'file': name, 'bytes': len(data),
                           'sha256': hashlib.sha256(data).hexdigest()})
-    manifest = {'name': path.name, 'bytes': size, 'sha256': _sha256(path), 'parts': parts,
+    manifest = {'name': path.name, 'bytes': size, 'sha256': sha256_file(path), 'parts': parts,
                 **(meta or {})}
     out = out_dir / f'{path.name}.parts.json'
     out.write_text(json.dumps(manifest, indent=1) + '\n')
@@ -278,9 +272,9 @@ def prepare(repo: str | Path = REPO, run_dir: str = RUN_DIR, label_maps: str = L
                          f"{list(state['train_maps'])}")
     manifest = {
         'created': time.strftime('%Y-%m-%dT%H:%M:%S'), 'run_dir': run_dir,
-        'checkpoint': {'step': step, 'sha256': _sha256(snap / CHECKPOINT),
+        'checkpoint': {'step': step, 'sha256': sha256_file(snap / CHECKPOINT),
                        'bytes': (snap / CHECKPOINT).stat().st_size},
-        'bundle': {'file': BUNDLE_NAME, 'bytes': bundle.stat().st_size, 'sha256': _sha256(bundle),
+        'bundle': {'file': BUNDLE_NAME, 'bytes': bundle.stat().st_size, 'sha256': sha256_file(bundle),
                    'maps': [m.name for m in b.maps],
                    'extras': {k: m.name for k, m in b.extras.items()},
                    'held_out': held_out},
@@ -361,7 +355,7 @@ def device_run(out: str | Path, repo: str | Path = REPO, carry: str = CARRY,
     for path in [*(src / n for n in RUN_FILES), *sorted(src.glob('val_step*.json'))]:
         if path.is_file():
             shutil.copy2(path, scratch / path.name)
-    start_sha = _sha256(scratch / CHECKPOINT)
+    start_sha = sha256_file(scratch / CHECKPOINT)
     want = manifest.get('checkpoint', {}).get('sha256')
     if want and want != start_sha:
         _log(f"note: the checkpoint differs from the one `prepare` saw (step "

@@ -11,7 +11,6 @@ background probability is below one half (largest component, holes filled).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MissingInputError, WeightsError
+from ..weights import load_weights, sha256_file
 from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
 from .inference import sliding_window_probabilities
@@ -59,7 +58,7 @@ def read_model_card(weights: str | Path | None = None, sha256: str | None = None
         card = json.loads(card_path.read_text())
     except ValueError:
         return {}
-    return card if card.get('sha256') == (sha256 or _sha256(path)) else {}
+    return card if card.get('sha256') == (sha256 or sha256_file(path)) else {}
 
 
 def card_trusted(card: dict) -> bool:
@@ -80,19 +79,10 @@ class LabelResult:
 
 
 def load_weights_file(path: Path) -> dict:
-    """Read a label-network weights file safely (``weights_only=True``: no code runs)."""
-    if not path.is_file():
-        raise MissingInputError(
-            f'label-network weights not found: {path} (they ship with keyprep; '
-            'reinstall it, or pass the path of weights trained with `keyprep train synthseg`)')
-    try:
-        payload = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise WeightsError(f'{path} is not a readable keyprep label-network weights file '
-                           f'({type(exc).__name__})') from None
-    if not isinstance(payload, dict) or 'state_dict' not in payload:
-        raise WeightsError(f'{path} is not a keyprep label-network weights file')
-    return payload
+    """Read a label-network weights file safely (``weights_only=True``: no code runs):
+    :func:`keyprep.pipeline.weights.load_weights` (66 when missing, 65 when unreadable)."""
+    return load_weights(path, 'label-network', hint=' (they ship with keyprep; reinstall it, or pass '
+                        'the path of weights trained with `keyprep train synthseg`)')
 
 
 #: self-checks whose failure means a wrong pose (the others: wrong or poor labels)
@@ -115,10 +105,6 @@ def _rotation_deg(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class LabelNetwork:
     """The trained U-Net with its geometry; ``weights=None`` uses the shipped model."""
 
@@ -131,7 +117,7 @@ class LabelNetwork:
         path = Path(weights) if weights is not None else default_weights()
         payload = load_weights_file(path)
         self.path = path
-        self.sha256 = _sha256(path)
+        self.sha256 = sha256_file(path)
         self._setup(payload, device, precision)
         self.model.load_state_dict({k: v.float() for k, v in payload['state_dict'].items()})
         self.model.to(self.device).eval()

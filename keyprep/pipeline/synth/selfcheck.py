@@ -110,28 +110,19 @@ def check_labels(labels: np.ndarray, zooms=(1.0, 1.0, 1.0), reference_mask: np.n
     values['largest_component'] = round(largest, 3)
     if largest < 0.9:
         failed.append('connected')
-    left = _centroid(labels, list(LR_PAIRS), zooms)
-    right = _centroid(labels, list(LR_PAIRS.values()), zooms)
-    if left is None or right is None:
-        failed.append('left_right')
-    else:
-        values['right_minus_left_mm'] = round(float(right[0] - left[0]), 1)
-        if right[0] - left[0] < 10.0:
-            failed.append('left_right')
-    top, bottom = _centroid(labels, _CEREBRUM, zooms), _centroid(labels, _INFERIOR, zooms)
-    if top is None or bottom is None:
-        failed.append('superior_inferior')
-    else:
-        values['cerebrum_above_mm'] = round(float(top[2] - bottom[2]), 1)
-        if top[2] - bottom[2] < 15.0:
-            failed.append('superior_inferior')
-    front, back = _centroid(labels, _ANTERIOR, zooms), _centroid(labels, _POSTERIOR, zooms)
-    if front is None or back is None:
-        failed.append('anterior_posterior')
-    else:
-        values['striatum_anterior_mm'] = round(float(front[1] - back[1]), 1)
-        if front[1] - back[1] < 10.0:
-            failed.append('anterior_posterior')
+    # orientation: (check, value, structures that must lie further along ``axis``, the
+    # others, axis of the RAS grid, minimum distance in mm)
+    for name, key, ahead, behind, axis, min_mm in (
+            ('left_right', 'right_minus_left_mm', list(LR_PAIRS.values()), list(LR_PAIRS), 0, 10.0),
+            ('superior_inferior', 'cerebrum_above_mm', _CEREBRUM, _INFERIOR, 2, 15.0),
+            ('anterior_posterior', 'striatum_anterior_mm', _ANTERIOR, _POSTERIOR, 1, 10.0)):
+        a, b = _centroid(labels, ahead, zooms), _centroid(labels, behind, zooms)
+        if a is None or b is None:
+            failed.append(name)
+            continue
+        values[key] = round(float(a[axis] - b[axis]), 1)
+        if a[axis] - b[axis] < min_mm:
+            failed.append(name)
     if reference_mask is not None:
         ref = reference_mask > 0
         denom = int(ref.sum() + brain.sum())
