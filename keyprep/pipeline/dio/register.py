@@ -1,0 +1,241 @@
+"""The engine-facing DIO call: two arrays on one grid in, a transformation per representation out.
+
+:func:`register_arrays` takes a fixed and a moving 3-D array **already on the same voxel grid**
+(the engine resamples the affinely pre-aligned moving image onto the fixed grid), brain-masked,
+of any intensity scale, any shape and (``spacing_mm``) any voxel size. It
+
+1. normalises each image's intensities (the 0.5 and 99.5 percentiles of the voxels above the
+   image minimum to [0, 1], clipped; :func:`keyprep.pipeline.keymorph.network.robust_normalise`);
+2. resamples both onto the **working grid**: isotropic voxels of the network's ``res_mm``
+   (2 mm for the shipped model) covering the input's field of view from the same corner, the
+   size rounded up to a multiple of the network's divisor (the extra voxels are background);
+   going to a coarser grid is anti-aliased. An input already at ``res_mm`` with sizes divisible
+   by the divisor is used as it is;
+3. computes the multi-scale features of each image **once**;
+4. runs the inner solver (:mod:`.solver`) for every requested representation on those same
+   features, and maps each result back onto the input grid.
+
+Displacement convention (every ``disp_*`` returned)
+---------------------------------------------------
+``disp_fwd`` is a ``float32`` array ``(3, X, Y, Z)`` on the input grid, in **voxels of that
+grid**, component ``a`` along array axis ``a``. For every voxel ``x`` (integer index vector),
+``moving`` sampled at the continuous voxel position ``x + disp_fwd[:, x]`` matches ``fixed``
+at ``x``: the warped moving image is ``moving(x + disp_fwd(x))`` (a pull-back, as
+``scipy.ndimage.map_coordinates(moving, grid + disp_fwd)``). ``disp_inv`` is the inverse map
+in the same units, ``fixed`` sampled at ``y + disp_inv(y)`` matches ``moving`` at ``y``, given
+where it is exact: ``'diffeo'`` (``exp(-v)`` of the stationary velocity ``v``) and ``'affine'``
+(the inverse matrix); ``None`` for ``'ffd'`` (the registry inverts it numerically).
+``affine_vox`` (``'affine'`` only) is the 4x4 matrix of input-grid voxel coordinates with
+``moving voxel = affine_vox @ [x, 1]`` (so ``disp_fwd(x) = affine_vox @ [x, 1] - x``).
+Physical units: multiply component ``a`` by ``spacing_mm[a]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..synth.generator import gaussian_blur, identity_grid
+from .network import DioFeatureNet, load_dio
+from .solver import (
+    REPRESENTATIONS, SolverConfig, affine_to_voxel_matrix, integrate_velocity, sample, solve,
+    upsample_field, with_iterations,
+)
+
+__all__ = ['register_arrays', 'normalise_intensity', 'intensity_features', 'working_shape',
+           'to_working', 'field_to_input', 'warp_array']
+
+
+def normalise_intensity(x: torch.Tensor) -> torch.Tensor:
+    """The 0.5/99.5 percentiles of the voxels above the minimum -> [0, 1], clipped (the
+    minimum and maximum when those percentiles coincide, e.g. a binary image)."""
+    from ..keymorph.network import apply_window, intensity_window
+
+    x = x.float()
+    lo, hi = intensity_window(x)
+    if hi - lo <= 1e-6 * max(float(x.max() - x.min()), 1e-12):
+        lo, hi = float(x.min()), float(x.max())
+    return apply_window(x, (lo, hi))
+
+
+def intensity_features(x: torch.Tensor, scales: Sequence[int] = (4, 2, 1)) -> list[torch.Tensor]:
+    """The image itself as a one-channel 'feature' at each scale (average-pooled): the
+    classical intensity registration DIO replaces (baseline of the tests)."""
+    return [F.avg_pool3d(x, s) if s > 1 else x for s in scales]
+
+
+def working_shape(shape: Sequence[int], spacing: Sequence[float], res_mm: float,
+                  divisor: int) -> tuple[int, int, int]:
+    """Voxels of the working grid: the field of view at ``res_mm``, rounded up to a multiple
+    of ``divisor``."""
+    out = []
+    for n, sp in zip(shape, spacing):
+        m = max(1, math.ceil(n * sp / res_mm - 1e-6))
+        out.append(int(math.ceil(m / divisor) * divisor))
+    return tuple(out)
+
+
+def _coords(out_shape, src_spacing, dst_spacing, device, dtype) -> torch.Tensor:
+    """Source-grid voxel coordinates ``[1, 3, *out_shape]`` of the centres of a grid of
+    ``dst_spacing`` voxels sharing the source grid's corner."""
+    base = identity_grid(out_shape, device, dtype)
+    ratio = torch.tensor([d / s for d, s in zip(dst_spacing, src_spacing)], device=device,
+                         dtype=dtype).view(3, 1, 1, 1)
+    return ((base + 0.5) * ratio - 0.5)[None]
+
+
+def to_working(img: torch.Tensor, spacing: Sequence[float], res_mm: float,
+               shape: Sequence[int]) -> torch.Tensor:
+    """``img [1, 1, *input]`` resampled (trilinear, zero outside) onto the working grid
+    ``shape`` of ``res_mm`` voxels; identity when the grids coincide."""
+    if tuple(img.shape[2:]) == tuple(shape) and all(abs(s - res_mm) < 1e-6 for s in spacing):
+        return img
+    factors = [res_mm / s for s in spacing]
+    if any(f > 2.0 for f in factors):  # trilinear at half-voxel offsets already averages 2
+        img = gaussian_blur(img, [0.42 * f if f > 2.0 else 0.0 for f in factors])
+    coords = _coords(shape, spacing, (res_mm,) * 3, img.device, img.dtype)
+    return sample(img, coords, padding_mode='zeros')
+
+
+def field_to_input(disp: torch.Tensor, res_mm: float, spacing: Sequence[float],
+                   shape: Sequence[int]) -> torch.Tensor:
+    """A working-grid displacement ``[1, 3, *working]`` (working voxels) as a displacement on
+    the input grid (``shape``, ``spacing``) in input voxels ``[3, *shape]``."""
+    sp = torch.tensor(list(spacing), device=disp.device, dtype=disp.dtype).view(3, 1, 1, 1)
+    same = tuple(disp.shape[2:]) == tuple(shape) and all(abs(s - res_mm) < 1e-6 for s in spacing)
+    if not same:
+        coords = _coords(shape, (res_mm,) * 3, spacing, disp.device, disp.dtype)
+        disp = sample(disp, coords, padding_mode='border')
+    return disp[0] * res_mm / sp
+
+
+def warp_array(moving: np.ndarray, disp: np.ndarray, order: int = 1) -> np.ndarray:
+    """``moving(x + disp(x))`` (module convention) with scipy; ``order=0`` for labels."""
+    from scipy.ndimage import map_coordinates
+
+    grid = np.indices(moving.shape, dtype=np.float64)
+    return map_coordinates(moving, grid + disp, order=order, mode='nearest')
+
+
+def _resolve_model(model_or_weights, device):
+    """(feature function, scales, res_mm or None, divisor, default iterations or None)."""
+    if model_or_weights is None or isinstance(model_or_weights, (str, Path)):
+        model_or_weights = load_dio(model_or_weights, device)
+    if isinstance(model_or_weights, DioFeatureNet):
+        model = model_or_weights.to(device)
+        cfg = model.config
+        return model, cfg.scales, cfg.res_mm, cfg.divisor, cfg.iterations
+    if callable(model_or_weights):
+        fn: Callable = model_or_weights
+        scales = tuple(getattr(fn, 'scales', (4, 2, 1)))
+        return fn, scales, getattr(fn, 'res_mm', None), max(scales), None
+    raise TypeError('model_or_weights must be a DioFeatureNet, a weights path, None (the '
+                    'shipped weights) or a feature function')
+
+
+def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None, *,
+                    representations: Sequence[str] = ('ffd', 'diffeo', 'affine'),
+                    device: str | torch.device = 'cpu', seed: int = 0,
+                    iterations: int | Sequence[int] | None = None,
+                    spacing_mm: Sequence[float] | None = None,
+                    solver: SolverConfig | None = None, res_mm: float | None = None) -> dict:
+    """Register ``moving`` to ``fixed`` (3-D arrays on one grid) with DIO; see the module
+    docstring for the conventions.
+
+    ``model_or_weights``: a :class:`~.network.DioFeatureNet`, a weights path, ``None`` (the
+    shipped weights) or a function image ``[1, 1, *grid]`` -> list of feature maps (coarsest
+    first; its ``scales`` and ``res_mm`` attributes are used when present). ``iterations``:
+    solver iterations per level (an int: every level); default the model's. ``spacing_mm``:
+    voxel size of the grid (default 1 mm). ``solver``: solver settings (default
+    :class:`~.solver.SolverConfig`); ``res_mm``: override the working resolution.
+
+    Returns ``{rep: {'disp_fwd', 'disp_inv', 'affine_vox' (affine only), 'iterations' (per
+    level), 'loss' (final feature MSE per voxel), 'seconds'}, 'timings': {...}}``.
+    """
+    t_start = time.perf_counter()
+    fixed = np.asarray(fixed)
+    moving = np.asarray(moving)
+    if fixed.ndim != 3 or fixed.shape != moving.shape:
+        raise ValueError(f'fixed {fixed.shape} and moving {moving.shape} must be 3-D arrays on '
+                         'one grid')
+    unknown = [r for r in representations if r not in REPRESENTATIONS]
+    if unknown:
+        raise ValueError(f'unknown representation(s) {unknown}; choose from {REPRESENTATIONS}')
+    spacing = tuple(float(s) for s in (spacing_mm if spacing_mm is not None else (1.0,) * 3))
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model, scales, model_res, divisor, model_iters = _resolve_model(model_or_weights, dev)
+    res = float(res_mm or model_res or min(spacing))
+    cfg = solver or SolverConfig()
+    if iterations is None and model_iters is not None:
+        iterations = model_iters
+    cfg = with_iterations(cfg, iterations)
+    shape_in = fixed.shape
+    work = working_shape(shape_in, spacing, res, divisor)
+    timings: dict[str, float] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        t0 = time.perf_counter()
+        imgs = []
+        for arr in (fixed, moving):
+            x = torch.as_tensor(np.ascontiguousarray(arr, dtype=np.float32), device=dev)
+            x = normalise_intensity(x)[None, None]
+            imgs.append(to_working(x, spacing, res, work))
+        timings['prepare_s'] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        was_training = getattr(model, 'training', False)
+        if hasattr(model, 'eval'):
+            model.eval()
+        try:
+            feats_f = [f.float() for f in model(imgs[0])]
+            feats_m = [f.float() for f in model(imgs[1])]
+        finally:
+            if hasattr(model, 'train'):
+                model.train(was_training)
+        timings['features_s'] = time.perf_counter() - t0
+        out: dict = {}
+        for rep in representations:
+            t0 = time.perf_counter()
+            result = solve(feats_f, feats_m, rep, cfg, tuple(scales), res)
+            entry = _to_input(rep, result, work, res, spacing, shape_in, scales[-1])
+            entry['iterations'] = result.iterations
+            entry['loss'] = result.final.loss
+            entry['seconds'] = time.perf_counter() - t0
+            timings[f'{rep}_s'] = entry['seconds']
+            out[rep] = entry
+    timings['total_s'] = time.perf_counter() - t_start
+    out['timings'] = timings
+    return out
+
+
+def _to_input(rep: str, result, work, res: float, spacing, shape_in, last_scale: int) -> dict:
+    def np32(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().cpu().numpy().astype(np.float32)
+
+    if rep == 'affine':
+        mw = affine_to_voxel_matrix(result.final.field, work, res)
+        s = torch.eye(4, dtype=torch.float64)  # input voxel -> working voxel
+        for a in range(3):
+            s[a, a] = spacing[a] / res
+            s[a, 3] = 0.5 * spacing[a] / res - 0.5
+        mat = torch.linalg.inv(s) @ mw @ s
+        grid = identity_grid(shape_in, 'cpu', torch.float64).reshape(3, -1)
+        fwd = (mat[:3, :3] @ grid + mat[:3, 3:] - grid).reshape(3, *shape_in)
+        inv_mat = torch.linalg.inv(mat)
+        inv = (inv_mat[:3, :3] @ grid + inv_mat[:3, 3:] - grid).reshape(3, *shape_in)
+        return {'disp_fwd': np32(fwd), 'disp_inv': np32(inv), 'affine_vox': mat.numpy()}
+    field = result.final.field
+    if last_scale != 1:
+        field = upsample_field(field, work)
+    if rep == 'ffd':
+        return {'disp_fwd': np32(field_to_input(field, res, spacing, shape_in)),
+                'disp_inv': None}
+    fwd = integrate_velocity(field)
+    inv = integrate_velocity(-field)
+    return {'disp_fwd': np32(field_to_input(fwd, res, spacing, shape_in)),
+            'disp_inv': np32(field_to_input(inv, res, spacing, shape_in))}
