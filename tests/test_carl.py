@@ -1,0 +1,426 @@
+"""CARL (keyprep.pipeline.carl): the paper's claims checked exactly, the losses, the
+inference API and the weights checks. Small grids, random weights, one CPU thread."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from keyprep.pipeline.carl import losses as L
+from keyprep.pipeline.carl.network import (
+    FORMAT, CarlConfig, CarlNet, CoordinateAttention, RefineUNet, cell_centres,
+    check_carl_weights, compose, coordinate_attention, eval_disp, load_carl, register_arrays,
+)
+from keyprep.pipeline.errors import MissingInputError, WeightsError
+from keyprep.pipeline.synth.generator import gaussian_blur, identity_grid
+
+torch.set_num_threads(1)
+
+#: a small CARL for tests: 32^3 working grid, attention at 8^3
+TINY = CarlConfig(shape=(32, 32, 32), res_mm=4.0, enc_channels=8, enc_blocks=1,
+                  dilations=(1, 2), feat_dim=8, pad=2, refine1=(4, 8), refine2=(4, 8))
+
+
+def shifted(img: torch.Tensor, s) -> torch.Tensor:
+    """``img o S`` for the translation ``S(x) = x + s`` (voxels): ``(I o S)(x) = I(x + s)``,
+    the content moves by ``-s`` (a roll: the tests keep the content away from the edges)."""
+    return torch.roll(img, shifts=tuple(-int(v) for v in s), dims=(2, 3, 4))
+
+
+def expected_wu(u: torch.Tensor, level: int, w, r) -> torch.Tensor:
+    """``W^-1 o Phi o U`` as a displacement on the cells of a level-``level`` field ``u`` of
+    ``Phi``, for ``W(x) = x + w`` and ``U(x) = x + r`` (multiples of ``2**level`` voxels):
+    ``u'(x) = u(x + r) + r - w``."""
+    rr = [int(v) // 2 ** level for v in r]
+    delta = (torch.as_tensor(r) - torch.as_tensor(w)).float().view(1, 3, 1, 1, 1)
+    return shifted(u, rr) + delta
+
+
+# ---------------------------------------------------------------------------- attention
+def test_attention_permutation_equivariance():
+    """Eq. 8: permuting keys and values together (P1) leaves the output unchanged, permuting
+    the queries (P2) permutes the output alike."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 50, 16, generator=g), torch.randn(1, 70, 16, generator=g)
+    v = torch.randn(1, 70, 3, generator=g) * 10
+    out = coordinate_attention(q, k, v)
+    p1, p2 = torch.randperm(70, generator=g), torch.randperm(50, generator=g)
+    assert torch.allclose(coordinate_attention(q, k[:, p1], v[:, p1]), out, atol=1e-5)
+    assert torch.allclose(coordinate_attention(q[:, p2], k, v), out[:, p2], atol=1e-5)
+    # a permutation of the values alone changes it (the check can fail)
+    assert not torch.allclose(coordinate_attention(q, k, v[:, p1]), out, atol=1e-2)
+
+
+def test_attention_affine_equivariance():
+    """Eq. 9: the weights sum to one, so an affine map of the values (coordinates) maps the
+    output by the same affine map; a translation of the coordinates adds to the output."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 40, 8, generator=g), torch.randn(1, 60, 8, generator=g)
+    v = torch.randn(1, 60, 3, generator=g) * 5
+    a = torch.randn(3, 3, generator=g)
+    t = torch.tensor([7.0, -3.0, 11.0])
+    out = coordinate_attention(q, k, v)
+    assert torch.allclose(coordinate_attention(q, k, v @ a.T + t), out @ a.T + t, atol=1e-4)
+    assert torch.allclose(coordinate_attention(q, k, v + t), out + t, atol=1e-5)
+
+
+def test_memory_efficient_attention_equals_naive():
+    """The flash/memory-efficient kernel (values zero-padded to the key width) and the query
+    chunks give the naive ``softmax(q k^T) v`` on a small grid, including sharp logits."""
+    g = torch.Generator().manual_seed(2)
+    for scale in (1.0, 4.0):
+        q = torch.randn(2, 300, 16, generator=g) * scale
+        k = torch.randn(2, 500, 16, generator=g) * scale
+        v = torch.randn(2, 500, 3, generator=g) * 20
+        naive = torch.softmax(q @ k.transpose(1, 2), -1) @ v
+        assert torch.allclose(coordinate_attention(q, k, v), naive, atol=1e-4)
+        assert torch.allclose(coordinate_attention(q, k, v, chunk=64), naive, atol=1e-4)
+
+
+def test_one_dimensional_analytic_case():
+    """Appendix C / Fig. 7: with intensity-only features (a 1x1 "convolution" with large
+    weights followed by a sine: random-feature kernel of the intensity difference), coordinate
+    attention between I^M = cos(pi x / 2) and I^F = x + 0.07 sin(3 pi x) reproduces the exact
+    map (I^M)^-1 o I^F = (2 / pi) arccos(x + 0.07 sin(3 pi x)) within 1e-2 at every one of
+    1000 samples (the largest error is at x = 1, where I^M is flat)."""
+    n = 1000
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    i_m = torch.cos(math.pi * x / 2)
+    i_f = x + 0.07 * torch.sin(3 * math.pi * x)
+    sigma_w, sharp = 200.0, 200.0
+    w = torch.arange(1, int(4 * sigma_w / math.pi) + 1, dtype=torch.float64) * math.pi
+    gw = torch.exp(-0.5 * (w / sigma_w) ** 2)
+    gw = (gw / gw.sum()).sqrt().repeat(2)
+
+    def features(intensity):  # weights w, biases 0 and pi/2, then sin
+        a = intensity[:, None] * w[None]
+        return torch.cat([torch.sin(a), torch.sin(a + math.pi / 2)], 1) * gw * math.sqrt(sharp)
+
+    out = coordinate_attention(features(i_f)[None], features(i_m)[None], x[None, :, None])
+    truth = (2 / math.pi) * torch.arccos(i_f)
+    err = (out[0, :, 0].double() - truth).abs()
+    assert float(err.max()) < 1e-2
+    assert float(err.mean()) < 1e-3
+
+
+# ---------------------------------------------------------------------------- equivariance
+def _shell(n: int, r_in: float, r_out: float, seed: int) -> torch.Tensor:
+    """A textured spherical shell at the centre of an ``n^3`` grid, zero elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    tex = gaussian_blur(torch.rand(1, 1, n, n, n, generator=g), [1.0] * 3)
+    c = torch.full((3, 1, 1, 1), (n - 1) / 2)
+    d = (identity_grid((n, n, n)) - c).norm(dim=0)
+    return tex * ((d >= r_in) & (d <= r_out)).float()[None, None]
+
+
+def _zero_biases(net: nn.Module, out_std: float = 0.3) -> nn.Module:
+    """Random weights with every bias zero (a zero input then gives zero features: the
+    background is what the zero padding assumes) and random, non-zero last layers for the
+    U-Nets (zero-initialised otherwise, i.e. identity steps that would test nothing)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.Conv3d) and mod.bias is not None:
+                mod.bias.zero_()
+            if isinstance(mod, RefineUNet):
+                mod.out.weight.normal_(0, out_std, generator=g)
+    return net.eval()
+
+
+def test_displacement_unet_is_uu_but_not_wu_equivariant():
+    """Eq. 13: a displacement-predicting U-Net on cat(moving, fixed) (circular padding, so the
+    check is exact everywhere) satisfies [U,U] for shifts that are multiples of its strides,
+    and fails [W,U]: independent shifts change its output by voxels."""
+    torch.manual_seed(0)
+    net = _zero_biases(RefineUNet((4, 8), padding_mode='circular'))
+    g = torch.Generator().manual_seed(4)
+    m, f = torch.rand(1, 1, 32, 32, 32, generator=g), torch.rand(1, 1, 32, 32, 32, generator=g)
+    with torch.no_grad():
+        u = net(torch.cat([m, f], 1))
+        r, w = (4, -8, 12), (-4, 8, 0)
+        uu = net(torch.cat([shifted(m, r), shifted(f, r)], 1))
+        wu = net(torch.cat([shifted(m, w), shifted(f, r)], 1))
+    assert float(u.abs().max()) > 0.5  # a non-trivial field
+    assert torch.allclose(uu, expected_wu(u, 0, r, r), atol=1e-4)
+    assert float((wu - expected_wu(u, 0, w, r)).abs().amax(1).mean()) > 1.0
+
+
+@pytest.fixture(scope='module')
+def shell_pair():
+    """Moving: a textured shell at the centre of 96^3; fixed: the same shell moved by
+    (8, -8, 0) voxels. Independent shifts W (of the moving image) and U (of the fixed one),
+    multiples of 8 voxels (the U-Nets' strides at 1/2: 2 x 4)."""
+    n = 96
+    moving = _shell(n, 16, 30, 1)
+    fixed = torch.roll(moving, shifts=(8, -8, 0), dims=(2, 3, 4))
+    w, r = (8, 0, 0), (0, 8, -8)
+    return moving, fixed, w, r
+
+
+def _wu_errors(cfg: CarlConfig, pair) -> dict[str, float]:
+    """Max over the fixed image's content (eroded) of |Phi[M o W, F o U] - W^-1 o Phi o U|
+    at each step (voxels)."""
+    from scipy import ndimage
+
+    moving, fixed, w, r = pair
+    torch.manual_seed(0)
+    net = _zero_biases(CarlNet(cfg))
+    with torch.no_grad():
+        ref = net.steps(moving, fixed)
+        out = net.steps(shifted(moving, w), shifted(fixed, r))
+    errors = {}
+    for key, level, erode in (('u2', 2, 0), ('u1', 1, 2), ('u0', 0, 4)):
+        err = (out[key] - expected_wu(ref[key], level, w, r)).abs().amax(1)[0]
+        content = F.avg_pool3d(shifted(fixed, r), 2 ** level)[0, 0] > 0 if level \
+            else shifted(fixed, r)[0, 0] > 0
+        mask = ndimage.binary_erosion(content.numpy(), iterations=erode) if erode \
+            else content.numpy()
+        assert mask.sum() > 100
+        errors[key] = float(err[torch.as_tensor(mask)].max())
+    return errors
+
+
+def test_carl_is_wu_equivariant_and_displacement_network_is_not(shell_pair):
+    """Eq. 10 and Eq. 15 with untrained random weights: Xi_theta and the whole composition
+    TwoStep{Down{TwoStep{Down{Xi}, Psi_1}}, Psi_2} give ``W^-1 o Phi o U`` for independent
+    shifts W != U (multiples of 8 voxels), checked on the fixed image's content away from its
+    edges; the same composition with a displacement U-Net in place of Xi (the paper's
+    baseline) is off by voxels.
+
+    Assumption (ii) of the paper (attention of small support) is met by sharp features
+    (``feature_norm`` 30, logits 900 cos) with zero biases (zero features, logit 0, in the
+    background): Xi_theta is then exact to float precision. The composition's residual error
+    (a few 1e-3 voxels) comes from the cells around the content whose features are almost zero
+    and whose attention is therefore not concentrated; it shrinks as ``feature_norm`` grows."""
+    base = dict(shape=(96, 96, 96), enc_channels=16, enc_blocks=1, dilations=(1, 2),
+                feat_dim=16, feature_norm=30.0, pad=4, refine1=(4, 8), refine2=(4, 8))
+    carl = _wu_errors(CarlConfig(**base), shell_pair)
+    assert carl['u2'] < 1e-4, carl
+    assert carl['u1'] < 1e-2 and carl['u0'] < 1e-2, carl
+    disp = _wu_errors(CarlConfig(**base, first='unet'), shell_pair)
+    assert min(disp.values()) > 5.0, disp
+
+
+def test_carl_composition_is_uu_equivariant(shell_pair):
+    """With a shared shift (W = U) CARL's composition is equivariant as well."""
+    moving, fixed, _, r = shell_pair
+    cfg = CarlConfig(shape=(96, 96, 96), enc_channels=16, enc_blocks=1, dilations=(1, 2),
+                     feat_dim=16, feature_norm=30.0, pad=4, refine1=(4, 8), refine2=(4, 8))
+    errs = _wu_errors(cfg, (moving, fixed, r, r))
+    assert max(errs.values()) < 1e-2, errs
+
+
+# ---------------------------------------------------------------------------- geometry
+def test_cell_centres_and_composition_conventions():
+    """Cell c of level l sits at 2^l c + (2^l - 1) / 2; a constant field is a translation
+    at any level; composing two translations adds them."""
+    pts = cell_centres((3, 3, 3), 2)
+    assert torch.allclose(pts[0, :, 1, 0, 2], torch.tensor([5.5, 1.5, 9.5]))
+    t1 = torch.ones(1, 3, 4, 4, 4) * torch.tensor([1.0, -2.0, 3.0]).view(1, 3, 1, 1, 1)
+    t2 = torch.ones(1, 3, 8, 8, 8) * torch.tensor([0.5, 0.5, -1.0]).view(1, 3, 1, 1, 1)
+    u = compose(t1, 2, t2, 1)
+    assert torch.allclose(u, t1.mean() * 0 + torch.tensor([1.5, -1.5, 2.0]).view(1, 3, 1, 1, 1))
+    # a linear field is reproduced exactly at points between the cells
+    lin = cell_centres((8, 8, 8), 1) * 0.1
+    p = torch.tensor([[3.3, 7.1, 9.9]]).T.reshape(1, 3, 1, 1, 1)
+    assert torch.allclose(eval_disp(lin, 1, p), p * 0.1, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- losses
+def _texture(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return gaussian_blur(torch.rand(1, 1, n, n, n, generator=g), [1.5] * 3)
+
+
+def test_lncc_identity_and_affine_intensity_invariance():
+    """LNCC of an image with itself is 1 (loss 0), unchanged by a positive affine change of
+    intensities; a negative one gives -1 (loss 2), and the squared variant is blind to the
+    sign. An unrelated image scores far from 1 (to the 1e-5 variance floor of the formula: the
+    texture's local variances are about 0.1)."""
+    a = 10 * _texture(seed=0)
+    assert float(L.lncc_loss(a, a)) < 1e-3
+    assert float(L.lncc_loss(a, 3.0 * a + 7.0)) < 1e-3
+    assert abs(float(L.lncc_loss(a, -2.0 * a + 1.0)) - 2.0) < 1e-3
+    assert float(L.lncc_loss(a, -2.0 * a + 1.0, squared=True)) < 1e-3
+    assert float(L.lncc_loss(a, _texture(seed=1))) > 0.5
+    assert L.gaussian_kernel(4.0).numel() == 17
+
+
+def _affine_field(mat: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
+    """Displacement of x -> mat x + t (about the grid centre) on an ``n^3`` grid."""
+    x = identity_grid((n, n, n)) - (n - 1) / 2
+    y = torch.einsum('ab,bijk->aijk', mat, x) + t.view(3, 1, 1, 1)
+    return (y - x)[None]
+
+
+def test_gradicon_zero_for_exact_inverse_pair_positive_otherwise():
+    n = 24
+    g = torch.Generator().manual_seed(5)
+    mat = torch.eye(3) + 0.05 * torch.randn(3, 3, generator=g)
+    t = torch.tensor([0.7, -0.4, 0.3])
+    inv = torch.linalg.inv(mat)
+    u_ab = _affine_field(mat, t, n)
+    u_ba = _affine_field(inv, -(inv @ t), n)
+    exact = float(L.gradicon_loss(u_ab, u_ba, generator=g, crop=5, jitter=0.5))
+    assert exact < 1e-6
+    off = _affine_field(inv @ (torch.eye(3) + 0.03 * torch.randn(3, 3, generator=g)), -(inv @ t), n)
+    assert float(L.gradicon_loss(u_ab, off, generator=g, crop=5, jitter=0.5)) > 1e-4
+    # a translation pair that is not inverse: the error is constant, its gradient zero
+    assert float(L.gradicon_loss(torch.ones(1, 3, n, n, n), torch.ones(1, 3, n, n, n))) < 1e-8
+
+
+def test_diffusion_and_jacobian():
+    n = 16
+    assert float(L.diffusion_loss(torch.ones(1, 3, n, n, n) * 2.5)) == 0.0
+    u = _affine_field(torch.diag(torch.tensor([1.1, 1.0, 1.0])), torch.zeros(3), n)
+    assert abs(float(L.diffusion_loss(u)) - 0.01 / 3) < 1e-6  # (0.1)^2, mean over 3 comps
+    assert torch.allclose(L.jacobian_determinant(u), torch.full((1, n, n, n), 1.1), atol=1e-5)
+    fold = _affine_field(torch.diag(torch.tensor([-1.0, 1.0, 1.0])), torch.zeros(3), n)
+    assert L.folding_fraction(fold) == 1.0 and L.folding_fraction(u) == 0.0
+
+
+def test_pair_loss_phases():
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    a, b = _texture(32, 0), _texture(32, 1)
+    u = net(torch.cat([a, b]), torch.cat([b, a]))
+    for phase in ('diffusion', 'gradicon'):
+        terms = L.pair_loss(torch.cat([a, b]), torch.cat([b, a]), u, phase=phase)
+        assert terms['loss'].requires_grad and math.isfinite(float(terms['loss'].detach()))
+    with pytest.raises(ValueError):
+        L.pair_loss(torch.cat([a, b]), torch.cat([b, a]), u, phase='other')
+
+
+# ---------------------------------------------------------------------------- inference API
+def _ball_pair(n=32):
+    g = np.indices((n, n, n)).astype(float) - (n - 1) / 2
+    rng = np.random.default_rng(0)
+    tex = rng.random((n, n, n)).astype(np.float32)
+    fixed = ((g ** 2).sum(0) < 10 ** 2) * (100 + 50 * tex)
+    g2 = g.copy()
+    g2[0] -= 2
+    moving = ((g2 ** 2).sum(0) < 9 ** 2) * (1000 + 400 * tex)
+    return fixed.astype(np.float32), moving.astype(np.float32)
+
+
+def test_register_arrays_shapes_and_io_leaves_model_untouched():
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    with torch.no_grad():  # non-trivial refinement layers
+        net.refine2.out.weight.normal_(0, 0.01)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fixed, moving = _ball_pair()
+    res = register_arrays(fixed, moving, net, device='cpu', spacing_mm=(2.0, 2.0, 2.0))
+    assert res['disp_fwd'].shape == (3, 32, 32, 32) and res['disp_fwd'].dtype == np.float32
+    assert res['disp_inv'].shape == (3, 32, 32, 32) and res['disp_inv'].dtype == np.float32
+    assert np.isfinite(res['disp_fwd']).all() and res['inverse_consistency_vox'] >= 0
+    assert res['io_losses'] == [] and res['timings']['total_s'] > 0
+    io = register_arrays(fixed, moving, net, io_steps=2, io_lr=1e-3, seed=1,
+                         spacing_mm=(2.0, 2.0, 2.0))
+    assert len(io['io_losses']) == 2
+    assert not np.allclose(io['disp_fwd'], res['disp_fwd'])  # IO changed the result...
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # ...not the model
+    again = register_arrays(fixed, moving, net, spacing_mm=(2.0, 2.0, 2.0))
+    assert np.array_equal(again['disp_fwd'], res['disp_fwd'])  # deterministic, reset per pair
+    # a non-cubic grid and anisotropic voxels: the field comes back on the caller's grid
+    res2 = register_arrays(fixed[:, :28, :20], moving[:, :28, :20], net,
+                           spacing_mm=(1.0, 1.5, 3.0))
+    assert res2['disp_fwd'].shape == (3, 32, 28, 20)
+    with pytest.raises(ValueError):
+        register_arrays(fixed, moving[:30], net)
+
+
+def test_register_arrays_translation_convention():
+    """A constant working-grid displacement comes back on a finer input grid scaled by the
+    ratio of the voxel sizes, with the documented sign (moving(x + d(x)) ~ fixed(x))."""
+    from keyprep.pipeline.carl import network as N
+
+    u = torch.ones(1, 3, 32, 32, 32) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1, 1)
+    out = N._to_input(u, np.array([20.0, 20.0, 20.0]), 4.0, np.array([2.0, 1.0, 4.0]),
+                      (40, 40, 40))
+    assert torch.allclose(out[0, :, 5, 7, 9], torch.tensor([2.0, -8.0, 0.5]))
+
+
+def test_device_agnostic_cpu():
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    fixed, moving = _ball_pair()
+    res = register_arrays(fixed, moving, net, device=torch.device('cpu'))
+    assert res['disp_fwd'].shape == (3, 32, 32, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    with torch.no_grad():
+        net.refine2.out.weight.normal_(0, 0.01)
+    fixed, moving = _ball_pair()
+    cpu = register_arrays(fixed, moving, net, device='cpu')
+    gpu = register_arrays(fixed, moving, net, device='cuda')
+    assert np.allclose(cpu['disp_fwd'], gpu['disp_fwd'], atol=1e-2)
+    assert next(net.parameters()).device.type == 'cpu'
+
+
+# ---------------------------------------------------------------------------- weights
+def _weights_file(path, cfg=TINY, **changes):
+    torch.manual_seed(0)
+    net = CarlNet(cfg)
+    payload = {'format': FORMAT, 'state_dict': {k: v.half() for k, v in net.state_dict().items()},
+               'config': cfg.to_dict(), 'step': 0, 'recipe': 'test'}
+    payload.update(changes)
+    torch.save(payload, path)
+    return net
+
+
+def test_check_and_load_carl_weights(tmp_path):
+    good = tmp_path / 'carl.pt'
+    net = _weights_file(good)
+    info = check_carl_weights(good)
+    assert info['path'] == str(good) and len(info['sha256']) == 64
+    model, meta = load_carl(good, 'cpu')
+    assert meta['step'] == 0 and meta['sha256'] == info['sha256'] and not model.training
+    ref = net.state_dict()
+    assert all(torch.allclose(v, ref[k].half().float()) for k, v in model.state_dict().items())
+
+    with pytest.raises(MissingInputError):
+        check_carl_weights(tmp_path / 'missing.pt')
+    junk = tmp_path / 'junk.pt'
+    junk.write_bytes(b'not a torch file at all')
+    with pytest.raises(WeightsError):
+        check_carl_weights(junk)
+    other = tmp_path / 'format.pt'
+    _weights_file(other, format='keyprep-keymorph-1')
+    with pytest.raises(WeightsError):
+        check_carl_weights(other)
+    wrong = tmp_path / 'shapes.pt'
+    big = CarlConfig(**{**TINY.to_dict(), 'enc_channels': 12})
+    torch.save({'format': FORMAT, 'state_dict': CarlNet(big).state_dict(),
+                'config': TINY.to_dict()}, wrong)
+    with pytest.raises(WeightsError, match='do not fit'):
+        check_carl_weights(wrong)
+    with pytest.raises(WeightsError):
+        load_carl(wrong)
+    bad_cfg = tmp_path / 'config.pt'
+    _weights_file(bad_cfg, config={**TINY.to_dict(), 'shape': (30, 30, 30)})
+    with pytest.raises(WeightsError, match='cannot be built'):
+        check_carl_weights(bad_cfg)
+
+
+def test_config_round_trip_and_presets():
+    from keyprep.pipeline.carl.network import PRESETS
+
+    for cfg in PRESETS.values():
+        assert CarlConfig.from_dict(cfg.to_dict()) == cfg
+    assert PRESETS['cpu'].attention_shape == (24, 24, 24)
+    assert PRESETS['paper'].attention_shape == (44, 44, 44) and PRESETS['paper'].pad == 9
+    with pytest.raises(ValueError):
+        CarlConfig(shape=(30, 32, 32))
+    assert isinstance(CarlNet(TINY).first, CoordinateAttention)
