@@ -86,6 +86,11 @@ def _tree(root: Path) -> list[str]:
                   if p.is_file() and 'log' not in p.relative_to(root).parts)
 
 
+def _node_finished(node_dir: Path) -> bool:
+    """Nipype's own test of a cached node: a hash file that is not ``*_unfinished.json``."""
+    return any(not h.name.endswith('_unfinished.json') for h in node_dir.glob('_0x*.json'))
+
+
 @pytest.fixture(scope='module')
 def runs(cluster, tmp_path_factory):
     from keyprep.bids_app.demo import build_demo_dataset
@@ -107,9 +112,12 @@ def runs(cluster, tmp_path_factory):
     subprocess.run(['scancel', f'{array1}_2'], env=cluster, check=True)
     killed_at = time.time()
     _wait(cluster, f'{array1}_2', timeout=120)
-    # compute nodes (datasinks, ds_*, always run: they copy into the output folder)
+    # compute nodes (datasinks, ds_*, always run: they copy into the output folder) that
+    # had finished: Nipype writes a result file for a node that stopped with an error too
+    # (the one the kill interrupted); a finished node also has its final hash file
+    # (``_0x<hash>.json``, renamed from ``_0x<hash>_unfinished.json`` on success)
     finished = {p: p.stat().st_mtime_ns for p in work2.rglob('result_*.pklz')
-                if not p.parent.name.startswith('ds_')}
+                if not p.parent.name.startswith('ds_') and _node_finished(p.parent)}
     unfinished_at_kill = not (out / 'sub-02' / 'anat' /
                               'sub-02_desc-registrationsummary_qc.tsv').exists()
 

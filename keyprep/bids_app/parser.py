@@ -80,7 +80,7 @@ def _exit_codes_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``keyprep`` argument parser."""
-    from ..pipeline.engines import DEFAULT_METHODS, available_engines
+    from ..pipeline.engines import DEFAULT_METHODS, available_engines, learned_models
 
     engines = available_engines()
     parser = _Parser(
@@ -165,9 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
         'KeyMorph engines',
         'Options of keymorphRigid, keymorphAffine and keymorphTPS (learned keypoints and '
         'closed-form fits; run them with --methods all or by name) and of --target groupwise.')
-    g.add_argument('--keymorph-weights', type=Path, default=None, metavar='FILE',
-                   help='KeyMorph weights file (e.g. exported by keyprep train keymorph '
-                        '--export); default: the model shipped in keyprep/models/keymorph/')
     g.add_argument('--keymorph-lambdas', nargs='+', type=_non_negative_float, default=None,
                    metavar='LAMBDA',
                    help='thin-plate-spline regularisation weights of keymorphTPS, in the '
@@ -199,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
                         'brain by farthest-point sampling of the target\'s keypoints; '
                         'default: all')
 
+    g = parser.add_argument_group(
+        "Learned models' weights",
+        'Each learned engine family reads its weights from keyprep/models/<family>/ (shipped '
+        'with a model card) unless a file is given here; every file is checked at start-up '
+        '(exit 66 if missing, 65 if unreadable or for another model) and its SHA-256 is '
+        'recorded in the sidecars and decides whether cached results are reused.')
+    for model in learned_models().values():
+        g.add_argument(model.option, type=Path, default=None, metavar='FILE',
+                       help=f'{model.title} weights file (e.g. exported by keyprep train '
+                            f'{model.name} --export); default: the model shipped in '
+                            f'keyprep/models/{model.name}/')
+
+    starting = {n: c for n, c in engines.items() if c.default_init is not None}
+    if starting:
+        g = parser.add_argument_group(
+            'Starting affine',
+            "Engines that register after another engine's affine (the starting engine is run "
+            'too, and the chain is recorded in the sidecars and the QC tables)')
+        for name, cls in starting.items():
+            g.add_argument(f'--{name.lower()}-init', default=None, metavar='METHOD',
+                           help=f'method whose forward affine {name} starts from, or none; '
+                                f'default: {cls.default_init or "none"}')
+
     g = parser.add_argument_group('Subsets and other options')
     g.add_argument('-w', '--work-dir', type=Path, default=Path('work'),
                    help='work folder; rerunning with the same one resumes (default: ./work)')
@@ -221,8 +241,6 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
     from ..pipeline.engines import available_engines
 
     common = {}
-    if getattr(opts, 'keymorph_weights', None):
-        common['weights'] = str(Path(opts.keymorph_weights).expanduser().absolute())
     if getattr(opts, 'keymorph_refine', 'none') != 'none':
         common['refine'] = opts.keymorph_refine
     if getattr(opts, 'keymorph_refine_steps', None):
@@ -233,9 +251,16 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         common['n_keypoints'] = int(opts.keymorph_keypoints)
     out = {}
     for name, cls in available_engines().items():
+        weights = getattr(opts, f'{cls.model}_weights', None) if cls.model else None
+        if weights:
+            out[name] = {'weights': str(Path(weights).expanduser().absolute())}
+        for key in ('init',):  # --<engine>-init, for engines that start from an affine
+            value = getattr(opts, f'{name.lower()}_{key}', None)
+            if value:
+                out.setdefault(name, {})[key] = value
         if cls.family != 'keymorph':
             continue
-        params = dict(common)
+        params = {**out.get(name, {}), **common}
         if name == 'keymorphTPS' and getattr(opts, 'keymorph_lambdas', None):
             params['lambdas'] = [float(v) for v in dict.fromkeys(opts.keymorph_lambdas)]
         if params:
@@ -312,7 +337,8 @@ def check_paths(opts: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line. Usage errors exit with code 64, an unknown
     analysis level with 17; errors in the values raise :class:`KeyprepError`."""
-    from ..pipeline.engines import available_engines
+    from ..pipeline.engines import available_engines, learned_models, resolve_methods
+    from ..pipeline.errors import UsageError
 
     parser = build_parser()
     opts = parser.parse_args(argv)
@@ -354,22 +380,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 from None
         if not isinstance(opts.bids_filters, dict):
             raise KeyprepError('--bids-filter-file must hold a JSON object', EXIT_USAGE)
-    if opts.keymorph_weights is not None:  # nodes run in their own folders
-        opts.keymorph_weights = opts.keymorph_weights.expanduser().absolute()
+    for model in learned_models().values():  # nodes run in their own folders
+        value = getattr(opts, f'{model.name}_weights', None)
+        if value is not None:
+            setattr(opts, f'{model.name}_weights', Path(value).expanduser().absolute())
     opts.engine_params = engine_params(opts)
     if opts.keymorph_keypoints is not None and opts.keymorph_keypoints < 4:
         raise KeyprepError('--keymorph-keypoints must be at least 4', EXIT_USAGE)
-    uses_keymorph = any(engines[m].family == 'keymorph' for m in opts.methods) or \
-        opts.target.strip().split(':')[0] == 'groupwise'
-    if uses_keymorph:
-        from ..pipeline.keymorph.network import default_weights
+    try:  # engines that start from another engine's affine bring that engine along
+        opts.methods = resolve_methods(opts.methods, opts.engine_params, opts.sloppy)
+    except UsageError as exc:
+        raise KeyprepError(str(exc), EXIT_USAGE) from None
+    from ..pipeline.weights import models_used
 
-        weights = opts.keymorph_weights or default_weights()
+    for name in models_used(opts.methods, opts.target):
+        model = learned_models()[name]
+        weights = getattr(opts, f'{name}_weights', None) or model.default_weights()
         if not Path(weights).is_file():
             from ..pipeline.errors import EXIT_NO_INPUT
 
-            raise KeyprepError(f'KeyMorph weights not found: {weights} (give '
-                               '--keymorph-weights, or reinstall keyprep)', EXIT_NO_INPUT)
+            raise KeyprepError(f'{model.title} weights not found: {weights} (give '
+                               f'{model.option}, or reinstall keyprep)', EXIT_NO_INPUT)
     ncpus = os.cpu_count() or 1
     opts.nprocs = opts.nprocs or ncpus
     opts.omp_nthreads = opts.omp_nthreads or min(opts.nprocs, 8)

@@ -32,6 +32,8 @@ class _RegisterInputSpec(ComputeInputSpec):
     moving_contrast = traits.Str(desc='BIDS suffix of the moving image (engines that use it)')
     cache_key = traits.Dict(desc="what else decides the result (e.g. the weights' checksum); "
                                  'only hashed by Nipype')
+    init_xfm = File(exists=True, desc="forward affine of the method this engine starts from")
+    init_method = traits.Str(desc='the method init_xfm comes from')
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -82,6 +84,10 @@ class Register(SimpleInterface):
             opt['moving_mask'] = self.inputs.moving_mask
         contrasts = {k: getattr(self.inputs, f'{k}_contrast') for k in ('fixed', 'moving')
                      if isdefined(getattr(self.inputs, f'{k}_contrast'))}
+        if isdefined(self.inputs.init_xfm):
+            opt['init_transform'] = self.inputs.init_xfm
+            opt['init_method'] = (self.inputs.init_method if isdefined(self.inputs.init_method)
+                                  else '')
         runs = run_engine_variants(self.inputs.method, self.inputs.fixed, self.inputs.moving,
                                    os.path.join(runtime.cwd, 'engine'),
                                    omp_nthreads=self.inputs.omp_nthreads,

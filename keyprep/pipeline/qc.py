@@ -38,6 +38,7 @@ __all__ = [
     'dice_thresholds',
     'LOGJAC_WARN',
     'NEG_FAIL',
+    'INVERSE_WARN_MM',
     'dice_per_label',
     'jacobian_stats',
     'qc_status',
@@ -49,6 +50,9 @@ STRUCTURE_DICE_FAIL = 0.30
 STRUCTURE_DICE_WARN = 0.45
 NEG_FAIL = 0.01
 LOGJAC_WARN = 0.5
+#: Mean round-trip error (mm) of a deformable transform and its inverse above which the
+#: inverse is flagged (ANTs SyN's own inverse: about 0.05-0.2 mm on brains).
+INVERSE_WARN_MM = 0.5
 
 
 def dice_per_label(reference: np.ndarray, test: np.ndarray,

@@ -65,6 +65,16 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'jac_mean': 'Mean Jacobian determinant inside the target brain',
     'jac_neg_frac': 'Fraction of target-brain voxels with a Jacobian determinant <= 0 (folding)',
     'logjac_std': 'Standard deviation of log(Jacobian determinant) inside the target brain',
+    'inverse': ('Deformable transforms: where the inverse (from-<target>_to-<image>) comes '
+                'from: engine (its own), or fixed-point (keyprep inverted the forward field); '
+                'n/a for linear transforms (inverted exactly)'),
+    'inverse_error_mean_mm': ('Deformable transforms: mean round-trip error |u(x) + '
+                              'v(x + u(x))| of the forward and inverse fields inside the '
+                              'target brain (mm)'),
+    'inverse_error_p99_mm': '99th percentile of the round-trip error inside the target brain (mm)',
+    'chain': ("The methods whose transforms make this one, starting affine first (e.g. "
+              'keymorphAffine>carl)'),
+    'engine_weights_sha256': "SHA-256 of a learned engine's weights file; n/a for other engines",
     'runtime_s': 'Wall time of the engine registration (s), transform export excluded',
     'peak_mem_mb': 'Peak resident memory of the process during the registration (MiB)',
     'peak_gpu_mb': 'Peak allocated GPU memory (MiB), n/a on CPU',
@@ -78,7 +88,8 @@ SUMMARY_COLUMNS: dict[str, str] = {
                f'(tissue) or {qc.STRUCTURE_DICE_FAIL} (synthseg structures), or > '
                f'{qc.NEG_FAIL:.0%} folding; warn if dice_mean < {qc.DICE_WARN} (tissue) or '
                f'{qc.STRUCTURE_DICE_WARN} (structures), any '
-               f'folding, std(log J) > {qc.LOGJAC_WARN}, or a failed label self-check'),
+               f'folding, std(log J) > {qc.LOGJAC_WARN}, a mean inverse round-trip error > '
+               f'{qc.INVERSE_WARN_MM} mm, or a failed label self-check'),
     'status_reason': 'Why the status is not pass, and how it was decided',
 }
 
@@ -174,6 +185,15 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
         note = ('status from tissue Dice: the label network is not validated yet '
                 f"(held-out structure Dice {meta.get('NetworkHeldOutDice')})")
         reason = f'{reason}; {note}' if reason else note
+    inverse = rec.get('inverse') or {}
+    consistency = inverse.get('consistency') or {}
+    ice = consistency.get('mean_mm')
+    if ice is not None and np.isfinite(ice) and ice > qc.INVERSE_WARN_MM:
+        note = (f'the inverse transform does not undo the forward one: mean round-trip '
+                f'error {ice:.2f} mm > {qc.INVERSE_WARN_MM} mm ({inverse.get("source")})')
+        reason = f'{reason}; {note}' if reason else note
+        if status == 'pass':
+            status = 'warn'
     if check_failed:
         note = ("the label network's self-check failed on the moving image "
                 f"({', '.join(check.get('failed', []))}): structure labels not trusted")
@@ -191,6 +211,11 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
         'labels_check': (None if not check else 'ok' if check.get('ok', True)
                          else 'failed: ' + ','.join(check.get('failed', []))),
         **{k: round(v, 5) for k, v in jstats.items()},
+        'inverse': inverse.get('source'),
+        'inverse_error_mean_mm': consistency.get('mean_mm'),
+        'inverse_error_p99_mm': consistency.get('p99_mm'),
+        'chain': '>'.join(rec.get('chain') or [rec['method']]),
+        'engine_weights_sha256': (rec.get('weights') or {}).get('sha256'),
         'runtime_s': rec['runtime_s'], 'peak_mem_mb': rec['peak_mem_mb'],
         'peak_gpu_mb': rec.get('peak_gpu_mb'), 'device': rec['device'],
         'threads': rec['threads'], 'seed': rec['seed'],

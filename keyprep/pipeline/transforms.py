@@ -83,6 +83,9 @@ def export_transforms(fwd: list[str], inv: list[str], inv_invert: list[bool], *,
         tmp_f = ants.apply_transforms(ants.image_read(str(fixed)), ants.image_read(str(moving)),
                                       list(fwd), compose=str(out_fwd) + '_tmp')
         _save_field_float32(tmp_f, fwd_path)
+    # ANTs inverts only '.mat' affines on the fly: an ITK text affine to invert is written
+    # inverted instead
+    inv, inv_invert = _explicit_inverses(list(inv), list(inv_invert), out_inv)
     if len(inv) == 1 and not inv_invert[0] and _is_field_on(inv[0], moving):
         _save_field_float32(inv[0], inv_path, remove=False)
     else:
@@ -91,6 +94,21 @@ def export_transforms(fwd: list[str], inv: list[str], inv_invert: list[bool], *,
                                       compose=str(out_inv) + '_tmp')
         _save_field_float32(tmp_i, inv_path)
     return fwd_path, inv_path
+
+
+def _explicit_inverses(paths: list[str], invert: list[bool], prefix: Path
+                       ) -> tuple[list[str], list[bool]]:
+    """``paths``/``invert`` with every ITK text affine flagged for inversion replaced by
+    its inverse written next to ``prefix`` (ANTs inverts only ``.mat`` files itself)."""
+    out_paths, out_flags = [], []
+    for i, (path, flag) in enumerate(zip(paths, invert)):
+        if flag and str(path).endswith('.txt'):
+            mat = np.linalg.inv(read_itk_affine(path))
+            path = str(write_itk_affine(mat, prefix.with_name(f'{prefix.name}_inv{i}.txt')))
+            flag = False
+        out_paths.append(str(path))
+        out_flags.append(bool(flag))
+    return out_paths, out_flags
 
 
 def _is_field_on(path: str | Path, reference: str | Path) -> bool:

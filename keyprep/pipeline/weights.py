@@ -14,8 +14,10 @@ pool starts in the process before Nipype forks its workers.
 
 The SHA-256 of the files that are used is recorded where the results are: the label
 network's in each ``seg-synthseg`` sidecar (``NetworkWeightsSha256``) and in the QC
-summary (``synthseg_weights_sha256``), KeyMorph's in the records of its transforms
-(``model_sha256``) and in the run's ``keyprep.json`` (``weights``).
+summary (``synthseg_weights_sha256``), a learned engine's (KeyMorph, CARL, DIO: declared
+with :class:`keyprep.pipeline.engines.LearnedModel`) in the record and JSON sidecars of
+each of its transforms (``weights``: model, path, sha256), in the QC summary
+(``engine_weights_sha256``) and in the run's ``keyprep.json`` (``weights``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from .errors import MissingInputError, WeightsError
 
 __all__ = ['check_keymorph_weights', 'check_label_network_weights', 'check_run_weights',
+           'models_used',
            'load_weights', 'sha256_file']
 
 
@@ -162,29 +165,42 @@ def check_label_network_weights(path: str | Path | None = None) -> dict:
     return {'path': str(path), 'sha256': sha256_file(path)}
 
 
-def uses_keymorph(methods: list[str], target: str) -> bool:
-    """Whether a run with these engines and ``--target`` loads KeyMorph weights (its engines,
-    or the groupwise template)."""
+def models_used(methods: list[str], target: str) -> list[str]:
+    """The learned models (:func:`keyprep.pipeline.engines.learned_models`) whose weights a
+    run with these engines and ``--target`` loads: those of its learned engines, and
+    KeyMorph's for ``--target groupwise`` (its template is built from KeyMorph keypoints)."""
     from .engines import available_engines
 
     engines = available_engines()
-    return (any(engines[m].family == 'keymorph' for m in methods if m in engines)
-            or str(target).strip().split(':')[0] == 'groupwise')
+    used = [engines[m].model for m in methods if m in engines and engines[m].model]
+    if str(target).strip().split(':')[0] == 'groupwise':
+        used.append('keymorph')
+    return list(dict.fromkeys(used))
+
+
+def uses_keymorph(methods: list[str], target: str) -> bool:
+    """Whether a run with these engines and ``--target`` loads KeyMorph weights."""
+    return 'keymorph' in models_used(methods, target)
 
 
 def check_run_weights(opts) -> dict[str, dict]:
     """Check the weights of every learned model the run uses (parsed command-line options:
-    ``methods``, ``target``, ``keymorph_weights``); return ``{model: {'path', 'sha256'}}``
+    ``methods``, ``target``, ``<model>_weights``); return ``{model: {'path', 'sha256'}}``
     and keep it as ``opts.weights``.
 
-    The label network labels every image, so its weights are always checked; KeyMorph's when
-    a KeyMorph engine or ``--target groupwise`` is selected. Nothing is checked with
-    ``--reports-only``; ``--boilerplate-only`` checks (a dry run finds bad weights).
+    The label network labels every image, so its weights are always checked; a learned
+    engine's model when one of its engines is selected (KeyMorph's also for ``--target
+    groupwise``). Nothing is checked with ``--reports-only``; ``--boilerplate-only``
+    checks (a dry run finds bad weights).
     """
+    from .engines import learned_models
+
     if getattr(opts, 'reports_only', False):
         return {}  # no model runs, no workflow is built
     checked = {'synthseg': check_label_network_weights()}
-    if uses_keymorph(list(getattr(opts, 'methods', []) or []), getattr(opts, 'target', '')):
-        checked['keymorph'] = check_keymorph_weights(getattr(opts, 'keymorph_weights', None))
+    models = learned_models()
+    for name in models_used(list(getattr(opts, 'methods', []) or []),
+                            getattr(opts, 'target', '')):
+        checked[name] = models[name].check(getattr(opts, f'{name}_weights', None))
     opts.weights = checked
     return checked

@@ -257,6 +257,7 @@ def _participant_wfs(*, group, target, skip_source: Path | None, methods: list[s
             anat_src = anat_wf
             anat_field = 'outputnode.{}'.format
         sunk: set = set()  # extra outputs already written for this image
+        produced: dict[str, tuple] = {}  # method/variant -> (its workflow, variants)
         for method in methods:
             engine = get_engine(method)
             params = dict(engine_params.get(engine.name, {}))
@@ -267,6 +268,16 @@ def _participant_wfs(*, group, target, skip_source: Path | None, methods: list[s
                 omp_nthreads=omp_nthreads, device=device, seed=seed, sloppy=sloppy,
                 params=params, contrasts={'fixed': target_contrast, 'moving': image.suffix},
                 name=f'reg_{key}_{engine.name}_wf')
+            init = engine.init_method(EngineOptions(sloppy=sloppy, params=params))
+            if init:  # starts from another method's affine, built before it (resolve_methods)
+                if init not in produced:
+                    raise ValueError(f'{engine.name} starts from {init}, which is not run '
+                                     'before it (see keyprep.pipeline.engines.resolve_methods)')
+                src_wf, src_variants = produced[init]
+                wf.connect(src_wf, variant_output(src_variants, init, 'fwd_xfm'),
+                           reg_wf, 'inputnode.init_xfm')
+            for vname, _ in variants:
+                produced[vname] = (reg_wf, variants)
             tgt = target.name
             wf.connect([
                 (inputnode, reg_wf, [('target_brain', 'inputnode.target_brain'),

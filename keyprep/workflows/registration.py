@@ -69,6 +69,9 @@ def init_registration_wf(*, method: str, subject: str, session: str | None, sour
         The prepared moving image.
     synthseg_meta
         Provenance of the label network (weights sha256 and step), for the QC tables.
+    init_xfm
+        Only for an engine that starts from another method's affine
+        (:meth:`~keyprep.pipeline.engines.Engine.init_method`): that method's ``fwd_xfm``.
 
     Outputs
     -------
@@ -108,7 +111,9 @@ def init_registration_wf(*, method: str, subject: str, session: str | None, sour
     wf = pe.Workflow(name=name or f'reg_{engine.name}_wf')
     wf.__desc__ = engine.boilerplate(None)
 
-    inputnode = pe.Node(niu.IdentityInterface(fields=[*_TARGET_FIELDS, *_MOVING_FIELDS]),
+    init = engine.init_method(options)
+    inputnode = pe.Node(niu.IdentityInterface(fields=[*_TARGET_FIELDS, *_MOVING_FIELDS,
+                                                      *(['init_xfm'] if init else [])]),
                         name='inputnode')
     out_fields = [] if multi else list(VARIANT_FIELDS)
     out_fields += extra_keys + (['fig_keypoints'] if keypoints else [])
@@ -123,6 +128,9 @@ def init_registration_wf(*, method: str, subject: str, session: str | None, sour
     key = engine.cache_key(options)
     if key:
         register.inputs.cache_key = key
+    if init:  # the caller connects the starting method's fwd_xfm to inputnode.init_xfm
+        register.inputs.init_method = init
+        wf.connect(inputnode, 'init_xfm', register, 'init_xfm')
     if engine.uses_contrasts and contrasts:
         for key in ('fixed', 'moving'):
             if contrasts.get(key):

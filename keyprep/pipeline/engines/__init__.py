@@ -10,11 +10,16 @@ from .base import (
     Engine,
     EngineOptions,
     ExtraOutput,
+    LearnedModel,
     RegistrationResult,
     available_engines,
     engine_variants,
     get_engine,
+    learned_models,
     register_engine,
+    register_model,
+    resolve_methods,
+    variant_owner,
 )
 
 __all__ = [
@@ -22,11 +27,16 @@ __all__ = [
     'Engine',
     'EngineOptions',
     'ExtraOutput',
+    'LearnedModel',
     'RegistrationResult',
     'available_engines',
     'engine_variants',
     'get_engine',
+    'learned_models',
     'register_engine',
+    'register_model',
+    'resolve_methods',
+    'variant_owner',
 ]
 
 #: Engines run when ``--methods`` is not given.

@@ -41,6 +41,37 @@ Files other than transforms and the warped image (keypoints, for example) are de
 same keys; the workflow writes each one as a derivative of the moving image (or, for the
 fixed image, with a ``space-<target>`` entity), once per image even when several engines
 declare the same file name.
+
+Inverses
+--------
+A linear engine returns its inverse (one affine, or the forward one flagged to be
+inverted). A deformable engine should return its own inverse; one that returns an empty
+``inv_transforms`` gets one from :func:`keyprep.pipeline.registration.run_engine_variants`:
+its forward chain reversed, affines inverted exactly and displacement fields by fixed-point
+iteration (:mod:`keyprep.pipeline.inverse`). Either way the round-trip error of the exported
+pair is measured and recorded (record ``inverse``; QC columns ``inverse``,
+``inverse_error_mean_mm``, ``inverse_error_p99_mm``; a warning above
+:data:`keyprep.pipeline.qc.INVERSE_WARN_MM`).
+
+Learned engines
+---------------
+An engine that loads weights names its model (:attr:`Engine.model`), declared once with
+:func:`register_model` (:class:`LearnedModel`: default weights, check). It then gets the
+``--<model>-weights`` option, the start-up check (exit 66 missing, 65 unusable), its weights'
+SHA-256 in Nipype's cache key (:meth:`Engine.cache_key`: new weights at the same path are
+recomputed) and in the record and sidecars of its transforms (``weights``), and the QC
+column ``engine_weights_sha256``. Its weights ship in ``keyprep/models/<model>/`` with a
+model card; its BibTeX keys (:attr:`Engine.citations`) go into the boilerplate.
+
+Starting from another engine's affine
+-------------------------------------
+An engine with :attr:`Engine.default_init` (a method name, e.g. ``keymorphAffine``) registers
+after that method's affine: :func:`resolve_methods` adds the method to the run before it,
+the workflow passes its forward affine as :attr:`EngineOptions.init_transform`, the engine
+registers the image prealigned by it (:meth:`Engine.prealign`) and appends it to its chain
+(:meth:`Engine.with_init`); the record and QC column ``chain`` show it
+(``keymorphAffine>carl``). ``params['init']`` (``--<engine>-init``) picks another linear
+method, or ``none``.
 """
 
 from __future__ import annotations
@@ -55,14 +86,68 @@ __all__ = [
     'Engine',
     'EngineOptions',
     'ExtraOutput',
+    'LearnedModel',
     'RegistrationResult',
     'engine_variants',
     'available_engines',
     'get_engine',
+    'learned_models',
     'register_engine',
+    'register_model',
+    'resolve_methods',
 ]
 
 _REGISTRY: dict[str, type[Engine]] = {}
+_MODELS: dict[str, LearnedModel] = {}
+
+
+@dataclass(frozen=True)
+class LearnedModel:
+    """The weights of a learned engine family, declared once so that every part of keyprep
+    handles them the same way: a ``--<name>-weights FILE`` option, a check at start-up
+    (exists: else exit 66; loads with ``weights_only=True`` and fits the model: else 65),
+    the checksum in Nipype's cache key (new weights at the same path are recomputed) and in
+    the records and sidecars of every transform.
+
+    Attributes
+    ----------
+    name
+        Lower-case identifier (``keymorph``, ``carl``, ``dio``): the option is
+        ``--<name>-weights``, the parsed option ``<name>_weights``.
+    title
+        Name in messages (``KeyMorph``).
+    default_weights
+        ``() -> Path``: the weights shipped in ``keyprep/models/<name>/`` (next to a model
+        card), used when the option is not given.
+    check
+        ``(path) -> {'path', 'sha256'}``, raising :class:`~keyprep.pipeline.errors.
+        MissingInputError` or :class:`~keyprep.pipeline.errors.WeightsError`.
+    """
+
+    name: str
+    title: str
+    default_weights: object
+    check: object
+
+    @property
+    def option(self) -> str:
+        return f'--{self.name}-weights'
+
+
+def register_model(model: LearnedModel) -> LearnedModel:
+    """Declare a learned model (see :class:`LearnedModel`)."""
+    if not re.fullmatch(r'[a-z][a-z0-9]*', model.name):
+        raise ValueError(f'model name {model.name!r} must be lower-case alphanumeric')
+    _MODELS[model.name] = model
+    return model
+
+
+def learned_models() -> dict[str, LearnedModel]:
+    """Declared learned models by name."""
+    from . import _load_builtin_engines
+
+    _load_builtin_engines()
+    return dict(_MODELS)
 
 
 @dataclass
@@ -77,6 +162,10 @@ class EngineOptions:
     #: BIDS suffixes of the images (``{'fixed': 'T1w', 'moving': 'T2w'}``) when the workflow
     #: knows them; only set for engines with :attr:`Engine.uses_contrasts`.
     contrasts: dict = field(default_factory=dict)
+    #: For an engine that starts from another engine's result (:meth:`Engine.init_method`):
+    #: that engine's forward ITK affine (fixed -> moving points) and its name.
+    init_transform: str | None = None
+    init_method: str = ''
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +244,12 @@ class Engine(abc.ABC):
     mem_gb: ClassVar[float] = 2.0
     #: Whether the engine wants the images' contrasts (:attr:`EngineOptions.contrasts`).
     uses_contrasts: ClassVar[bool] = False
+    #: The :class:`LearnedModel` (by name) whose weights the engine loads, or ``''``. Its
+    #: weights file is ``params['weights']`` (from ``--<model>-weights``) or the default.
+    model: ClassVar[str] = ''
+    #: Engines that can start from another engine's affine: the default one (a method name,
+    #: or ``''`` for none); ``params['init']`` overrides it (``'none'``: no start).
+    default_init: ClassVar[str | None] = None
 
     def parameters(self, options: EngineOptions) -> dict:
         """The parameters this engine will use (recorded in JSON sidecars)."""
@@ -178,10 +273,60 @@ class Engine(abc.ABC):
         return self.description
 
     def cache_key(self, options: EngineOptions) -> dict:
-        """What, besides the parameters, decides the engine's result (e.g. the checksum of a
-        weights file, so that new weights at the same path are not taken from Nipype's
-        cache). Called when the workflow is built; empty by default."""
-        return {}
+        """What, besides the parameters, decides the engine's result: for a learned engine,
+        the checksum of its weights file, so that new weights at the same path are not
+        taken from Nipype's cache. Called when the workflow is built."""
+        path = self.weights_path(options)
+        if path is None or not path.is_file():
+            return {}
+        from ..weights import sha256_file
+
+        return {'weights_sha256': sha256_file(path)}
+
+    def weights_path(self, options: EngineOptions) -> Path | None:
+        """The weights file a learned engine uses (``params['weights']`` or its model's
+        default); ``None`` for an engine without a model."""
+        if not self.model:
+            return None
+        given = (options.params or {}).get('weights')
+        return Path(given) if given else Path(learned_models()[self.model].default_weights())
+
+    def init_method(self, options: EngineOptions) -> str:
+        """The method whose forward affine this engine starts from (``''``: none)."""
+        if self.default_init is None:
+            return ''
+        value = (options.params or {}).get('init', self.default_init)
+        return '' if value in (None, '', 'none') else str(value)
+
+    def prealign(self, fixed: Path, moving: Path, out_dir: Path,
+                 options: EngineOptions) -> Path:
+        """The moving image on the fixed grid through :attr:`EngineOptions.init_transform`
+        (or through the identity, in world coordinates, without one): what an engine that
+        starts from another engine's affine registers to the fixed image."""
+        from ..transforms import apply_transforms, identity_transform
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        xfm = options.init_transform or identity_transform(out_dir / 'identity.txt')
+        return apply_transforms(moving, fixed, [xfm], out_dir / 'moving_prealigned.nii.gz',
+                                interpolation='linear')
+
+    def with_init(self, result: RegistrationResult, options: EngineOptions
+                  ) -> RegistrationResult:
+        """Append the starting affine to a result computed on the prealigned image: the
+        forward chain becomes ``[engine's transforms..., init]`` (points go through the
+        engine's field first, then the affine) and the inverse ``[init (inverted),
+        engine's inverse...]``; an engine without an inverse keeps none (the registry
+        inverts the chain)."""
+        if not options.init_transform:
+            return result
+        init = str(options.init_transform)
+        inv, invert = list(result.inv_transforms), list(result.inv_invert)
+        if inv:
+            inv, invert = [init, *inv], [True, *invert]
+        return RegistrationResult(fwd_transforms=[*result.fwd_transforms, init],
+                                  inv_transforms=inv, inv_invert=invert, warped=result.warped,
+                                  extras=result.extras, files=result.files)
 
     def cite(self, options: EngineOptions | None) -> tuple[str, ...]:
         """BibTeX keys to cite with these options (default: :attr:`citations`)."""
@@ -239,3 +384,57 @@ def get_engine(name: str) -> Engine:
     from ..errors import UsageError
 
     raise UsageError(f'unknown registration method {name!r}; available: {", ".join(engines)}')
+
+
+def variant_owner(name: str, engine_params: dict[str, dict] | None = None,
+                  sloppy: bool = False) -> str | None:
+    """The engine that produces method ``name`` (an engine or one of its variants), with
+    the given per-engine parameters; ``None`` if no engine does."""
+    engine_params = engine_params or {}
+    engines = available_engines()
+    for key in engines:
+        if key.lower() == name.lower():
+            return key
+    for key, cls in engines.items():
+        options = EngineOptions(sloppy=sloppy, params=dict(engine_params.get(key, {})))
+        try:
+            names = [n for n, _ in engine_variants(cls(), options)]
+        except Exception:  # noqa: BLE001 - parameters meant for another engine
+            continue
+        if name in names:
+            return key
+    return None
+
+
+def resolve_methods(methods: list[str], engine_params: dict[str, dict] | None = None,
+                    sloppy: bool = False) -> list[str]:
+    """The engines to run for ``--methods``: each engine that starts from another
+    method's affine (:meth:`Engine.init_method`) gets the engine of that method added
+    before it when it is not selected. Raises :class:`~keyprep.pipeline.errors.UsageError`
+    for an unknown or non-linear starting method, or a cycle."""
+    from ..errors import UsageError
+
+    engine_params = engine_params or {}
+    out: list[str] = []
+
+    def add(name: str, chain: tuple[str, ...]) -> None:
+        engine = get_engine(name)
+        if engine.name in out:
+            return
+        if engine.name in chain:
+            raise UsageError(f'methods start from each other: {" -> ".join(chain)}')
+        options = EngineOptions(sloppy=sloppy, params=dict(engine_params.get(engine.name, {})))
+        init = engine.init_method(options)
+        if init:
+            owner = variant_owner(init, engine_params, sloppy)
+            if owner is None:
+                raise UsageError(f'{engine.name} starts from {init!r}, which no engine gives')
+            if available_engines()[owner].transform_kind != 'linear':
+                raise UsageError(f'{engine.name} starts from an affine; {init} is '
+                                 f'{available_engines()[owner].transform_kind}')
+            add(owner, (*chain, engine.name))
+        out.append(engine.name)
+
+    for m in methods:
+        add(m, ())
+    return out

@@ -47,7 +47,15 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from .base import Engine, EngineOptions, ExtraOutput, RegistrationResult, register_engine
+from .base import (
+    Engine,
+    EngineOptions,
+    ExtraOutput,
+    LearnedModel,
+    RegistrationResult,
+    register_engine,
+    register_model,
+)
 
 __all__ = ['DEFAULT_LAMBDAS', 'DEFAULT_REFINE_STEPS', 'KeyMorphAffine', 'KeyMorphRigid',
            'KeyMorphTPS', 'lambda_label']
@@ -73,8 +81,24 @@ def lambda_label(lam: float) -> str:
     return f'lam{text}'
 
 
+def _default_weights():
+    from ..keymorph.network import default_weights
+
+    return default_weights()
+
+
+def _check_weights(path=None) -> dict:
+    from ..weights import check_keymorph_weights
+
+    return check_keymorph_weights(path)
+
+
+register_model(LearnedModel('keymorph', 'KeyMorph', _default_weights, _check_weights))
+
+
 class _KeyMorphEngine(Engine):
     family = 'keymorph'
+    model = 'keymorph'
     uses_torch = True
     uses_contrasts = True
     citations = ('yu2022keymorph', 'wang2023keymorph')
@@ -169,16 +193,6 @@ class _KeyMorphEngine(Engine):
                      'contrast) or MIND (different contrasts) on a 2 mm grid for '
                      f'{params["refine_steps"]} steps (results named {self.name}...Refined)')
         return text
-
-    def cache_key(self, options: EngineOptions) -> dict:
-        from ..keymorph.network import default_weights
-
-        weights = Path(self.parameters(options)['weights'] or default_weights())
-        if not weights.is_file():
-            return {}
-        import hashlib
-
-        return {'weights_sha256': hashlib.sha256(weights.read_bytes()).hexdigest()}
 
     def cite(self, options: EngineOptions | None) -> tuple[str, ...]:
         keys = tuple(self.citations)
