@@ -161,6 +161,11 @@ def test_qc_tables(e2e):
     assert rigid['jac_min'] == pytest.approx(1.0, abs=1e-4)  # a rigid transform keeps volume
     syn = summ.set_index('method').loc['antsSyN']
     assert syn['tissue_dice_mean'] > 0.4 and syn['jac_neg_frac'] == 0
+    # SyN returns its own inverse; the round trip of the exported pair is measured
+    assert syn['inverse'] == 'engine' and 0 <= syn['inverse_error_mean_mm'] < 0.5
+    assert syn['inverse_error_p99_mm'] >= syn['inverse_error_mean_mm']
+    assert pd.isna(rigid['inverse']) and pd.isna(rigid['inverse_error_mean_mm'])
+    assert (summ['chain'] == summ['method']).all()  # no starting affine
     assert (summ['seed'] == 7).all() and summ['versions'].str.contains('antspyx').all()
     # the status follows the mean structure Dice of a validated network, else the tissue
     # Dice with a note saying why

@@ -281,9 +281,15 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                     f"mean {kind} Dice {row['dice_mean']:.3f} (min {row['dice_min']:.3f})"
                     f'{tissue} | '
                     f"Jacobian {row['jac_min']:.3f}..{row['jac_max']:.3f}, folding "
-                    f"{row['jac_neg_frac']:.3%}, std log J {row['logjac_std']:.3f} | "
-                    f"{row['runtime_s']:.1f} s, {row['peak_mem_mb']:.0f} MiB, {row['device']}, "
-                    f"{int(row['threads'])} thread(s)")
+                    f"{row['jac_neg_frac']:.3%}, std log J {row['logjac_std']:.3f}"
+                    + (f" | inverse ({row['inverse']}) round trip "
+                       f"{row['inverse_error_mean_mm']:.2f} mm mean, "
+                       f"{row['inverse_error_p99_mm']:.2f} mm p99"
+                       if pd.notna(row.get('inverse_error_mean_mm')) else '')
+                    + (f" | chain {row['chain']}"
+                       if isinstance(row.get('chain'), str) and '>' in row['chain'] else '')
+                    + f" | {row['runtime_s']:.1f} s, {row['peak_mem_mb']:.0f} MiB, "
+                    f"{row['device']}, {int(row['threads'])} thread(s)")
                 dice = f"{kind} Dice {row['dice_mean']:.3f}" if measured else 'Dice n/a'
                 cells.append({'status': row['status'], 'dice': dice,
                               'reason': reg['reason']})
@@ -321,7 +327,7 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                           'sloppy') if k in config)
     summary_cols = ['session_id', 'source', 'method', 'label_set', 'dice_mean', 'dice_min',
                     'tissue_dice_mean', 'jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std',
-                    'runtime_s', 'peak_mem_mb', 'device', 'threads', 'seed', 'status',
+                    'inverse_error_mean_mm', 'chain', 'runtime_s', 'peak_mem_mb', 'device', 'threads', 'seed', 'status',
                     'status_reason']
     shown = summary[[c for c in summary_cols if c in summary.columns]] if not summary.empty \
         else summary

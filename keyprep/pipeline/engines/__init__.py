@@ -42,7 +42,7 @@ __all__ = [
 #: Engines run when ``--methods`` is not given.
 DEFAULT_METHODS = ('antsRigid', 'antsAffine', 'antsSyN')
 
-_BUILTIN_MODULES = ('ants', 'keymorph')
+_BUILTIN_MODULES = ('ants', 'keymorph', 'carl', 'dio')
 _loaded = False
 
 

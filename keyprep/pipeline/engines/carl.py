@@ -1,0 +1,124 @@
+"""CARL engines: coordinate attention with refinement layers (Greer et al.), after an affine.
+
+One run gives two variants from one loaded network (:mod:`keyprep.pipeline.carl`):
+
+* ``carl``: one forward pass of the network (both directions in one batch: the inverse is
+  the network run with the images swapped, which GradICON training makes inverse
+  consistent);
+* ``carlIO``: the same after instance optimisation (``io_steps`` Adam steps of LNCC +
+  GradICON on this pair, on a copy of the weights, reset for every pair).
+
+CARL is [W,U]-equivariant to translations, not to rotations: it starts from another
+engine's affine (``init``, default ``keymorphAffine``; :mod:`.fields`).
+
+Parameters (``params``; the CLI's ``--carl-*`` options): ``weights`` (default: the shipped
+model, :func:`keyprep.pipeline.carl.network.default_weights`), ``io_steps`` (default 50, the
+paper's; 5 with ``--sloppy``; 0 drops ``carlIO``), ``io_lr`` (default: the model's),
+``init``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .base import EngineOptions, LearnedModel, register_engine, register_model
+from .fields import ArrayEngine
+
+__all__ = ['CARL', 'DEFAULT_IO_STEPS']
+
+#: The paper's instance optimisation: 50 steps.
+DEFAULT_IO_STEPS = 50
+SLOPPY_IO_STEPS = 5
+
+
+def _default_weights():
+    from ..carl.network import default_weights
+
+    return default_weights()
+
+
+def _check_weights(path=None) -> dict:
+    from ..carl.network import check_carl_weights
+
+    return check_carl_weights(path)
+
+
+register_model(LearnedModel('carl', 'CARL', _default_weights, _check_weights))
+
+
+@register_engine
+class CARL(ArrayEngine):
+    name = 'carl'
+    family = 'carl'
+    model = 'carl'
+    description = ('CARL coordinate-attention registration with refinement layers '
+                   '(Greer et al.), translation-equivariant, after an affine')
+    citations = ('greer2024carl', 'tian2023gradicon')
+    mem_gb = 4.0
+
+    def parameters(self, options: EngineOptions) -> dict:
+        p = dict(options.params)
+        params = {
+            'weights': str(p['weights']) if p.get('weights') else None,
+            'io_steps': int(p['io_steps']) if p.get('io_steps') is not None
+            else (SLOPPY_IO_STEPS if options.sloppy else DEFAULT_IO_STEPS),
+            'io_lr': float(p['io_lr']) if p.get('io_lr') else None,
+            'init': str(p.get('init') or self.default_init),
+        }
+        unknown = sorted(set(p) - set(params))
+        if unknown:
+            raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
+        if params['io_steps'] < 0:
+            raise ValueError('io_steps must be >= 0')
+        return params
+
+    def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
+        steps = self.parameters(options)['io_steps']
+        if steps == 0:
+            return [('carl', {'io_steps': 0})]
+        return [('carl', {'io_steps': 0}), ('carlIO', {'io_steps': steps})]
+
+    def boilerplate(self, options: EngineOptions | None) -> str:
+        text = self.description
+        if options is None:
+            return text
+        params = self.parameters(options)
+        init = self.init_method(options)
+        text += (f', starting from the affine of {init}' if init else '')
+        if params['io_steps']:
+            text += (f'; carlIO adds {params["io_steps"]} steps of instance optimisation '
+                     '(LNCC + GradICON on each pair, weights reset per pair)')
+        return text
+
+    def run(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
+            fixed_mask: Path | None = None, moving_mask: Path | None = None):
+        import torch
+
+        from ..carl.network import load_carl, register_arrays
+
+        params = self.parameters(options)
+        out_dir = Path(out_dir)
+        t0 = time.time()
+        f, m, affine, spacing = self.arrays(fixed, moving, out_dir, options, fixed_mask,
+                                            moving_mask)
+        device = torch.device(options.device)
+        model, meta = load_carl(self.weights_path(options), device)
+        t_load = time.time() - t0
+        results = {}
+        for name, vparams in self.variants(options):
+            out = register_arrays(f, m, model, device=device, io_steps=vparams['io_steps'],
+                                  io_lr=params['io_lr'], seed=options.seed,
+                                  spacing_mm=spacing)
+            extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
+                      'load_s': round(t_load, 3),
+                      'network_inverse_consistency_vox': round(
+                          float(out['inverse_consistency_vox']), 4),
+                      'working_grid': out['working_grid'],
+                      'model_step': meta.get('step') if isinstance(meta, dict) else None}
+            if out['io_losses']:
+                extras['io_loss_first_last'] = [round(float(out['io_losses'][0]), 5),
+                                                round(float(out['io_losses'][-1]), 5)]
+            results[name] = self.result(fixed, moving, out_dir, options, affine, name,
+                                        out['disp_fwd'], out['disp_inv'], extras)
+        return results

@@ -1,0 +1,81 @@
+"""What the dense learned engines (CARL, DIO) share: start from another engine's affine,
+register two arrays on the fixed grid, turn voxel displacements into ITK fields.
+
+Flow of one run: the moving image is resampled onto the fixed (target) grid through the
+starting affine (:meth:`Engine.prealign`; by default ``keymorphAffine``: CARL is equivariant
+to translations, not rotations, and DIO's solver starts from the identity); both arrays are
+brain-masked with their masks (the moving mask carried by the same affine); the method's
+``register_arrays`` returns voxel displacements on that grid; they become RAS displacement
+fields on the fixed grid (:func:`field_from_voxels`), the starting affine is appended to the
+chain (:meth:`Engine.with_init`), and the moving image is warped by ANTs with the resulting
+chain, so the engine's output is exactly what its exported transform gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+
+from .base import Engine, EngineOptions, RegistrationResult
+
+__all__ = ['ArrayEngine', 'field_from_voxels']
+
+
+def field_from_voxels(disp_vox: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``(3, X, Y, Z)`` displacements in voxels of a grid -> ``(X, Y, Z, 3)`` RAS mm
+    (the linear part of the grid's voxel-to-RAS ``affine`` applied to each vector)."""
+    disp = np.asarray(disp_vox, dtype=np.float64)
+    return np.einsum('ab,bxyz->xyza', np.asarray(affine, dtype=float)[:3, :3], disp)
+
+
+class ArrayEngine(Engine):
+    """Base of engines that register two arrays on the fixed grid after a starting affine."""
+
+    transform_kind = 'deformable'
+    uses_torch = True
+    default_init = 'keymorphAffine'
+
+    def arrays(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
+               fixed_mask: Path | None, moving_mask: Path | None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Fixed and prealigned moving arrays on the fixed grid (masked when masks are
+        given), the grid's affine and its voxel sizes."""
+        from ..transforms import apply_transforms, identity_transform
+
+        out_dir = Path(out_dir)
+        pre = self.prealign(fixed, moving, out_dir, options)
+        fimg = nb.load(str(fixed))
+        f = np.asanyarray(fimg.dataobj, dtype=np.float32).reshape(fimg.shape[:3])
+        m = np.asanyarray(nb.load(str(pre)).dataobj, dtype=np.float32).reshape(fimg.shape[:3])
+        if fixed_mask is not None:
+            f = f * (np.asanyarray(nb.load(str(fixed_mask)).dataobj).reshape(f.shape) > 0)
+        if moving_mask is not None:
+            xfm = options.init_transform or identity_transform(out_dir / 'identity.txt')
+            mm = apply_transforms(moving_mask, fixed, [xfm], out_dir / 'moving_mask_pre.nii.gz',
+                                  interpolation='nearestNeighbor')
+            m = m * (np.asanyarray(nb.load(str(mm)).dataobj).reshape(f.shape) > 0)
+        return f, m, fimg.affine, np.asarray(fimg.header.get_zooms()[:3], dtype=float)
+
+    def result(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
+               affine: np.ndarray, name: str, disp_fwd: np.ndarray,
+               disp_inv: np.ndarray | None, extras: dict) -> RegistrationResult:
+        """Write a variant's fields (the inverse when the method gives one), append the
+        starting affine and warp the moving image with the whole chain."""
+        from ..transforms import apply_transforms, write_itk_displacement_field
+
+        out_dir = Path(out_dir)
+        fwd = write_itk_displacement_field(field_from_voxels(disp_fwd, affine), affine,
+                                           out_dir / f'{name}_fwd_field.nii.gz')
+        inv, flags = [], []
+        if disp_inv is not None:
+            inv = [str(write_itk_displacement_field(field_from_voxels(disp_inv, affine), affine,
+                                                    out_dir / f'{name}_inv_field.nii.gz'))]
+            flags = [False]
+        res = self.with_init(RegistrationResult([str(fwd)], inv, flags, '', extras=extras),
+                             options)
+        warped = apply_transforms(moving, fixed, res.fwd_transforms,
+                                  out_dir / f'{name}_warped.nii.gz')
+        res.warped = str(warped)
+        return res

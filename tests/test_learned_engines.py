@@ -1,0 +1,136 @@
+"""The CARL and DIO engines through the engine contract: both start from another method's
+affine (the chain is exported and recorded), give their variants from one run, export
+transforms both ways (CARL's and dioDiffeo's own inverses; dio's free-form field inverted
+by the registry), warp exactly as their exported transforms do, and record their weights.
+
+The networks here have random weights (small configurations on the 4 mm test brains):
+these tests check the engines' geometry and bookkeeping, not the models' accuracy, which
+their model cards and benchmarks measure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nb
+import numpy as np
+import pytest
+import torch
+
+from keyprep.pipeline.transforms import apply_transforms, read_displacement_field, write_itk_affine
+
+
+@pytest.fixture(scope='module')
+def carl_weights(tmp_path_factory) -> Path:
+    from keyprep.pipeline.carl.network import FORMAT, CarlConfig, CarlNet
+
+    torch.manual_seed(0)
+    cfg = CarlConfig(shape=(48, 48, 48), res_mm=4.0, enc_channels=8, enc_blocks=1,
+                     dilations=(1, 2), feat_dim=8, pad=2, refine1=(8, 8), refine2=(4, 8))
+    net = CarlNet(cfg)
+    path = tmp_path_factory.mktemp('carl') / 'carl.pt'
+    torch.save({'format': FORMAT, 'config': cfg.to_dict(), 'state_dict': net.state_dict(),
+                'step': 0}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def dio_weights(tmp_path_factory) -> Path:
+    from keyprep.pipeline.dio.network import FORMAT, DioConfig, DioFeatureNet
+
+    torch.manual_seed(0)
+    cfg = DioConfig.from_dict({**DioConfig().to_dict(), 'res_mm': 4.0,
+                               'iterations': (20, 10, 5)})
+    net = DioFeatureNet(cfg)
+    path = tmp_path_factory.mktemp('dio') / 'dio.pt'
+    torch.save({'format': FORMAT, 'config': cfg.to_dict(), 'state_dict': net.state_dict(),
+                'step': 0}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def start(small_brains, tmp_path_factory) -> dict:
+    """A starting affine (the known motion of the test pair, a 12 degree rotation and a
+    shift, as an affine engine would find it) and the fixed brain mask."""
+    root = tmp_path_factory.mktemp('start')
+    fixed, moving = nb.load(str(small_brains['fixed'])), nb.load(str(small_brains['moving']))
+    # moving = same voxels, rotated affine: fixed point x -> moving point M_m M_f^-1 x
+    xfm = write_itk_affine(moving.affine @ np.linalg.inv(fixed.affine), root / 'init.txt')
+    mask = root / 'mask.nii.gz'
+    nb.Nifti1Image((fixed.get_fdata() > 0).astype(np.uint8), fixed.affine).to_filename(mask)
+    return {'xfm': xfm, 'mask': mask}
+
+
+def _same_as_exported(run, small_brains, tmp_path):
+    again = apply_transforms(small_brains['moving'], small_brains['fixed'], [run.fwd_xfm],
+                             tmp_path / f'{run.method}_again.nii.gz')
+    a, b = nb.load(str(again)).get_fdata(), nb.load(run.warped).get_fdata()
+    inside = (a > 0) & (b > 0)
+    assert inside.sum() > 1000 and np.corrcoef(a[inside], b[inside])[0, 1] > 0.97
+
+
+def test_carl_engine(small_brains, carl_weights, start, tmp_path):
+    from keyprep.pipeline.registration import run_engine_variants
+
+    runs = run_engine_variants('carl', small_brains['fixed'], small_brains['moving'], tmp_path,
+                               fixed_mask=start['mask'], params={'weights': str(carl_weights),
+                                                                 'io_steps': 2},
+                               init_transform=start['xfm'], init_method='keymorphAffine')
+    assert [r.method for r in runs] == ['carl', 'carlIO']
+    for run in runs:
+        assert run.chain == ['keymorphAffine', run.method]
+        assert run.inverse['source'] == 'engine'  # the network run with the images swapped
+        assert np.isfinite(run.inverse['consistency']['mean_mm'])
+        assert run.weights['model'] == 'carl' and run.weights['path'] == str(carl_weights)
+        _same_as_exported(run, small_brains, tmp_path)
+        fwd, _ = read_displacement_field(run.fwd_xfm)
+        inv, _ = read_displacement_field(run.inv_xfm)
+        assert fwd.shape[:3] == nb.load(str(small_brains['fixed'])).shape
+        assert inv.shape[:3] == nb.load(str(small_brains['moving'])).shape
+        # the chain holds the starting affine: the composed field is far from zero
+        assert np.abs(fwd).max() > 5.0
+    assert runs[1].extras['io_loss_first_last'][0] != runs[1].extras['io_loss_first_last'][1]
+    assert 'io_loss_first_last' not in runs[0].extras
+
+
+def test_dio_engine_representations(small_brains, dio_weights, start, tmp_path):
+    from keyprep.pipeline.registration import run_engine_variants
+    from keyprep.pipeline.transforms import jacobian_map
+
+    runs = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'], tmp_path,
+                               fixed_mask=start['mask'], params={'weights': str(dio_weights)},
+                               init_transform=start['xfm'], init_method='keymorphAffine')
+    by = {r.method: r for r in runs}
+    assert list(by) == ['dio', 'dioDiffeo', 'dioAffine']
+    assert by['dio'].inverse['source'] == 'fixed-point'  # free-form: inverted by keyprep
+    assert by['dioDiffeo'].inverse['source'] == 'engine'  # exp(-v)
+    assert by['dioAffine'].inverse['source'] == 'engine'
+    for run in runs:
+        assert run.chain == ['keymorphAffine', run.method]
+        assert run.extras['representation'] in ('ffd', 'diffeo', 'affine')
+        _same_as_exported(run, small_brains, tmp_path)
+    jac = jacobian_map(by['dioDiffeo'].fwd_xfm, small_brains['fixed'], 'deformable')
+    assert (np.asanyarray(jac.dataobj) > 0).all()  # a diffeomorphism does not fold
+    # one representation only: the plain engine name
+    only = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
+                               tmp_path / 'ffd', params={'weights': str(dio_weights),
+                                                         'representations': ['ffd']},
+                               init_transform=start['xfm'], init_method='keymorphAffine')
+    assert [r.method for r in only] == ['dio']
+
+
+def test_cli_brings_the_starting_affine(tmp_path, carl_weights, dio_weights):
+    from keyprep.bids_app.parser import build_parser, parse_args
+
+    text = build_parser().format_help()
+    for option in ('--carl-weights', '--dio-weights', '--carl-init', '--dio-init'):
+        assert option in text
+    (tmp_path / 'ds').mkdir()
+    base = [str(tmp_path / 'ds'), str(tmp_path / 'o'), 'participant',
+            '--carl-weights', str(carl_weights), '--dio-weights', str(dio_weights)]
+    opts = parse_args([*base, '--methods', 'carl', 'dio'])
+    assert opts.methods == ['keymorphAffine', 'carl', 'dio']
+    assert opts.engine_params['carl'] == {'weights': str(carl_weights)}
+    opts = parse_args([*base, '--methods', 'dio', '--dio-init', 'antsAffine'])
+    assert opts.methods == ['antsAffine', 'dio']
+    assert opts.engine_params['dio'] == {'weights': str(dio_weights), 'init': 'antsAffine'}
