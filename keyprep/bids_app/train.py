@@ -2,6 +2,7 @@
 
     keyprep train synthseg --label-maps DIR --output DIR [--recipe cpu-2mm|gpu-1mm]
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
+    keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper] [--device cuda]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
@@ -113,7 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
     k.add_argument('--threads', type=int, help='torch CPU threads')
     k.add_argument('--export', type=Path, help='write the weights file for keyprep here at the end')
+    _add_carl_parser(sub)
     return parser
+
+
+def _add_carl_parser(sub) -> None:
+    from ..pipeline.carl.train import RECIPES as CARL_RECIPES
+    from ..pipeline.synth.train import HELD_OUT
+
+    c = sub.add_parser('carl', help='CARL: coordinate attention with refinement layers '
+                       '(LNCC, diffusion then GradICON, on synthetic pairs)')
+    c.add_argument('--label-maps', type=Path, required=True,
+                   help='folder of training label maps (*.nii.gz) in SynthSeg generation '
+                   'labels, or a label-map bundle (python -m keyprep.pipeline.synth.bundle)')
+    c.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
+    c.add_argument('--recipe', choices=sorted(CARL_RECIPES), default='cpu',
+                   help='cpu: 96^3 at 2 mm, attention at 24^3, small U-Nets (default); paper: '
+                   "the paper's sizes (176^3, attention at 44^3, 128 features), for a GPU")
+    c.add_argument('--steps', type=int, help='total optimisation steps (default: the recipe)')
+    c.add_argument('--diffusion-steps', type=int,
+                   help='steps with the diffusion regulariser before GradICON (default: recipe)')
+    c.add_argument('--lr', type=float, help='learning rate (default: the recipe)')
+    c.add_argument('--similarity', choices=['lncc', 'lncc2'],
+                   help="lncc: the paper's; lncc2: squared, for pairs of different contrasts "
+                   '(default: the recipe)')
+    c.add_argument('--seed', type=int, help='training seed (default: the recipe)')
+    c.add_argument('--val-every', type=int, help='validate every N steps (0: never)')
+    c.add_argument('--checkpoint-every', type=int, help='checkpoint every N steps')
+    c.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
+    c.add_argument('--held-out', nargs='*', default=list(HELD_OUT),
+                   help='label-map names kept out of training for validation')
+    c.add_argument('--extra-anatomies', nargs='*', default=[],
+                   choices=['colin27', 'jhu189', 'icbm'],
+                   help='add label maps built from atlases installed with mricron-data / nilearn')
+    c.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
+    c.add_argument('--threads', type=int, help='torch CPU threads')
+    c.add_argument('--precision', choices=['auto', 'bf16', 'fp32'], default='auto',
+                   help='bf16: bfloat16 autocast for the convolutions (attention and losses stay '
+                   'float32); auto (default): bf16 where the device runs it natively')
+    c.add_argument('--export', type=Path, help='write the weights file for keyprep here at the end')
 
 
 def run_train(argv: list[str]) -> int:
@@ -123,6 +162,8 @@ def run_train(argv: list[str]) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
     try:
+        if opts.model == 'carl':
+            return _carl(opts)
         return _synthseg(opts) if opts.model == 'synthseg' else _keymorph(opts)
     except KeyprepError as exc:
         LOGGER.error('%s', exc)
@@ -223,6 +264,32 @@ def _keymorph(opts) -> int:
                  max_minutes=opts.max_minutes, init=opts.init)
     if opts.export:
         meta = export_weights(ckpt, opts.export, card={'recipe': opts.recipe})
+        LOGGER.info('weights: %s', json.dumps(meta))
+    return EXIT_OK
+
+
+def _carl(opts) -> int:
+    from ..pipeline.carl.train import RECIPES, export_weights, train
+    from ..pipeline.resources import resolve_precision
+
+    device = _prepare(opts)
+    if device is None:
+        return EXIT_NO_INPUT
+    cfg = RECIPES[opts.recipe]
+    changes = {}
+    for key in ('steps', 'diffusion_steps', 'lr', 'similarity', 'seed', 'val_every',
+                'checkpoint_every'):
+        value = getattr(opts, key)
+        if value is not None:
+            changes[key] = value
+    changes['precision'] = resolve_precision(opts.precision, device)
+    cfg = replace(cfg, **changes)
+    LOGGER.info('precision: %s', cfg.precision)
+    ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
+                 extra_maps=_extra_maps(opts.extra_anatomies, opts.label_maps), log=LOGGER.info,
+                 max_minutes=opts.max_minutes)
+    if opts.export:
+        meta = export_weights(ckpt, opts.export, recipe=opts.recipe)
         LOGGER.info('weights: %s', json.dumps(meta))
     return EXIT_OK
 

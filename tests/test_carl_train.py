@@ -1,0 +1,111 @@
+"""CARL training (keyprep.pipeline.carl.train, ``keyprep train carl``): exact resumption
+across the diffusion -> GradICON switch, validation through register_arrays, export and
+the weights check. Toy label maps, a 32^3 network, one CPU thread."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from keyprep.pipeline.carl.network import CarlConfig, check_carl_weights, load_carl
+from keyprep.pipeline.carl.train import CarlTrainConfig, Trainer, export_weights, train
+from keyprep.pipeline.synth.generator import SynthConfig, label_map_from_array
+from tests.test_keymorph_network import toy_volume
+
+torch.set_num_threads(1)
+
+TINY = CarlConfig(shape=(32, 32, 32), res_mm=4.0, enc_channels=8, enc_blocks=1,
+                  dilations=(1, 2), feat_dim=8, pad=2, refine1=(4, 8), refine2=(4, 8))
+
+
+@pytest.fixture(scope='module')
+def toy_maps():
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = -35.0
+    maps = [label_map_from_array(toy_volume(36 + 2 * i, i), aff, f'toy_{i}') for i in range(5)]
+    return maps[:3], maps[3:]
+
+
+def tiny_cfg(**kw) -> CarlTrainConfig:
+    base = dict(model=TINY, synth=SynthConfig(translation_mm=8.0, skull_strip_prob=1.0,
+                                              nonlin_std_mm=2.0, res_prob=0.0),
+                steps=3, diffusion_steps=2, warmup=1, lr=1e-3, checkpoint_every=1,
+                val_every=0, val_translation_mm=4.0)
+    base.update(kw)
+    return CarlTrainConfig(**base)
+
+
+def test_resume_is_exact_across_the_phase_switch(tmp_path, toy_maps):
+    """Steps 1-2 (diffusion), stop, resume for step 3 (GradICON, fresh Adam): the same weights
+    and losses as one uninterrupted run."""
+    cfg = tiny_cfg()
+    straight = tmp_path / 'straight'
+    train(None, straight, cfg, maps=toy_maps, held_out=(), log=lambda *_: None)
+    split = tmp_path / 'split'
+    train(None, split, replace(cfg, steps=2), maps=toy_maps, held_out=(), log=lambda *_: None)
+    ckpt2 = torch.load(split / 'checkpoint.pt', weights_only=True)
+    assert ckpt2['step'] == 2 and ckpt2['phase'] == 'diffusion'
+    train(None, split, cfg, maps=toy_maps, held_out=(), log=lambda *_: None)
+    a = torch.load(straight / 'checkpoint.pt', weights_only=True)
+    b = torch.load(split / 'checkpoint.pt', weights_only=True)
+    assert a['step'] == b['step'] == 3 and a['phase'] == 'gradicon'
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    rows_a = (straight / 'train_log.tsv').read_text().splitlines()
+    rows_b = (split / 'train_log.tsv').read_text().splitlines()
+    assert [r.split('\t')[:5] for r in rows_a] == [r.split('\t')[:5] for r in rows_b]
+    assert rows_a[3].split('\t')[1] == 'gradicon' and len(rows_a) == 4
+    # the optimiser was renewed at the switch: its steps count from the switch
+    assert int(a['optimiser']['state'][0]['step']) == 1
+
+
+def test_pairs_are_seeded_and_both_phases_train(toy_maps):
+    cfg = tiny_cfg()
+    t = Trainer(toy_maps[0], cfg)
+    b1, b2 = t.pair_batch(5), t.pair_batch(5)
+    assert torch.equal(b1['a'], b2['a']) and torch.equal(b1['b'], b2['b'])
+    assert b1['a'].shape == (1, 1, 32, 32, 32)
+    assert float(b1['a'].min()) >= 0 and float(b1['a'].max()) <= 1
+    assert t.phase(1) == 'diffusion' and t.phase(2) == 'gradicon'
+    for step in (0, 2):
+        terms = t.step(step)
+        assert np.isfinite(terms['loss']) and terms['reg'] >= 0
+
+
+def test_validation_through_register_arrays_and_export(tmp_path, toy_maps):
+    train_maps, held = toy_maps
+    cfg = tiny_cfg(steps=1, val_every=1)
+    out = tmp_path / 'run'
+    train(None, out, cfg, maps=(train_maps, held + [train_maps[0]]), held_out=(),
+          log=lambda *_: None)
+    rows = (out / 'val_log.tsv').read_text().splitlines()
+    assert rows[0].split('\t')[:6] == ['step', 'dice', 'dice_identity', 'fold_pct', 'ic_vox',
+                                       'seconds']
+    values = rows[1].split('\t')
+    assert values[0] == '1' and 0 <= float(values[1]) <= 1 and 0 <= float(values[3]) <= 100
+    meta = export_weights(out / 'checkpoint.pt', tmp_path / 'carl.pt', recipe='tiny')
+    assert meta['step'] == 1 and check_carl_weights(tmp_path / 'carl.pt')['sha256'] == meta['sha256']
+    model, info = load_carl(tmp_path / 'carl.pt')
+    assert info['format'] == 'keyprep-carl-1' and info['recipe']['name'] == 'tiny'
+    assert info['config'] == TINY.to_dict() and info['recipe']['diffusion_steps'] == 2
+
+
+def test_held_out_maps_never_train(toy_maps):
+    train_maps, held = toy_maps
+    leaked = [replace(train_maps[0], name='training_seg_14')]
+    with pytest.raises(ValueError, match='held-out'):
+        train(None, '/nonexistent/never-made', tiny_cfg(), maps=(leaked, held),
+              log=lambda *_: None)
+
+
+def test_cli_carl_missing_label_maps(tmp_path):
+    from keyprep.bids_app.train import run_train
+    from keyprep.pipeline.errors import EXIT_NO_INPUT, EXIT_USAGE
+
+    assert run_train(['carl', '--label-maps', str(tmp_path / 'none'), '--output',
+                      str(tmp_path / 'out'), '--device', 'cpu']) == EXIT_NO_INPUT
+    assert run_train(['carl', '--output', str(tmp_path / 'out')]) == EXIT_USAGE
+    assert run_train(['carl', '--label-maps', str(tmp_path), '--output', str(tmp_path / 'o'),
+                      '--recipe', 'nope']) == EXIT_USAGE
