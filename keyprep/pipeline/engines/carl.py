@@ -115,7 +115,10 @@ class CARL(ArrayEngine):
                       'network_inverse_consistency_vox': round(
                           float(out['inverse_consistency_vox']), 4),
                       'working_grid': out['working_grid'],
-                      'model_step': meta.get('step') if isinstance(meta, dict) else None}
+                      'model_step': meta.get('step') if isinstance(meta, dict) else None,
+                      # this variant's own time (its IO and network pass, not the shared
+                      # loading and prealignment), for benchmarks that time variants apart
+                      'variant_time_s': round(out['timings']['total_s'], 3)}
             if out['io_losses']:
                 extras['io_loss_first_last'] = [round(float(out['io_losses'][0]), 5),
                                                 round(float(out['io_losses'][-1]), 5)]

@@ -123,7 +123,9 @@ class DIO(ArrayEngine):
             extras = {'representation': rep, 'timings_s': timings, 'load_s': round(t_load, 3),
                       'solver_iterations': entry.get('iterations'),
                       'feature_loss': (round(float(entry['loss']), 6)
-                                       if entry.get('loss') is not None else None)}
+                                       if entry.get('loss') is not None else None),
+                      # this representation's own solver time (the features are shared)
+                      'variant_time_s': round(float(entry.get('seconds') or 0.0), 3)}
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
                                         entry['disp_fwd'], entry.get('disp_inv'), extras)
         return results
