@@ -3,6 +3,7 @@
     keyprep train synthseg --label-maps DIR --output DIR [--recipe cpu-2mm|gpu-1mm]
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
     keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper] [--device cuda]
+    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|gpu-2mm] [--steps N]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
@@ -114,8 +115,47 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
     k.add_argument('--threads', type=int, help='torch CPU threads')
     k.add_argument('--export', type=Path, help='write the weights file for keyprep here at the end')
+    _add_dio_parser(sub)
     _add_carl_parser(sub)
     return parser
+
+
+def _add_dio_parser(sub) -> None:
+    from ..pipeline.dio.train import RECIPES as DIO_RECIPES
+    from ..pipeline.synth.train import HELD_OUT
+
+    d = sub.add_parser('dio', help='the DIO feature network (registration by an iterative '
+                       'solver on learned features, trained through its optimum)')
+    d.add_argument('--label-maps', type=Path,
+                   default=Path('../shared/data/synthseg/training_label_maps'),
+                   help='folder of training label maps (*.nii.gz) in SynthSeg generation labels, '
+                   'or a label-map bundle (default: %(default)s)')
+    d.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
+    d.add_argument('--recipe', choices=sorted(DIO_RECIPES), default='cpu-2mm',
+                   help='cpu-2mm: 64^3 pairs at 2 mm, short inner solves (default); gpu-2mm: '
+                   "the paper's inner iterations (200/100/50)")
+    d.add_argument('--steps', type=int, help='total optimisation steps (default: the recipe)')
+    d.add_argument('--lr', type=float, help='peak learning rate (default: the recipe, 3e-4)')
+    d.add_argument('--seed', type=int, help='training seed (default: the recipe)')
+    d.add_argument('--implicit', choices=['jfb', 'ift'],
+                   help='gradient through the solver: Jacobian-free (default) or exact '
+                   'per-voxel IFT')
+    d.add_argument('--init-encoder', action='store_true',
+                   help="start a new run's encoder from the label network's weights")
+    d.add_argument('--label-network', type=Path,
+                   help='label-network weights for --init-encoder (default: the shipped ones)')
+    d.add_argument('--val-every', type=int, help='validate every N steps (0: never)')
+    d.add_argument('--checkpoint-every', type=int, help='checkpoint every N steps')
+    d.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')
+    d.add_argument('--held-out', nargs='*', default=list(HELD_OUT),
+                   help='label-map names kept out of training for validation')
+    d.add_argument('--extra-anatomies', nargs='*', default=[],
+                   choices=['colin27', 'jhu189', 'icbm'],
+                   help='add label maps built from atlases installed with mricron-data / nilearn')
+    d.add_argument('--max-minutes', type=float, help='stop (with a checkpoint) after this long')
+    d.add_argument('--threads', type=int, help='torch CPU threads')
+    d.add_argument('--export', type=Path,
+                   help='write the weights file for keyprep here at the end')
 
 
 def _add_carl_parser(sub) -> None:
@@ -162,6 +202,8 @@ def run_train(argv: list[str]) -> int:
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
     try:
+        if opts.model == 'dio':
+            return _dio(opts)
         if opts.model == 'carl':
             return _carl(opts)
         return _synthseg(opts) if opts.model == 'synthseg' else _keymorph(opts)
@@ -262,6 +304,30 @@ def _keymorph(opts) -> int:
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
                  extra_maps=_extra_maps(opts.extra_anatomies, opts.label_maps), log=LOGGER.info,
                  max_minutes=opts.max_minutes, init=opts.init)
+    if opts.export:
+        meta = export_weights(ckpt, opts.export, card={'recipe': opts.recipe})
+        LOGGER.info('weights: %s', json.dumps(meta))
+    return EXIT_OK
+
+
+def _dio(opts) -> int:
+    from ..pipeline.dio.train import RECIPES, export_weights, train
+
+    device = _prepare(opts)
+    if device is None:
+        return EXIT_NO_INPUT
+    cfg = RECIPES[opts.recipe]
+    changes = {}
+    for key in ('steps', 'lr', 'seed', 'implicit', 'val_every', 'checkpoint_every'):
+        value = getattr(opts, key)
+        if value is not None:
+            changes[key] = value
+    if opts.init_encoder:
+        changes['init_encoder'] = True
+    cfg = replace(cfg, **changes)
+    ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
+                 extra_maps=_extra_maps(opts.extra_anatomies, opts.label_maps), log=LOGGER.info,
+                 max_minutes=opts.max_minutes, label_network=opts.label_network)
     if opts.export:
         meta = export_weights(ckpt, opts.export, card={'recipe': opts.recipe})
         LOGGER.info('weights: %s', json.dumps(meta))

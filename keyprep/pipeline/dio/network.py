@@ -129,6 +129,9 @@ class DioFeatureNet(nn.Module):
             cin = w
         self.up = nn.ModuleList()
         self.heads = nn.ModuleDict()
+        bottom = 2 ** (config.levels - 1)
+        if bottom in config.scales:  # features straight from the deepest encoder block
+            self.heads[str(bottom)] = nn.Conv3d(cin, config.out_channels, 3, padding=1)
         for level, w_skip in reversed(list(enumerate(widths[:-1]))):
             self.up.append(_Block(cin + w_skip, w_skip, config.convs_per_level))
             cin = w_skip
@@ -148,6 +151,8 @@ class DioFeatureNet(nn.Module):
             skips.append(x)
         out: dict[int, torch.Tensor] = {}
         level = len(skips) - 1
+        if str(2 ** level) in self.heads:
+            out[2 ** level] = self.heads[str(2 ** level)](x)
         for block in self.up:
             skip = skips.pop(-2)
             level -= 1

@@ -1,0 +1,437 @@
+"""DIO (keyprep.pipeline.dio): solver, implicit gradients, representations, engine API, weights,
+training. Small grids, one thread: the whole file runs in about a minute on one core."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import distance_transform_edt, map_coordinates
+
+from keyprep.pipeline.dio.implicit import (
+    implicit_displacement, newton_polish, trilinear, voxel_terms,
+)
+from keyprep.pipeline.dio.network import (
+    DioConfig, DioFeatureNet, check_dio_weights, init_from_label_network, load_dio,
+)
+from keyprep.pipeline.dio.register import intensity_features, register_arrays, warp_array
+from keyprep.pipeline.dio.solver import (
+    SolverConfig, feature_loss, jacobian_determinant, sample, solve, warp,
+)
+from keyprep.pipeline.errors import MissingInputError, WeightsError
+from keyprep.pipeline.synth.generator import gaussian_blur, identity_grid
+
+TINY = DioConfig(features=4, levels=3, max_features=8, convs_per_level=1, out_channels=4,
+                 iterations=(20, 10, 5))
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def _folds(disp: np.ndarray) -> int:
+    return int((jacobian_determinant(torch.as_tensor(disp)) <= 0).sum())
+
+
+# ---------------------------------------------------------------------------- the toy
+N_TOY = 48
+
+
+def _squares():
+    """The paper's toy in 3-D: two cubes of side 8 that do not overlap (16 voxels apart)."""
+    fixed = np.zeros((N_TOY,) * 3, np.float32)
+    moving = np.zeros_like(fixed)
+    fixed[12:20, 18:26, 18:26] = 1
+    moving[28:36, 20:28, 18:26] = 1
+    return fixed, moving
+
+
+def distance_features(x: torch.Tensor) -> list[torch.Tensor]:
+    """A fixed analytic feature map: exp(-distance to the object / 8 voxels), pooled 4, 2, 1."""
+    img = x[0, 0].cpu().numpy() > 0.5
+    feat = np.exp(-distance_transform_edt(~img) / 8.0)
+    return intensity_features(torch.as_tensor(feat, dtype=torch.float32)[None, None])
+
+
+@pytest.fixture(scope='module')
+def toy_results():
+    fixed, moving = _squares()
+    iters = (100, 50, 25)
+    return {
+        'intensity': register_arrays(fixed, moving, intensity_features, iterations=iters),
+        'distance': register_arrays(fixed, moving, distance_features, iterations=iters),
+    }
+
+
+def test_toy_intensity_loss_is_flat_between_non_overlapping_squares():
+    """The paper's Fig. 2: over translations that keep the cubes apart, the intensity loss
+    does not change (nothing leads the solver towards the other cube; its gradient is a
+    sub-voxel interpolation artefact, the same along every axis), while the loss of the
+    distance features falls all the way."""
+    fixed, moving = _squares()
+    f = torch.as_tensor(fixed)[None, None]
+    m = torch.as_tensor(moving)[None, None]
+    ff, fm = distance_features(f)[-1], distance_features(m)[-1]
+    flat, falling = [], []
+    for t in (0, 2, 4, 6, 8):  # whole voxels towards the moving cube (16 voxels away)
+        shift = torch.zeros(1, 3, *fixed.shape)
+        shift[:, 0] = t
+        flat.append(float(feature_loss(f, warp(m, shift))))
+        falling.append(float(feature_loss(ff, warp(fm, shift))))
+    assert max(flat) - min(flat) < 1e-6 * flat[0]
+    assert all(b < a for a, b in zip(falling[:-1], falling[1:]))
+    shift = torch.zeros(1, 3, 1, 1, 1, requires_grad=True)
+    loss = feature_loss(f, warp(m, shift.expand(1, 3, *fixed.shape)))
+    (grad,) = torch.autograd.grad(loss, shift)
+    assert torch.allclose(grad[0, 0], grad[0, 1]) and torch.allclose(grad[0, 0], grad[0, 2])
+
+
+def test_toy_features_succeed_where_intensities_fail(toy_results):
+    fixed, moving = _squares()
+    for rep in ('ffd', 'diffeo', 'affine'):
+        for kind, expect in (('intensity', 'fail'), ('distance', 'succeed')):
+            disp = toy_results[kind][rep]['disp_fwd']
+            d = _dice(warp_array(moving, disp) > 0.5, fixed > 0.5)
+            if expect == 'fail':
+                assert d < 0.05, (kind, rep, d)
+            else:
+                assert d > 0.95, (kind, rep, d)
+    mat = toy_results['distance']['affine']['affine_vox']
+    assert abs(mat[0, 3] - 16) < 1.5  # the 16-voxel translation along the first axis
+
+
+def test_switching_representation_diffeo_never_folds_where_ffd_folds(toy_results):
+    res = toy_results['distance']
+    assert _folds(res['ffd']['disp_fwd']) > 100  # the free-form warp tears the background
+    assert _folds(res['diffeo']['disp_fwd']) == 0
+    assert _folds(res['diffeo']['disp_inv']) == 0
+    assert _folds(res['affine']['disp_fwd']) == 0
+    assert res['ffd']['disp_inv'] is None
+
+
+# ---------------------------------------------------------------------------- implicit gradient
+def _ift_problem(n: int = 8):
+    """Smooth features with full-rank gradients, moving = fixed shifted by 0.25-0.75 voxel
+    (so every optimum lies inside a trilinear cell: the per-voxel objective is smooth there)."""
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float64
+
+    def feats(shift):
+        i, j, k = identity_grid((n,) * 3, dtype=dt) + shift
+        return torch.stack([0.6 * i + 0.4 * torch.sin(0.9 * j), 0.6 * j + 0.4 * torch.sin(0.8 * k),
+                            0.6 * k + 0.4 * torch.sin(0.7 * i),
+                            torch.cos(0.5 * i + 0.3 * j - 0.4 * k)])[None]
+
+    t = 0.5 + 0.25 * torch.tanh(3 * gaussian_blur(torch.randn(1, 3, n, n, n, generator=g,
+                                                               dtype=dt), (2.0,) * 3))
+    fixed = feats(0)
+    moving = feats(-t[0]) + 0.03 * torch.randn(1, 4, n, n, n, generator=g, dtype=dt)
+    return fixed, moving
+
+
+def test_implicit_gradient_equals_finite_differences():
+    fixed, moving = _ift_problem()
+    cfg = SolverConfig(iterations=(200,), sigma_grad=0, sigma_warp=0, patience=0, lr=0.05)
+    u0 = newton_polish(solve([fixed], [moving], 'ffd', cfg, (1,)).final.field, fixed, moving, 20)
+    g, _ = voxel_terms(u0, fixed, moving)
+    inner = g.reshape(8, 8, 8, 3)[:-1, :-1, :-1]  # the last plane samples past the border
+    assert float(inner.abs().max()) < 1e-10  # an exact stationary point
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(1, 3, 8, 8, 8, generator=gen, dtype=torch.float64)
+    w[:, :, -1], w[:, :, :, -1], w[:, :, :, :, -1] = 0, 0, 0
+
+    def outer(ff, fm):  # T(u*(F)) with u* re-solved (Newton from u0)
+        return float((w * newton_polish(u0, ff, fm, 10)).sum())
+
+    df = torch.randn(fixed.shape, generator=gen, dtype=torch.float64)
+    dm = torch.randn(moving.shape, generator=gen, dtype=torch.float64)
+    eps = 1e-6
+    fd = (outer(fixed + eps * df, moving + eps * dm) - outer(fixed - eps * df, moving - eps * dm)) \
+        / (2 * eps)
+    grads = {}
+    for mode in ('ift', 'jfb'):
+        ff, fm = fixed.clone().requires_grad_(True), moving.clone().requires_grad_(True)
+        (w * implicit_displacement(u0, ff, fm, mode, damping=0.0)).sum().backward()
+        grads[mode] = torch.cat([ff.grad.flatten(), fm.grad.flatten()])
+        if mode == 'ift':  # exact: relative error 1e-6 (measured about 1e-10 in float64)
+            analytic = float((ff.grad * df).sum() + (fm.grad * dm).sum())
+            assert abs(analytic - fd) < 1e-6 * abs(fd), (analytic, fd)
+    # the Jacobian-free gradient is an approximation that still points the same way
+    cos = torch.nn.functional.cosine_similarity(grads['ift'], grads['jfb'], dim=0)
+    assert float(cos) > 0.3
+
+
+def test_trilinear_sampler_matches_grid_sample_and_its_gradient():
+    gen = torch.Generator().manual_seed(3)
+    vol = torch.randn(1, 2, 6, 7, 8, generator=gen, dtype=torch.float64)
+    pts = torch.rand(1, 3, 50, 1, 1, generator=gen, dtype=torch.float64) * 9 - 1  # some outside
+    p = pts.clone().requires_grad_(True)
+    ref = sample(vol, p)[0].reshape(2, -1)
+    (ref_grad,) = torch.autograd.grad(ref[1].sum(), p)
+    value, grad, _ = trilinear(vol[0], pts[0].reshape(3, -1))
+    assert torch.allclose(value, ref, atol=1e-12)
+    assert torch.allclose(grad[1], ref_grad[0].reshape(3, -1), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- affine
+def _blob(shape=(40, 40, 40)) -> np.ndarray:
+    """A smooth, asymmetric phantom: a large ellipsoid and six smaller Gaussian blobs."""
+    g = np.indices(shape, dtype=np.float64)
+    c = [(n - 1) / 2 for n in shape]
+    scale = min(shape) / 40
+    img = np.exp(-sum(((g[a] - c[a]) / (s * scale)) ** 2 for a, s in enumerate((11, 8, 6))))
+    rng = np.random.default_rng(7)
+    for _ in range(6):
+        centre = [ci + rng.uniform(-9, 9) * scale for ci in c]
+        width = rng.uniform(2.5, 4.5) * scale
+        img += rng.uniform(0.4, 0.9) * np.exp(-sum((g[a] - centre[a]) ** 2 for a in range(3))
+                                              / (2 * width ** 2))
+    return img.astype(np.float32)
+
+
+def test_affine_representation_recovers_a_known_affine():
+    fixed = _blob()
+    ang = math.radians(6.0)
+    rot = np.array([[math.cos(ang), -math.sin(ang), 0], [math.sin(ang), math.cos(ang), 0],
+                    [0, 0, 1]])
+    lin = rot @ np.diag([1.05, 0.97, 1.0])
+    c = (np.array(fixed.shape) - 1) / 2
+    true = np.eye(4)
+    true[:3, :3] = lin
+    true[:3, 3] = c - lin @ c + np.array([2.0, -1.5, 1.0])
+    # moving(true @ x) = fixed(x): moving(y) = fixed(true^-1 y)
+    inv = np.linalg.inv(true)
+    grid = np.indices(fixed.shape).reshape(3, -1)
+    src = inv[:3, :3] @ grid + inv[:3, 3:]
+    moving = map_coordinates(fixed, src, order=1).reshape(fixed.shape).astype(np.float32)
+    out = register_arrays(fixed, moving, intensity_features, representations=('affine',),
+                          iterations=(200, 100, 50))
+    mat = out['affine']['affine_vox']
+    assert np.abs(mat[:3, :3] - true[:3, :3]).max() < 0.03
+    # compare where it matters: the mapped positions of the blob's voxels
+    inside = grid[:, fixed.reshape(-1) > 0.3]
+    err = (mat[:3, :3] @ inside + mat[:3, 3:]) - (true[:3, :3] @ inside + true[:3, 3:])
+    assert np.sqrt((err ** 2).sum(0)).max() < 0.6  # voxels
+    # disp_inv is the inverse map
+    fwd, bwd = out['affine']['disp_fwd'], out['affine']['disp_inv']
+    x = np.array([20, 21, 19])
+    y = x + fwd[:, 20, 21, 19]
+    back = y + np.array([map_coordinates(bwd[a], y[:, None], order=1)[0] for a in range(3)])
+    assert np.allclose(back, x, atol=0.05)
+
+
+# ---------------------------------------------------------------------------- sizes, spacing
+def test_different_sizes_and_anisotropic_voxels_run_without_retraining():
+    torch.manual_seed(0)
+    model = DioFeatureNet(TINY)
+    for shape, spacing in (((30, 26, 20), (1.0, 1.0, 3.0)), ((17, 40, 33), (2.0, 1.5, 1.0))):
+        img = np.random.default_rng(0).random(shape).astype(np.float32)
+        out = register_arrays(img, np.roll(img, 1, 0), model, spacing_mm=spacing,
+                              representations=('ffd', 'diffeo'), iterations=5)
+        for rep in ('ffd', 'diffeo'):
+            assert out[rep]['disp_fwd'].shape == (3, *shape)
+            assert np.isfinite(out[rep]['disp_fwd']).all()
+
+
+def test_anisotropic_grid_recovers_the_same_shift_in_mm():
+    """One blob phantom shifted by (4, -2, 2) mm, sampled at 2 mm isotropic and at 2x2x4 mm:
+    the affine representation finds the same physical shift on both grids."""
+    shift_mm = np.array([4.0, -2.0, 2.0])
+    results = []
+    for spacing in ((2.0, 2.0, 2.0), (2.0, 2.0, 4.0)):
+        shape = tuple(int(80 / s) for s in spacing)
+        mm = (np.indices(shape, dtype=np.float64) + 0.5) * np.array(spacing).reshape(3, 1, 1, 1)
+
+        def phantom(offset):
+            p = mm - 40.0 - offset.reshape(3, 1, 1, 1)
+            r = (p[0] / 18) ** 2 + (p[1] / 13) ** 2 + (p[2] / 10) ** 2
+            return (np.exp(-r) + 0.5 * np.exp(-((p[0] - 8) ** 2 + p[1] ** 2 + p[2] ** 2) / 60)
+                    ).astype(np.float32)
+
+        out = register_arrays(phantom(np.zeros(3)), phantom(shift_mm), intensity_features,
+                              spacing_mm=spacing, res_mm=2.0, representations=('affine',),
+                              iterations=(150, 80, 40))
+        mat = out['affine']['affine_vox']
+        centre = (np.array(shape) - 1) / 2
+        moved = mat[:3, :3] @ centre + mat[:3, 3] - centre
+        results.append(moved * np.array(spacing))
+    for found in results:
+        assert np.abs(found - shift_mm).max() < 0.8, results
+    assert np.abs(results[0] - results[1]).max() < 0.8
+
+
+# ---------------------------------------------------------------------------- engine API
+def test_register_arrays_shapes_dtypes_and_inverse():
+    torch.manual_seed(0)
+    model = DioFeatureNet(TINY)
+    fixed = _blob((24, 28, 20)) * 300.0  # any intensity scale
+    moving = np.roll(fixed, 2, axis=1)
+    out = register_arrays(fixed, moving, model, spacing_mm=(2.0, 2.0, 2.0))
+    assert set(out) == {'ffd', 'diffeo', 'affine', 'timings'}
+    assert {'features_s', 'ffd_s', 'diffeo_s', 'affine_s', 'total_s'} <= set(out['timings'])
+    for rep in ('ffd', 'diffeo', 'affine'):
+        r = out[rep]
+        assert r['disp_fwd'].shape == (3, 24, 28, 20) and r['disp_fwd'].dtype == np.float32
+        assert len(r['iterations']) == 3 and np.isfinite(r['loss'])
+    assert out['ffd']['disp_inv'] is None
+    assert out['diffeo']['disp_inv'].dtype == np.float32
+    assert out['affine']['affine_vox'].shape == (4, 4)
+    # exp(v) o exp(-v) is the identity (interior voxels)
+    fwd, inv = out['diffeo']['disp_fwd'], out['diffeo']['disp_inv']
+    grid = np.indices(fwd.shape[1:], dtype=np.float64)
+    pos = grid + fwd
+    back = pos + np.stack([map_coordinates(inv[a], pos, order=1, mode='nearest')
+                           for a in range(3)])
+    err = np.sqrt(((back - grid) ** 2).sum(0))[3:-3, 3:-3, 3:-3]
+    assert err.mean() < 0.03 and err.max() < 0.25, (err.mean(), err.max())
+    with pytest.raises(ValueError):
+        register_arrays(fixed, moving[:-1], model)
+    with pytest.raises(ValueError):
+        register_arrays(fixed, moving, model, representations=('bspline',))
+
+
+def test_network_scales_and_label_network_encoder():
+    model = DioFeatureNet(TINY)
+    feats = model(torch.rand(1, 1, 16, 24, 8))
+    assert [tuple(f.shape[2:]) for f in feats] == [(4, 6, 2), (8, 12, 4), (16, 24, 8)]
+    with pytest.raises(ValueError):
+        model(torch.rand(1, 1, 15, 24, 8))
+    full = DioFeatureNet(DioConfig())
+    before = full.down[0][0].weight.detach().clone()
+    assert init_from_label_network(full) == 32  # 4 levels x 2 convs x (conv w, b, norm w, b)
+    assert not torch.equal(before, full.down[0][0].weight)
+    with pytest.raises(ValueError):
+        init_from_label_network(DioFeatureNet(TINY))
+
+
+# ---------------------------------------------------------------------------- weights
+def test_check_dio_weights_and_errors(tmp_path):
+    from keyprep.pipeline.dio.network import FORMAT
+
+    model = DioFeatureNet(TINY)
+    good = tmp_path / 'dio.pt'
+    torch.save({'format': FORMAT, 'state_dict': {k: v.half() for k, v in
+                                                  model.state_dict().items()},
+                'config': TINY.to_dict(), 'step': 0, 'recipe': {}}, good)
+    info = check_dio_weights(good)
+    assert info['path'] == str(good) and len(info['sha256']) == 64
+    loaded = load_dio(good)
+    assert loaded.config == TINY and not loaded.training
+    with pytest.raises(MissingInputError):
+        check_dio_weights(tmp_path / 'absent.pt')
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'not a torch file' * 10)
+    with pytest.raises(WeightsError):
+        check_dio_weights(corrupt)
+    wrong = tmp_path / 'wrong.pt'
+    state = model.state_dict()
+    key = next(iter(state))
+    state[key] = torch.zeros(1)
+    torch.save({'format': FORMAT, 'state_dict': state, 'config': TINY.to_dict()}, wrong)
+    with pytest.raises(WeightsError):
+        check_dio_weights(wrong)
+    other = tmp_path / 'other.pt'
+    torch.save({'format': 'keyprep-keymorph-1', 'state_dict': model.state_dict(),
+                'config': TINY.to_dict()}, other)
+    with pytest.raises(WeightsError):
+        check_dio_weights(other)
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_register_arrays_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = DioFeatureNet(TINY)
+    fixed = _blob((24, 24, 24))
+    moving = np.roll(fixed, 2, axis=0)
+    cpu = register_arrays(fixed, moving, model, representations=('ffd', 'affine'))
+    gpu = register_arrays(fixed, moving, model, representations=('ffd', 'affine'), device='cuda')
+    for rep in ('ffd', 'affine'):
+        assert np.abs(cpu[rep]['disp_fwd'] - gpu[rep]['disp_fwd']).max() < 0.05
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.fixture(scope='module')
+def toy_maps():
+    from keyprep.pipeline.synth.generator import label_map_from_array
+    from tests.test_keymorph_network import toy_volume
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = -35.0
+    return [label_map_from_array(toy_volume(36 + 2 * i, i), aff, f'toy_{i}') for i in range(5)]
+
+
+def _tiny_train_cfg(**kw):
+    from keyprep.pipeline.dio.train import DioTrainConfig
+    from keyprep.pipeline.synth.generator import SynthConfig
+
+    base = dict(net=TINY, synth=SynthConfig(shape=(32, 32, 32), translation_mm=2.0,
+                                            skull_strip_prob=1.0, res_prob=0.0),
+                steps=3, warmup=1, checkpoint_every=1, val_every=3, level_steps=(0, 1, 2),
+                train_iterations=(8, 4, 2))
+    base.update(kw)
+    return DioTrainConfig(**base)
+
+
+def test_training_resumes_exactly_validates_and_exports(toy_maps, tmp_path):
+    from keyprep.pipeline.dio.train import export_weights, train
+
+    maps = (toy_maps[:3], toy_maps[3:])
+    cfg = _tiny_train_cfg()
+    straight = train(None, tmp_path / 'a', cfg, maps=maps, log=lambda *_: None)
+    half = train(None, tmp_path / 'b', cfg, maps=maps, log=lambda *_: None, max_minutes=0)
+    assert torch.load(half, weights_only=True)['step'] == 1  # stopped (and saved) after 1
+    resumed = train(None, tmp_path / 'b', cfg, maps=maps, log=lambda *_: None)
+    assert half == resumed
+    a = torch.load(straight, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    assert a['step'] == b['step'] == 3
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    rows = (tmp_path / 'a' / 'train_log.tsv').read_text().splitlines()
+    assert len(rows) == 4 and rows[-1].split('\t')[4] == '3'  # 3 levels at step 3
+    def logged(run):  # every column but the timings
+        rows = (tmp_path / run / 'train_log.tsv').read_text().splitlines()
+        return [r.split('\t')[:8] for r in rows]
+
+    assert logged('a') == logged('b')
+    val = (tmp_path / 'a' / 'val_log.tsv').read_text().splitlines()
+    header = val[0].split('\t')
+    assert header[:3] == ['step', 'dice_identity', 'dice_ffd'] and val[1].startswith('3\t')
+    values = dict(zip(header, val[1].split('\t')))
+    assert 0 <= float(values['dice_diffeo']) <= 1 and float(values['fold_pct_diffeo']) >= 0
+    meta = export_weights(straight, tmp_path / 'dio.pt')
+    assert check_dio_weights(meta['path'])['sha256'] == meta['sha256']
+    payload = torch.load(meta['path'], weights_only=True)
+    assert set(payload) == {'format', 'state_dict', 'config', 'step', 'recipe'}
+    model = load_dio(meta['path'])
+    assert model.config == TINY
+    # the held-out maps never enter training
+    with pytest.raises(ValueError):
+        train(None, tmp_path / 'c', cfg, maps=(toy_maps, toy_maps[3:]),
+              held_out=('toy_3', 'toy_4'), log=lambda *_: None)
+
+
+def test_implicit_gradient_reaches_the_network(toy_maps):
+    from keyprep.pipeline.dio.train import DioTrainer
+
+    for mode in ('jfb', 'ift'):
+        trainer = DioTrainer(toy_maps[:3], _tiny_train_cfg(implicit=mode))
+        batch = trainer.batch(0)
+        batch['side'] = 'both'
+        loss, terms = trainer.loss(2, batch)
+        loss.backward()
+        heads = {k: p.grad for k, p in trainer.model.named_parameters() if k.startswith('heads')}
+        assert terms['levels'] == 3
+        assert all(g is not None and float(g.abs().sum()) > 0 for g in heads.values()), mode
