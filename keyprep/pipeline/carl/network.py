@@ -463,15 +463,24 @@ def _working_grid(fixed: np.ndarray, moving: np.ndarray, spacing: np.ndarray,
 
 
 def _to_working(x: np.ndarray, centre, res: float, spacing, shape, device) -> torch.Tensor:
-    """Sample an input array on the working grid (anti-aliased, trilinear, zero outside)."""
+    """Sample an input array on the working grid (anti-aliased, trilinear, zero outside).
+
+    Anti-aliasing: a box average over ``k = floor(ratio)`` input voxels per axis where the
+    working voxels are at least 1.5 times larger (cheap on a 1 mm head, unlike a Gaussian on
+    the full grid), then a Gaussian for what remains of the ratio."""
     vol = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)[None, None]
-    factor = res / spacing
-    vol = gaussian_blur(vol, [0.42 * f if f > 1.2 else 0.0 for f in factor])
+    factor = res / np.asarray(spacing, dtype=float)
+    k = [int(np.floor(f + 1e-6)) if f >= 1.5 else 1 for f in factor]
+    if any(v > 1 for v in k):
+        vol = F.avg_pool3d(vol, kernel_size=k, stride=k)
+    rest = factor / np.asarray(k)
+    vol = gaussian_blur(vol, [0.42 * f if f > 1.2 else 0.0 for f in rest])
     half = (torch.tensor(shape, dtype=torch.float32, device=device) - 1) / 2
     ratio = torch.as_tensor(factor, dtype=torch.float32, device=device).view(3, 1, 1, 1)
     c = torch.as_tensor(centre, dtype=torch.float32, device=device).view(3, 1, 1, 1)
-    coords = c + (identity_grid(shape, device) - half.view(3, 1, 1, 1)) * ratio
-    return sample_field(vol, coords[None], padding_mode='zeros')
+    coords = c + (identity_grid(shape, device) - half.view(3, 1, 1, 1)) * ratio  # input voxels
+    kk = torch.as_tensor(k, dtype=torch.float32, device=device).view(3, 1, 1, 1)
+    return sample_field(vol, ((coords - (kk - 1) / 2) / kk)[None], padding_mode='zeros')
 
 
 def _to_input(u: torch.Tensor, centre, res: float, spacing, in_shape) -> torch.Tensor:
