@@ -347,6 +347,36 @@ def test_register_arrays_translation_convention():
     assert torch.allclose(out[0, :, 5, 7, 9], torch.tensor([2.0, -8.0, 0.5]))
 
 
+class _ConstantNet(nn.Module):
+    """A stand-in network: ``+t`` working voxels for the first pair of the batch (moving,
+    fixed), ``-t`` for the swapped one (an exactly inverse-consistent pair)."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.cfg = TINY
+        self.t = nn.Parameter(torch.tensor(t))
+
+    def forward(self, moving, fixed):
+        n = moving.shape[0] // 2
+        u = torch.ones(moving.shape[0], 3, *moving.shape[2:]) * self.t.view(1, 3, 1, 1, 1)
+        u[n:] *= -1
+        return u
+
+
+def test_register_arrays_scales_the_working_field_to_the_caller_grid():
+    """The working grid's voxels (4 mm here) become the caller's voxels (2, 1, 4 mm): a
+    constant working displacement t comes back as t * 4 / spacing, its inverse as the
+    opposite, with zero inverse-consistency error."""
+    fixed, moving = _ball_pair()
+    res = register_arrays(fixed, moving, _ConstantNet([1.0, -0.5, 0.25]),
+                          spacing_mm=(2.0, 1.0, 4.0))
+    assert res['working_grid']['res_mm'] == 4.0
+    centre = res['disp_fwd'][:, 16, 16, 16]
+    assert np.allclose(centre, [2.0, -2.0, 0.25], atol=1e-5)
+    assert np.allclose(res['disp_inv'][:, 3, 30, 5], [-2.0, 2.0, -0.25], atol=1e-5)
+    assert res['inverse_consistency_vox'] < 1e-5
+
+
 def test_device_agnostic_cpu():
     torch.manual_seed(0)
     net = CarlNet(TINY)
