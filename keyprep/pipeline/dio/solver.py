@@ -64,7 +64,7 @@ class SolverConfig:
 
     iterations: tuple[int, ...] = (200, 100, 50)
     optimizer: str = 'adam'  # 'adam' | 'sgd'
-    lr: float = 0.5  # largest move of one iteration, voxels of the level (ffd, diffeo)
+    lr: float = 0.25  # largest move of one iteration, voxels of the level (ffd, diffeo)
     lr_affine: float = 0.01  # Adam step of the affine parameters (normalised coordinates)
     betas: tuple[float, float] = (0.9, 0.99)
     sigma_grad: float = 1.0  # Gaussian smoothing of the gradient (voxels of the level)
