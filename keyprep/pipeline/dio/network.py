@@ -166,10 +166,12 @@ class DioFeatureNet(nn.Module):
 def init_from_label_network(model: DioFeatureNet, path: str | Path | None = None) -> int:
     """Copy the label network's encoder (``down.*``) into ``model``'s; returns the number of
     tensors copied. The encoders must have the same architecture (the defaults do)."""
-    from ..synth.labeller import default_weights as label_weights
     from ..weights import load_weights
 
-    path = Path(path) if path is not None else label_weights()
+    # the shipped label network (keyprep.pipeline.synth.labeller.default_weights, not imported:
+    # it needs nibabel, which a training machine may not have)
+    path = Path(path) if path is not None else \
+        MODEL_DIR.parent / 'synthseg' / 'keyprep-synthseg-2mm.pt'
     payload = load_weights(path, 'label-network', ('state_dict', 'unet'))
     own = model.state_dict()
     copied = {}
