@@ -193,12 +193,15 @@ def test_carl_is_wu_equivariant_and_displacement_network_is_not(shell_pair):
     baseline) is off by voxels.
 
     Assumption (ii) of the paper (attention of small support) is met by sharp features
-    (``feature_norm`` 30, logits 900 cos) with zero biases (zero features, logit 0, in the
-    background): Xi_theta is then exact to float precision. The composition's residual error
+    (``feature_norm`` 30, logits 900 cos) with zero biases and no normalisation layer (zero
+    features, logit 0, in the background; the default instance norm gives the background a
+    non-zero feature that random weights may match): Xi_theta is then exact to float
+    precision. The composition's residual error
     (a few 1e-3 voxels) comes from the cells around the content whose features are almost zero
     and whose attention is therefore not concentrated; it shrinks as ``feature_norm`` grows."""
     base = dict(shape=(96, 96, 96), enc_channels=16, enc_blocks=1, dilations=(1, 2),
-                feat_dim=16, feature_norm=30.0, pad=4, refine1=(4, 8), refine2=(4, 8))
+                enc_norm='none', feat_dim=16, feature_norm=30.0, pad=4, refine1=(4, 8),
+                refine2=(4, 8))
     carl = _wu_errors(CarlConfig(**base), shell_pair)
     assert carl['u2'] < 1e-4, carl
     assert carl['u1'] < 1e-2 and carl['u0'] < 1e-2, carl
@@ -210,7 +213,8 @@ def test_carl_composition_is_uu_equivariant(shell_pair):
     """With a shared shift (W = U) CARL's composition is equivariant as well."""
     moving, fixed, _, r = shell_pair
     cfg = CarlConfig(shape=(96, 96, 96), enc_channels=16, enc_blocks=1, dilations=(1, 2),
-                     feat_dim=16, feature_norm=30.0, pad=4, refine1=(4, 8), refine2=(4, 8))
+                     enc_norm='none', feat_dim=16, feature_norm=30.0, pad=4, refine1=(4, 8),
+                     refine2=(4, 8))
     errs = _wu_errors(cfg, (moving, fixed, r, r))
     assert max(errs.values()) < 1e-2, errs
 
@@ -451,6 +455,9 @@ def test_config_round_trip_and_presets():
         assert CarlConfig.from_dict(cfg.to_dict()) == cfg
     assert PRESETS['cpu'].attention_shape == (24, 24, 24)
     assert PRESETS['paper'].attention_shape == (44, 44, 44) and PRESETS['paper'].pad == 9
+    with torch.device('meta'):  # the paper's encoder: 3 986 816 parameters (with its norms)
+        enc = CarlNet(PRESETS['paper']).first.encoder
+    assert sum(p.numel() for p in enc.parameters()) == 3_986_816
     with pytest.raises(ValueError):
         CarlConfig(shape=(30, 32, 32))
     assert isinstance(CarlNet(TINY).first, CoordinateAttention)
