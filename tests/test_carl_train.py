@@ -109,3 +109,8 @@ def test_cli_carl_missing_label_maps(tmp_path):
     assert run_train(['carl', '--output', str(tmp_path / 'out')]) == EXIT_USAGE
     assert run_train(['carl', '--label-maps', str(tmp_path), '--output', str(tmp_path / 'o'),
                       '--recipe', 'nope']) == EXIT_USAGE
+    from keyprep.bids_app.train import build_parser
+
+    opts = build_parser().parse_args(['carl', '--label-maps', 'maps', '--output', 'out',
+                                      '--same-contrast', '1', '--similarity', 'lncc'])
+    assert opts.p_same_contrast == 1.0 and opts.similarity == 'lncc' and opts.recipe == 'cpu'

@@ -178,6 +178,9 @@ def _add_carl_parser(sub) -> None:
     c.add_argument('--similarity', choices=['lncc', 'lncc2'],
                    help="lncc: the paper's; lncc2: squared, for pairs of different contrasts "
                    '(default: the recipe)')
+    c.add_argument('--same-contrast', type=float, dest='p_same_contrast',
+                   help='fraction of pairs sharing one named contrast, the others independent '
+                   'random contrasts (default: the recipe, 0.5; 1 with --similarity lncc)')
     c.add_argument('--seed', type=int, help='training seed (default: the recipe)')
     c.add_argument('--val-every', type=int, help='validate every N steps (0: never)')
     c.add_argument('--checkpoint-every', type=int, help='checkpoint every N steps')
@@ -343,8 +346,8 @@ def _carl(opts) -> int:
         return EXIT_NO_INPUT
     cfg = RECIPES[opts.recipe]
     changes = {}
-    for key in ('steps', 'diffusion_steps', 'lr', 'similarity', 'seed', 'val_every',
-                'checkpoint_every'):
+    for key in ('steps', 'diffusion_steps', 'lr', 'similarity', 'p_same_contrast', 'seed',
+                'val_every', 'checkpoint_every'):
         value = getattr(opts, key)
         if value is not None:
             changes[key] = value
