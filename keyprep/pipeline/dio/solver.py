@@ -16,17 +16,16 @@ transformation representation is chosen at call time, on the same features (no r
 ``'diffeo'``
     a **stationary velocity field** ``v``: ``phi = exp(v)``, integrated by scaling and
     squaring (``v / 2^K`` composed with itself ``K`` times, ``K`` chosen so that the first
-    step moves at most a quarter of a voxel), ``v`` smoothed like ``u`` but with ``sigma_velocity``
-    (1 voxel: with the free-form 0.5 a large ``v`` is under-resolved and its numerical
-    exponential can fold). Its inverse is exactly
-    ``exp(-v)``. (The authors' test-time solver is compositive; the SVF is chosen here for the
-    exact inverse.)
+    step moves at most a quarter of a voxel); ``v`` is smoothed like ``u`` but with
+    ``sigma_velocity`` (1 voxel: with the free-form 0.5 a large ``v`` is under-resolved and
+    its numerical exponential can fold). Its inverse is exactly ``exp(-v)``. (The authors'
+    test-time solver is compositive; the SVF is chosen here for the exact inverse.)
 ``'affine'``
     ``phi(x) = A x + t`` in centred, normalised millimetre coordinates of the grid
     (``q = (x_mm - centre) / R``, ``R`` the largest half-extent), starting at the identity.
 
 Optimisers: ``'adam'`` (default; Adam moments of the smoothed gradient, the update direction
-rescaled so that no voxel moves more than ``lr`` voxels per iteration, FireANTs-style) or
+rescaled so that no voxel moves more than ``lr`` (0.25) voxels per iteration, FireANTs-style) or
 ``'sgd'`` (the smoothed gradient rescaled the same way). Early stopping: the level ends when the
 relative loss decrease stays below ``tol`` for ``patience`` consecutive iterations.
 
