@@ -134,3 +134,25 @@ def test_cli_brings_the_starting_affine(tmp_path, carl_weights, dio_weights):
     opts = parse_args([*base, '--methods', 'dio', '--dio-init', 'antsAffine'])
     assert opts.methods == ['antsAffine', 'dio']
     assert opts.engine_params['dio'] == {'weights': str(dio_weights), 'init': 'antsAffine'}
+
+
+def test_methods_all_names_engines_without_weights(tmp_path, carl_weights, monkeypatch, capsys):
+    """--methods all runs every engine whose weights exist; a learned engine without shipped
+    weights is named on stderr with the option that gives them, and runs once given."""
+    import dataclasses
+
+    from keyprep.bids_app.parser import parse_args
+    from keyprep.pipeline.engines import base as engine_base
+
+    model = engine_base.learned_models()['carl']
+    monkeypatch.setitem(engine_base._MODELS, 'carl', dataclasses.replace(
+        model, default_weights=lambda: tmp_path / 'not-shipped.pt'))
+    (tmp_path / 'ds').mkdir()
+    base = [str(tmp_path / 'ds'), str(tmp_path / 'o'), 'participant', '--methods', 'all']
+    opts = parse_args(base)
+    assert 'carl' not in opts.methods and 'carl' in opts.methods_unavailable
+    assert {'antsSyN', 'keymorphAffine'} <= set(opts.methods)
+    err = capsys.readouterr().err
+    assert 'not running carl' in err and '--carl-weights' in err
+    opts = parse_args([*base, '--carl-weights', str(carl_weights)])
+    assert 'carl' in opts.methods and opts.methods.index('keymorphAffine') < opts.methods.index('carl')

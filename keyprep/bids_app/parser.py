@@ -351,7 +351,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engines = available_engines()
     names = {k.lower(): k for k in engines}
     methods = []
-    requested = list(engines) if [m.lower() for m in opts.methods] == ['all'] else opts.methods
+    requested = opts.methods
+    if [m.lower() for m in opts.methods] == ['all']:
+        # every engine, except learned engines whose model ships no weights yet and was
+        # given none (they are named, so that a user can give the weights)
+        requested, opts.methods_unavailable = [], []
+        models = learned_models()
+        for name, cls in engines.items():
+            given = getattr(opts, f'{cls.model}_weights', None) if cls.model else None
+            if cls.model and not given and not Path(models[cls.model].default_weights()).is_file():
+                opts.methods_unavailable.append(name)
+                continue
+            requested.append(name)
+        if opts.methods_unavailable:
+            import sys
+
+            print('keyprep: --methods all: not running ' + ', '.join(
+                f'{n} (no {models[engines[n].model].title} weights ship with this version: give '
+                f'{models[engines[n].model].option})' for n in opts.methods_unavailable),
+                file=sys.stderr)
     for m in requested:
         if m.lower() not in names:
             raise KeyprepError(f'unknown method {m!r}; available: {", ".join(engines)}',
