@@ -23,7 +23,8 @@ setup(
     package_data={'keyprep': ['data/*', 'data/**/*', 'models/synthseg/*.pt',
                               'models/synthseg/*.md', 'models/synthseg/*.json',
                               'models/keymorph/*.pt', 'models/keymorph/*.md',
-                              'models/keymorph/*.json']},
+                              'models/keymorph/*.json', 'models/carl/*.pt',
+                              'models/carl/*.md', 'models/dio/*.pt', 'models/dio/*.md']},
     install_requires=[
         'nipype>=1.10',
         'pybids>=0.16',

@@ -1,7 +1,8 @@
 """keyprep: a BIDS App for brain MRI registration.
 
 Skull stripping, anatomical labels, a panel of registration engines behind one
-interface (ANTs baselines now; KeyMorph, CARL and DIO plug into the same registry),
+interface (ANTs baselines, KeyMorph; CARL and DIO engines built, their weights not shipped
+yet: give --carl-weights / --dio-weights),
 ITK transforms in both directions, Dice/Jacobian QC tables and HTML reports.
 """
 
