@@ -27,14 +27,40 @@ def _ncc(a, b):
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
-@pytest.fixture(scope='module', params=sorted(available_engines()))
+def _testable_engines() -> list[str]:
+    """Every engine that can register here: engines without learned weights, KeyMorph's
+    (with a tiny detector trained on the test brain), and learned engines whose weights
+    ship (CARL and DIO do not yet: their geometry is tested with random networks in
+    ``test_learned_engines.py``; these tests check that the motion is recovered)."""
+    from keyprep.pipeline.engines import learned_models
+
+    models = learned_models()
+    return sorted(name for name, cls in available_engines().items()
+                  if not cls.model or cls.model == 'keymorph'
+                  or models[cls.model].default_weights().is_file())
+
+
+def _weights_params(name: str, request) -> dict:
+    if available_engines()[name].family == 'keymorph':
+        return {'weights': str(request.getfixturevalue('keymorph_weights'))}
+    return {}
+
+
+@pytest.fixture(scope='module', params=_testable_engines())
 def engine_run(request, small_brains, tmp_path_factory):
+    from keyprep.pipeline.engines import EngineOptions, get_engine
+
     out = tmp_path_factory.mktemp(request.param)
-    params = {}
-    if available_engines()[request.param].family == 'keymorph':
-        params['weights'] = str(request.getfixturevalue('keymorph_weights'))
+    params = _weights_params(request.param, request)
+    init = get_engine(request.param).init_method(EngineOptions(params=params))
+    extra = {}
+    if init:  # as the workflow does: the starting method first
+        first = run_engine(init, small_brains['fixed'], small_brains['moving'], out / 'init',
+                           omp_nthreads=2, sloppy=True, seed=1,
+                           params=_weights_params(init, request))
+        extra = {'init_transform': first.fwd_xfm, 'init_method': init}
     run = run_engine(request.param, small_brains['fixed'], small_brains['moving'], out,
-                     omp_nthreads=2, sloppy=True, seed=1, params=params)
+                     omp_nthreads=2, sloppy=True, seed=1, params=params, **extra)
     return run, out
 
 
