@@ -268,6 +268,12 @@ def _dataset_is_current(bids_dir: Path, params: dict) -> bool:
         return False
 
 
+#: The demo's panel: the ANTs baselines, which fail beyond about 60 degrees of rotation, and
+#: keymorphAffine, whose pose search registers any starting orientation (learned engines are
+#: added here once their model cards show them validated).
+DEMO_METHODS = ('antsRigid', 'antsAffine', 'antsSyN', 'keymorphAffine')
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='keyprep-demo',
@@ -287,6 +293,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--seed', type=int, default=42, help='seed of the dataset (default: 42)')
     parser.add_argument('--max-rotation', type=float, default=90.0, metavar='DEG',
                         help='largest rotation of a subject, in degrees (default: 90)')
+    parser.add_argument('--methods', nargs='+', default=list(DEMO_METHODS), metavar='METHOD',
+                        help='engines to run (default: ' + ' '.join(DEMO_METHODS) + ': the '
+                             'ANTs baselines next to keyprep\'s pose-robust keymorphAffine)')
     return parser
 
 
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .run import run
 
-    common = ['-w', str(work), '--nprocs', str(opts.nprocs)]
+    common = ['-w', str(work), '--nprocs', str(opts.nprocs), '--methods', *opts.methods]
     if opts.quick:
         common += ['--sloppy', '--target', 'MNI152NLin2009aSym:res-2']
     print('keyprep-demo: running keyprep (participant level) ...')
