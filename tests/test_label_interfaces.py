@@ -44,7 +44,8 @@ def test_synthseg_interface_outputs_and_provenance(tmp_path):
     sha = hashlib.sha256(synthseg_weights().read_bytes()).hexdigest()
     assert meta['NetworkWeightsSha256'] == sha and isinstance(meta['NetworkTrainingStep'], int)
     assert meta['Device'] == 'cpu' and meta['RandomSeed'] == 3 and meta['FlipTTA'] is False
-    assert set(meta['SoftwareVersions']) >= {'keyprep', 'torch', 'nibabel'}
+    assert set(meta['SoftwareVersionsByPackage']) >= {'keyprep', 'torch', 'nibabel'}
+    assert isinstance(meta['SoftwareVersions'], str) and 'keyprep ' in meta['SoftwareVersions']
     assert len(meta['VolumesCm3']) == 32 and meta['RuntimeS'] > 0
 
 

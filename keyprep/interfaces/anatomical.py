@@ -260,7 +260,9 @@ class SynthSegLabels(SimpleInterface):
             'BrainVolumeCm3': round(float(mask.sum()) * vox, 1),
             'VolumesCm3': {name: round(float(counts[k]) * vox, 2)
                            for k, name in OUTPUT_NAMES.items() if k},
-            'SoftwareVersions': software_versions(),
+            # BIDS: a string; the versions by package stay machine-readable below
+            'SoftwareVersions': ', '.join(f'{k} {v}' for k, v in software_versions().items()),
+            'SoftwareVersionsByPackage': software_versions(),
         }
         report = os.path.join(runtime.cwd, 'synthseg.json')
         with open(report, 'w') as fh:
