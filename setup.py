@@ -43,7 +43,8 @@ setup(
         'pyyaml>=5.1',  # --use-plugin files
     ],
     extras_require={
-        'test': ['pytest>=7'],
+        # the official (schema-based) BIDS validator, offline, binary included
+        'test': ['pytest>=7', 'bids-validator-deno'],
     },
     entry_points={
         'console_scripts': [

@@ -315,3 +315,22 @@ def test_failed_node_gives_crash_file_exit_code_and_report(tmp_path):
     assert rows.loc['antsRigid', 'dice_mean'] > 0
     long = pd.read_csv(out / 'sub-01/anat/sub-01_desc-registration_qc.tsv', sep='\t')
     assert set(long['method']) == {'antsRigid'}
+
+
+def test_derivatives_pass_the_official_bids_validator(e2e):
+    """The schema-based BIDS validator (``bids-validator-deno``, offline) finds no error in
+    keyprep's derivatives (warnings, such as recommended keys, are allowed)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / 'bids-validator-deno'
+    exe = str(exe) if exe.exists() else shutil.which('bids-validator-deno')
+    assert exe, 'bids-validator-deno is missing: scripts/install.sh installs it (.[test])'
+    proc = subprocess.run([exe, str(e2e['out']), '--format', 'json'], capture_output=True,
+                          text=True, timeout=600, check=False)
+    report = json.loads(proc.stdout)
+    errors = [(i['code'], i.get('location'), i.get('subCode'))
+              for i in report['issues']['issues'] if i['severity'] == 'error']
+    assert errors == []
+    assert report['issues']['issues'], 'the validator reported nothing: did it run?'

@@ -16,11 +16,17 @@ LOGGER = logging.getLogger('keyprep')
 
 BIDSIGNORE = """*.html
 logs/
+log/
 figures/
+**/log
+**/figures
+**/log/**
+**/figures/**
 tpl-*/
 *_xfm.*
 *_jacobian.*
 *_qc.*
+*_desc-keypoints_*
 group_*
 slurm/
 """
