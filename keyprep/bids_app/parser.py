@@ -254,10 +254,9 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         weights = getattr(opts, f'{cls.model}_weights', None) if cls.model else None
         if weights:
             out[name] = {'weights': str(Path(weights).expanduser().absolute())}
-        for key in ('init',):  # --<engine>-init, for engines that start from an affine
-            value = getattr(opts, f'{name.lower()}_{key}', None)
-            if value:
-                out.setdefault(name, {})[key] = value
+        init = getattr(opts, f'{name.lower()}_init', None)  # engines starting from an affine
+        if init:
+            out.setdefault(name, {})['init'] = init
         if cls.family != 'keymorph':
             continue
         params = {**out.get(name, {}), **common}

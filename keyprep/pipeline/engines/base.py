@@ -91,6 +91,7 @@ __all__ = [
     'engine_variants',
     'available_engines',
     'get_engine',
+    'lazy',
     'learned_models',
     'register_engine',
     'register_model',
@@ -132,6 +133,20 @@ class LearnedModel:
     @property
     def option(self) -> str:
         return f'--{self.name}-weights'
+
+
+def lazy(target: str):
+    """A function that imports ``'package.module:function'`` when it is first called and
+    calls it (so that declaring a learned model imports no torch code)."""
+    import importlib
+
+    module, attr = target.split(':')
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    call.__name__ = attr
+    return call
 
 
 def register_model(model: LearnedModel) -> LearnedModel:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .base import EngineOptions, LearnedModel, register_engine, register_model
+from .base import EngineOptions, LearnedModel, lazy, register_engine, register_model
 from .fields import ArrayEngine
 
 __all__ = ['CARL', 'DEFAULT_IO_STEPS']
@@ -32,19 +32,9 @@ DEFAULT_IO_STEPS = 50
 SLOPPY_IO_STEPS = 5
 
 
-def _default_weights():
-    from ..carl.network import default_weights
-
-    return default_weights()
-
-
-def _check_weights(path=None) -> dict:
-    from ..carl.network import check_carl_weights
-
-    return check_carl_weights(path)
-
-
-register_model(LearnedModel('carl', 'CARL', _default_weights, _check_weights))
+register_model(LearnedModel('carl', 'CARL',
+                           lazy('keyprep.pipeline.carl.network:default_weights'),
+                           lazy('keyprep.pipeline.carl.network:check_carl_weights')))
 
 
 @register_engine

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .base import EngineOptions, LearnedModel, register_engine, register_model
+from .base import EngineOptions, LearnedModel, lazy, register_engine, register_model
 from .fields import ArrayEngine
 
 __all__ = ['DIO', 'VARIANT_NAMES']
@@ -34,19 +34,9 @@ __all__ = ['DIO', 'VARIANT_NAMES']
 VARIANT_NAMES = {'ffd': 'dio', 'diffeo': 'dioDiffeo', 'affine': 'dioAffine'}
 
 
-def _default_weights():
-    from ..dio.network import default_weights
-
-    return default_weights()
-
-
-def _check_weights(path=None) -> dict:
-    from ..dio.network import check_dio_weights
-
-    return check_dio_weights(path)
-
-
-register_model(LearnedModel('dio', 'DIO', _default_weights, _check_weights))
+register_model(LearnedModel('dio', 'DIO',
+                           lazy('keyprep.pipeline.dio.network:default_weights'),
+                           lazy('keyprep.pipeline.dio.network:check_dio_weights')))
 
 
 @register_engine

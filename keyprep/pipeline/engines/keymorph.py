@@ -53,6 +53,7 @@ from .base import (
     ExtraOutput,
     LearnedModel,
     RegistrationResult,
+    lazy,
     register_engine,
     register_model,
 )
@@ -81,19 +82,9 @@ def lambda_label(lam: float) -> str:
     return f'lam{text}'
 
 
-def _default_weights():
-    from ..keymorph.network import default_weights
-
-    return default_weights()
-
-
-def _check_weights(path=None) -> dict:
-    from ..weights import check_keymorph_weights
-
-    return check_keymorph_weights(path)
-
-
-register_model(LearnedModel('keymorph', 'KeyMorph', _default_weights, _check_weights))
+register_model(LearnedModel('keymorph', 'KeyMorph',
+                           lazy('keyprep.pipeline.keymorph.network:default_weights'),
+                           lazy('keyprep.pipeline.weights:check_keymorph_weights')))
 
 
 class _KeyMorphEngine(Engine):
