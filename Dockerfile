@@ -6,15 +6,16 @@
 # GPU hosts: run the CUDA image with --gpus all (docker) or --nv (apptainer); the host driver
 # is used, no driver is installed in the image. HPC use: docs/hpc.md.
 #
-# Everything is installed by scripts/install_keyprep.sh, the same script that CI runs in a
-# clean virtual environment (tests/test_install_script.py). The image holds keyprep, torch,
+# Everything is installed by scripts/install_keyprep.sh at the versions of requirements.lock,
+# the same script that CI runs in a clean virtual environment (tests/test_install_script.py). The image holds keyprep, torch,
 # the bundled template and the skull-stripping weights: nothing is downloaded at run time.
 FROM python:3.11-slim-bookworm
 
 # cpu, or a CUDA wheel index of PyTorch (cu126, cu128, ...: see pytorch.org for the
 # variants built for the pinned torch version).
 ARG TORCH_VARIANT=cpu
-ARG TORCH_SPEC="torch==2.13.0"
+# empty: the torch pin of requirements.lock
+ARG TORCH_SPEC=""
 ARG VERSION=0.1.0
 ARG BUILD_DATE
 ARG VCS_REF
@@ -24,12 +25,20 @@ ENV OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NIPYPE_NO_ET=1 NO_ET=1 \
     MPLCONFIGDIR=/tmp/matplotlib KEYPREP_DOCKER_TAG=${VERSION} \
     PATH=/opt/keyprep/bin:${PATH}
 
-# The build context is filtered by .dockerignore (no .venv, work folders or benchmarks).
-COPY . /src/keyprep
-# One virtual environment in /opt/keyprep; Debian's mricron-data (Colin27/AAL, demo).
+# Dependencies first, in their own layer: it depends only on the install script and the
+# lock (every package pinned), so a change to keyprep's code does not reinstall torch.
+COPY requirements.lock /src/keyprep/requirements.lock
+COPY scripts/install_keyprep.sh /src/keyprep/scripts/install_keyprep.sh
 RUN PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore KEYPREP_TORCH_SPEC="${TORCH_SPEC}" \
     bash /src/keyprep/scripts/install_keyprep.sh --venv /opt/keyprep \
-      --torch-variant "${TORCH_VARIANT}" --with-system-packages \
+      --torch-variant "${TORCH_VARIANT}" --with-system-packages --deps-only
+
+# Then keyprep itself (the build context is filtered by .dockerignore: no .venv, work
+# folders or benchmarks); its dependencies are already there at the locked versions.
+COPY . /src/keyprep
+RUN PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore KEYPREP_TORCH_SPEC="${TORCH_SPEC}" \
+    bash /src/keyprep/scripts/install_keyprep.sh --venv /opt/keyprep \
+      --torch-variant "${TORCH_VARIANT}" \
  && keyprep --version > /version \
  && rm -rf /src/keyprep
 

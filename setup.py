@@ -40,6 +40,8 @@ setup(
         'nitransforms>=24.0',
         'matplotlib>=3.7',
         'jinja2>=3.0',
+        'markupsafe>=2.0',  # the report's HTML escaping
+        'pillow>=9.0',  # report figures (PIL)
         'pyyaml>=5.1',  # --use-plugin files
     ],
     extras_require={

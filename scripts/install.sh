@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up keyprep on a fresh Debian/Ubuntu machine: system packages, a virtual environment
-# in .venv with the pinned CPU build of torch, and keyprep itself (editable, with test extras).
+# in .venv with every dependency at its version in requirements.lock (the CPU build of torch),
+# and keyprep itself (editable, with test extras).
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,14 +30,15 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# torch is pinned: an unpinned torch pulls gigabytes of CUDA packages.
-TORCH_SPEC=${KEYPREP_TORCH_SPEC:-torch==2.13.0}
+# Every dependency is pinned in requirements.lock (scripts/lock.py writes it), torch too:
+# an unpinned torch pulls gigabytes of CUDA packages.
+TORCH_SPEC=${KEYPREP_TORCH_SPEC:-$(grep -E '^torch==' requirements.lock)}
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/pip install -q "$TORCH_SPEC"
+  .venv/bin/pip install -q -c requirements.lock "$TORCH_SPEC"
 fi
 if ! .venv/bin/python -c "import keyprep, ants, deepbet, nipype, bids" >/dev/null 2>&1 \
-   || [ setup.py -nt .venv/.keyprep-installed ]; then
-  .venv/bin/pip install -q -e '.[test]'
+   || [ setup.py -nt .venv/.keyprep-installed ] || [ requirements.lock -nt .venv/.keyprep-installed ]; then
+  .venv/bin/pip install -q -c requirements.lock -e '.[test]'
   touch .venv/.keyprep-installed
 fi
 echo "install.sh: ready ($(.venv/bin/keyprep --version))"

@@ -17,8 +17,12 @@
 #                       configured indexes give for the pinned version
 #   --with-system-packages
 #                       also apt-get install the Debian packages the demo uses (mricron-data)
+#   --deps-only         install torch and every pinned dependency (requirements.lock), not
+#                       keyprep: the Dockerfile's cached layer (needs only requirements.lock)
 #
-# Environment: KEYPREP_TORCH_SPEC (default torch==2.13.0), KEYPREP_TORCH_INDEX_URL (an extra
+# Every package is installed at its version in requirements.lock (pip -c), so two installs
+# a month apart are the same. Environment: KEYPREP_TORCH_SPEC (default: torch's pin in
+# requirements.lock), KEYPREP_TORCH_INDEX_URL (an extra
 # index with the wanted torch build, instead of the one --torch-variant implies; set but
 # empty: only pip's configured indexes, the build is still checked), PIP_* as usual.
 # At the end the installation is checked: `keyprep --version`, the imports, the bundled
@@ -32,6 +36,8 @@ EDITABLE=""
 EXTRAS=""
 VARIANT=""
 SYSTEM_PACKAGES=0
+DEPS_ONLY=0
+LOCK="$SRC/requirements.lock"
 while [ $# -gt 0 ]; do
   case "$1" in
     --venv) VENV="$2"; shift 2 ;;
@@ -40,7 +46,8 @@ while [ $# -gt 0 ]; do
     --extras) EXTRAS="$2"; shift 2 ;;
     --torch-variant) VARIANT="$2"; shift 2 ;;
     --with-system-packages) SYSTEM_PACKAGES=1; shift ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --deps-only) DEPS_ONLY=1; shift ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install_keyprep.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
   esac
 done
@@ -72,8 +79,12 @@ if sys.version_info < (3, 10):
 EOF
 BIN="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
 
+if [ ! -f "$LOCK" ]; then
+  echo "install_keyprep.sh: $LOCK is missing (it pins every dependency)" >&2
+  exit 66
+fi
 # torch first and pinned: an unpinned resolution from PyPI pulls gigabytes of CUDA packages.
-TORCH_SPEC=${KEYPREP_TORCH_SPEC:-torch==2.13.0}
+TORCH_SPEC=${KEYPREP_TORCH_SPEC:-$(grep -E '^torch==' "$LOCK")}
 # KEYPREP_TORCH_INDEX_URL set (even empty) wins over the index that --torch-variant implies;
 # empty: pip's configured indexes only (e.g. a local mirror that has the wanted build).
 if [ -n "${KEYPREP_TORCH_INDEX_URL+set}" ]; then
@@ -84,12 +95,19 @@ else
   TORCH_INDEX=""
 fi
 say "installing $TORCH_SPEC${TORCH_INDEX:+ (extra index $TORCH_INDEX)}"
-"$PY" -m pip install -q ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+"$PY" -m pip install -q -c "$LOCK" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+
+if [ "$DEPS_ONLY" = 1 ]; then
+  say "installing the pinned dependencies of $LOCK"
+  "$PY" -m pip install -q -r "$LOCK"
+  say "dependencies ready (keyprep itself not installed: --deps-only)"
+  exit 0
+fi
 
 TARGET="$SRC"
 if [ -n "$EXTRAS" ]; then TARGET="$SRC[$EXTRAS]"; fi
 say "installing keyprep from $SRC${EDITABLE:+ (editable)}"
-"$PY" -m pip install -q $EDITABLE "$TARGET"
+"$PY" -m pip install -q -c "$LOCK" $EDITABLE "$TARGET"
 
 # The check: the console script, the imports, and every file a run needs offline.
 "$BIN/keyprep" --version

@@ -71,7 +71,7 @@ def copy_build_context(dst: Path) -> Path:
 
 def test_dockerignore_keeps_what_the_install_needs(tmp_path):
     patterns = _dockerignore()
-    for rel in ('setup.py', 'pyproject.toml', 'README.md', 'scripts/install_keyprep.sh',
+    for rel in ('setup.py', 'pyproject.toml', 'README.md', 'scripts/install_keyprep.sh', 'requirements.lock',
                 'keyprep/__init__.py', 'keyprep/data/report.css'):
         assert not _ignored(rel, patterns), rel
     for rel in ('.venv', 'benchmarks', 'keyprep/__pycache__', 'keyprep.egg-info', 'work'):
@@ -114,6 +114,22 @@ def test_install_script_in_a_clean_venv(tmp_path):
     assert where[0].startswith(str(venv)), where
     assert where[1].startswith('2.13.0') and where[1].endswith('+cpu'), where
     assert Path(where[2]).is_file() and where[2].startswith(str(venv))
+    # every installed distribution at its version in requirements.lock
+    freeze = subprocess.run([str(venv / 'bin' / 'python'), '-m', 'pip', 'freeze', '--exclude-editable'],
+                            env=env, capture_output=True, text=True, check=True).stdout
+    lock = {}
+    for line in (REPO / 'requirements.lock').read_text().splitlines():
+        if line and not line.startswith('#'):
+            name, version = line.split('==')
+            lock[name.lower().replace('_', '-')] = version
+    installed = {}
+    for line in freeze.splitlines():
+        if '==' in line:
+            name, version = line.split('==')
+            installed[name.lower().replace('_', '-')] = version.split('+')[0]
+    installed.pop('keyprep', None)
+    assert installed and {k: v for k, v in installed.items() if lock.get(k) != v} == {}, \
+        f'installed but not as locked: {sorted(set(installed.items()) - set(lock.items()))}'
     for script in ('keyprep-slurm', 'keyprep-demo'):
         subprocess.run([str(venv / 'bin' / script), '--help'], env=env, check=True,
                        capture_output=True)
