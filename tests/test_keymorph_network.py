@@ -373,3 +373,39 @@ def test_shipped_weights(small_brains):
     assert ((pts > lo) & (pts < hi)).all(1).mean() > 0.9
     spread = np.linalg.norm(pts[:, None] - pts[None], axis=-1).mean()
     assert spread > 30.0  # mm: not collapsed to the centre
+
+
+def test_centroid_pretraining_targets_are_the_structures_centroids(toy_maps):
+    """Centroid pretraining: every keypoint's target is the centroid of its structure in the
+    warped sample's own labels (any training anatomy, any pose); absent structures are masked."""
+    from keyprep.pipeline.keymorph.train import N_LABELS
+
+    cfg = tiny_cfg(detector=replace(TINY, n_keypoints=40), pretrain_target='centroids',
+                   pretrain_svf_mm=0.0, pretrain_rotation_deg=45.0)
+    tr = Trainer(toy_maps, cfg)
+    for step in (3, 7):
+        batch = tr.pretrain_batch(step)
+        labels, target, valid = batch['labels'], batch['target'][0], batch['valid'][0]
+        assert labels.shape == batch['image'].shape[2:] and valid.shape == (40,)
+        present = set(torch.unique(labels).tolist()) - {0}
+        assert 0 < valid.sum() < 40  # the toy maps lack most of the 32 structures
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64)
+                                            for n in labels.shape], indexing='ij'))
+        for k in range(40):
+            struct = 1 + k % (N_LABELS - 1)
+            if not valid[k]:
+                assert struct not in present or (labels == struct).sum() < 8
+                continue
+            m = labels == struct
+            cent = torch.stack([grid[i][m].mean() for i in range(3)]).float()
+            # the exact centroid of the continuous warp vs the nearest-neighbour labels: < 1 voxel
+            assert (cent - target[k]).norm() < 1.0, (k, cent, target[k])
+        terms = tr.pretrain_step(step, batch)
+        assert np.isfinite(terms['loss']) and terms['err_mm'] > 0
+
+
+def test_lr_hold_then_cosine(toy_maps):
+    tr = Trainer(toy_maps[:1], tiny_cfg(pretrain_steps=0, steps=101, warmup=1, lr=1e-4,
+                                        lr_final=1e-5, lr_hold=0.8))
+    assert tr.lr(1) == pytest.approx(1e-4) and tr.lr(80) == pytest.approx(1e-4)
+    assert 1e-5 < tr.lr(90) < 1e-4 and tr.lr(101) == pytest.approx(1e-5, rel=1e-3)

@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    'labels, or a label-map bundle (python -m keyprep.pipeline.synth.bundle)')
     k.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
     k.add_argument('--recipe', choices=sorted(KM_RECIPES), default='cpu-2.5mm',
-                   help='cpu-2.5mm: 96^3 at 2.5 mm, small detector (ships); gpu-2mm: the '
-                   "paper's 128^3 network (widths 32-512)")
+                   help='cpu-2.5mm: 96^3 at 2.5 mm, small detector; cpu-2.5mm-centroids: the '
+                   'same detector, pretrained on structure centroids of every training anatomy, '
+                   "then Dice at +-45 deg; gpu-2mm(-centroids): the paper's 128^3 network "
+                   '(widths 32-512)')
     k.add_argument('--mode', choices=['supervised', 'unsupervised'],
                    help='second stage: soft Dice on labels, or image similarity (default: recipe)')
     k.add_argument('--unsup-sim', choices=['mse', 'lncc', 'mi'],
@@ -102,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument('--lr', type=float, help='learning rate after pretraining')
     k.add_argument('--seed', type=int, help='training seed (default: the recipe)')
     k.add_argument('--init', type=Path,
-                   help='start the second stage from this checkpoint (e.g. another run\'s '
-                   'pretrained.pt) when the run has no checkpoint yet')
+                   help='start from this checkpoint\'s weights when the run has no checkpoint '
+                   'yet: at the second stage (e.g. another run\'s pretrained.pt), or, with a '
+                   'centroid-pretraining recipe, at its first step')
     k.add_argument('--val-every', type=int, help='validate every this many steps')
     k.add_argument('--checkpoint-every', type=int, help='checkpoint every this many steps')
     k.add_argument('--device', default='auto', help='auto, cpu or cuda[:N]')

@@ -76,6 +76,7 @@ class KeyMorphTrainConfig:
     lr_pretrain: float = 3e-4
     lr: float = 1e-4
     lr_final: float = 1e-5
+    lr_hold: float = 0.0  # fraction of the second stage at ``lr`` before the cosine decay
     warmup: int = 50
     seed: int = 1234
     checkpoint_every: int = 100
@@ -92,6 +93,11 @@ class KeyMorphTrainConfig:
     pretrain_rotation_deg: float | None = None  # None: rotation_deg
     pretrain_svf_mm: float = 3.0
     pretrain_svf_spacing_mm: float = 40.0
+    # 'points': fixed random points of one reference anatomy (the paper's self-supervised
+    # pretraining); 'centroids': the centroids of the 32 structures in each sample's own labels,
+    # every training anatomy with random contrasts and poses (keypoint k -> structure k mod 32),
+    # a target that is anatomically consistent across subjects
+    pretrain_target: str = 'points'
     # aligners
     p_affine: float = 0.5
     lambda_range: tuple[float, float] = (1e-3, 10.0)
@@ -107,6 +113,7 @@ class KeyMorphTrainConfig:
     # validation
     val_rotations: tuple[float, ...] = (0.0, 90.0, 180.0)
     val_lambda: float = 1.0
+    val_pairs: int = 3  # 3: three anatomy pairs; 9: each with three contrast pairs
 
     def __post_init__(self):
         det = self.detector
@@ -117,6 +124,10 @@ class KeyMorphTrainConfig:
             raise ValueError(f"mode must be 'supervised' or 'unsupervised', not {self.mode!r}")
         if self.unsup_sim not in ('mse', 'lncc', 'mi'):
             raise ValueError(f'unknown unsupervised similarity {self.unsup_sim!r}')
+        if self.pretrain_target not in ('points', 'centroids'):
+            raise ValueError(f'unknown pretraining target {self.pretrain_target!r}')
+        if self.val_pairs not in (3, 9):
+            raise ValueError('val_pairs must be 3 or 9')
         if any(s % self.loss_stride for s in det.shape):
             raise ValueError('the detector shape must be divisible by loss_stride')
 
@@ -154,6 +165,22 @@ PAPER_REG = {'kl_weight': 1.0, 'var_weight': 1e-2, 'rep_weight': 1e-3, 'rep_tau'
 RECIPES: dict[str, KeyMorphTrainConfig] = {
     'cpu-2.5mm': KeyMorphTrainConfig(pretrain_steps=600, pretrain_ramp=300,
                                      pretrain_rotation_deg=60.0, rotation_ramp=2000),
+    # training_diagnosis.md §5: structure-centroid pretraining on every training anatomy
+    # (random contrasts, +-45 deg), then the Dice stage at +-45 deg (rotations beyond are the
+    # pose search's), lr held for 80 % then cosine, 9 held-out validation pairs at 0 deg
+    'cpu-2.5mm-centroids': KeyMorphTrainConfig(
+        pretrain_target='centroids', pretrain_steps=3000, pretrain_ramp=500,
+        pretrain_rotation_deg=45.0, pretrain_svf_mm=0.0, rotation_deg=45.0, rotation_ramp=0,
+        steps=5000, lr=1e-4, lr_hold=0.8, val_rotations=(0.0,), val_pairs=9, val_every=500,
+        checkpoint_every=100),
+    'gpu-2mm-centroids': KeyMorphTrainConfig(
+        detector=DetectorConfig(shape=(128, 128, 128), res_mm=2.0,
+                                features=(32, 64, 64, 128, 128, 256, 256, 512),
+                                pool_after=(2, 4, 6, 8), stem='conv'),
+        pretrain_target='centroids', pretrain_steps=10_000, pretrain_ramp=1000,
+        pretrain_rotation_deg=45.0, pretrain_svf_mm=0.0, rotation_deg=45.0, rotation_ramp=0,
+        steps=30_000, lr=1e-4, lr_hold=0.8, val_rotations=(0.0,), val_pairs=9,
+        checkpoint_every=250, val_every=2000, loss_stride=1),
     'gpu-2mm': KeyMorphTrainConfig(
         detector=DetectorConfig(shape=(128, 128, 128), res_mm=2.0,
                                 features=(32, 64, 64, 128, 128, 256, 256, 512),
@@ -302,7 +329,9 @@ class Trainer:
         s = step - cfg.pretrain_steps
         if s < cfg.warmup:
             return cfg.lr * (s + 1) / cfg.warmup
-        t = min(1.0, (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        span = max(1, cfg.steps - cfg.warmup)
+        hold = cfg.lr_hold * span
+        t = min(1.0, max(0.0, (s - cfg.warmup - hold) / max(1.0, span - hold)))
         return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * t))
 
     def _pretrain_points(self) -> torch.Tensor:
@@ -323,7 +352,14 @@ class Trainer:
         cfg = self.cfg
         det = cfg.detector
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        sample = self.reference.synthesize(0, gen)
+        valid = None
+        if cfg.pretrain_target == 'centroids':
+            idx = int(torch.randint(0, len(self.train_maps), (), generator=gen))
+            sample = self.synth.synthesize(idx, gen)
+            points, valid = self._centroid_targets(sample['labels'])
+        else:
+            sample = self.reference.synthesize(0, gen)
+            points = self.p0
         ramp = min(1.0, (step + 1) / max(1, cfg.pretrain_ramp))
         mat = random_affine(gen, self.pretrain_rotation * ramp, cfg.scaling * ramp,
                             cfg.shear * ramp, cfg.translation_mm * ramp).float().to(self.dev)
@@ -344,11 +380,29 @@ class Trainer:
         brain = sample_field((sample['labels'] > 0).float()[None, None], src_vox)
         image = robust_normalise(image, brain)
         # targets: phi^-1(A^-1(p0)), phi^-1 = exp(-v)
-        q = _mm_to_vox(apply_affine(_affine_inv(mat), _vox_to_mm(self.p0, shape, res)), shape, res)
+        q = _mm_to_vox(apply_affine(_affine_inv(mat), _vox_to_mm(points, shape, res)), shape, res)
         if inv is not None:
             q = q + sample_field(inv, q.T.reshape(1, 3, -1, 1, 1), padding_mode='border'
                                  ).reshape(3, -1).T
-        return {'image': image, 'target': q[None], 'ramp': ramp}
+        out = {'image': image, 'target': q[None], 'ramp': ramp}
+        if valid is not None:
+            out['valid'] = valid[None]
+            out['labels'] = sample_field(sample['labels'].float()[None, None], src_vox,
+                                         mode='nearest').round().long()[0, 0]
+        return out
+
+    def _centroid_targets(self, labels: torch.Tensor, min_voxels: int = 8
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keypoint targets (voxels) from a label map of output indices: keypoint ``k`` is the
+        centroid of structure ``1 + k mod 32``; structures with fewer than ``min_voxels``
+        voxels (absent, or cut by the field of view) are marked invalid."""
+        lab = labels.reshape(-1).long()
+        counts = torch.bincount(lab, minlength=N_LABELS).double()
+        grid = identity_grid(tuple(labels.shape), labels.device).reshape(3, -1).double()
+        sums = torch.stack([torch.bincount(lab, weights=g, minlength=N_LABELS) for g in grid], 1)
+        cent = sums / counts.clamp(min=1)[:, None]
+        k = torch.arange(self.cfg.detector.n_keypoints, device=labels.device) % (N_LABELS - 1) + 1
+        return cent[k].float().to(self.dev), (counts[k] >= min_voxels).to(self.dev)
 
     @property
     def pretrain_rotation(self) -> float:
@@ -432,12 +486,15 @@ class Trainer:
         out = self.model(batch['image'])
         pred = out['points']
         err = to_normalised(pred, det.shape) - to_normalised(batch['target'], det.shape)
-        sim = (err ** 2).sum(-1).mean()
+        valid = batch.get('valid')
+        if valid is None:
+            valid = torch.ones(pred.shape[:2], dtype=torch.bool, device=pred.device)
+        sim = (err ** 2).sum(-1)[valid].mean()
         reg = self._regularisers(out['heatmaps'], pred)
         loss = self._total(sim, reg)
         self._update(loss, step)
         with torch.no_grad():
-            err_mm = float(((pred - batch['target']) ** 2).sum(-1).mean().sqrt()) * det.res_mm
+            err_mm = float(((pred - batch['target']) ** 2).sum(-1)[valid].mean().sqrt()) * det.res_mm
             spread = keypoint_spread(pred * det.res_mm)['spread_mm']
         return {'loss': float(loss.detach()), 'sim': float(sim.detach()),
                 **{k: float(v.detach()) for k, v in reg.items()}, 'aligner': '-',
@@ -520,6 +577,9 @@ class Trainer:
             return []
         base = replace(cfg.synth.evaluation(), skull_strip_prob=1.0)
         plan = [(0, 1, 't1', 't2'), (1, 2, 't2', 't1'), (2, 0, 'pd', None)]
+        if cfg.val_pairs == 9:  # each anatomy pair with a same-contrast and two cross-contrast pairs
+            plan = [(a, b, ca, cb) for a, b in ((0, 1), (1, 2), (2, 0))
+                    for ca, cb in (('t1', 't1'), ('t1', 't2'), ('pd', 'flair'))]
         items = []
         for k, (a, b, ca, cb) in enumerate(plan):
             if max(a, b) >= len(maps):
@@ -644,7 +704,8 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
     elif init is not None:  # e.g. several ablation runs from one pretraining
         state = torch.load(init, map_location=dev, weights_only=True)['model']
         trainer.model.load_state_dict(state)
-        step = cfg.pretrain_steps
+        # the centroid pretraining refines any detector; the random-point one is skipped
+        step = 0 if cfg.pretrain_target == 'centroids' else cfg.pretrain_steps
         trainer.optimiser = trainer._new_optimiser(step)
         log(f'initialised from {init}; starting at step {step} ({trainer.stage(step)})')
     (out / 'train_config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
