@@ -230,3 +230,30 @@ def test_tissue_classes_invariant_to_header_rotation(colin_brain_2mm, rotation):
     for k in (1, 2, 3):
         v0, v1 = int((ref == k).sum()), int((seg == k).sum())
         assert abs(v1 - v0) <= 0.02 * v0, (k, v0, v1)
+
+
+def test_brain_mask_from_labels_excludes_extracerebral_csf():
+    """The mask keeps the brain and the sulcal CSF between gyri, not the CSF shell around it."""
+    from keyprep.pipeline.synth.labeller import brain_mask_from_labels
+
+    shape = (40, 40, 40)
+    zz, yy, xx = np.mgrid[:40, :40, :40]
+    r = np.sqrt((xx - 20.0) ** 2 + (yy - 20.0) ** 2 + (zz - 20.0) ** 2)
+    labels = np.zeros(shape, np.int16)
+    labels[r < 15] = 24  # CSF shell around the brain
+    labels[r < 12] = 3  # cortex
+    labels[r < 6] = 4  # ventricle inside
+    labels[(r < 12) & (np.abs(xx - 20) < 1) & (yy > 20)] = 24  # a 1-voxel-wide sulcus
+    labels[(r < 5) & (xx == 20)] = 0  # a hole inside the brain
+    labels[2:4, 2:4, 2:4] = 2  # a detached speck
+    mask = brain_mask_from_labels(labels, (1.0, 1.0, 1.0), closing_mm=2.0)
+    assert mask.dtype == bool and mask.shape == shape
+    assert not mask[r >= 13].any()  # the CSF shell (and the speck) are out
+    assert mask[r < 11].all()  # the sulcus is closed, the hole is filled
+    # without closing the sulcus stays open
+    open_mask = brain_mask_from_labels(labels, (1.0, 1.0, 1.0), closing_mm=0.0)
+    assert not open_mask[(r < 11) & (np.abs(xx - 20) < 1) & (yy > 24)].any()
+    # anisotropic voxels: the ball is in mm (2 mm voxels along x -> radius 1 voxel)
+    aniso = brain_mask_from_labels(labels[::2], (2.0, 1.0, 1.0))
+    assert aniso.shape == labels[::2].shape and not aniso[r[::2] >= 13].any()
+    assert not brain_mask_from_labels(np.full(shape, 24, np.int16)).any()

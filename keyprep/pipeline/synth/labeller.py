@@ -5,8 +5,9 @@ CPU model) covering the image's field of view. The image is low-pass filtered to
 resolution, resampled, intensity-normalised ([0, 1] between its minimum and a robust maximum),
 labelled (optionally averaged with its left/right mirror, labels swapped), and the class
 probabilities are resampled trilinearly back to the image's own grid before the arg-max, so
-labels come out on the native grid with sub-voxel boundaries. The brain mask is where the
-background probability is below one half (largest component, holes filled).
+labels come out on the native grid with sub-voxel boundaries; labels outside the largest
+labelled component are removed. The brain mask (:func:`brain_mask_from_labels`) is the
+labelled brain without the extra-cerebral CSF class, closed by 2 mm, holes filled.
 """
 
 from __future__ import annotations
@@ -65,6 +66,38 @@ def card_trusted(card: dict) -> bool:
     """Whether a model card's held-out structure Dice reaches :data:`TRUSTED_DICE`."""
     value = card.get('heldout_mean_structure_dice')
     return value is not None and float(value) >= TRUSTED_DICE
+
+
+BRAIN_MASK_CLOSING_MM = 2.0  # sulcal CSF between the gyri joins the brain mask
+
+
+def brain_mask_from_labels(labels: np.ndarray, zooms=(1.0, 1.0, 1.0),
+                           closing_mm: float = BRAIN_MASK_CLOSING_MM) -> np.ndarray:
+    """The brain mask of a label map, as skull strippers define it (BET, deepbet).
+
+    Every labelled structure except the CSF class (FreeSurfer 24, which in SynthSeg's protocol
+    is mostly the extra-cerebral CSF between brain and skull), closed with a ball of
+    ``closing_mm`` (to take in the sulcal CSF between gyri), its largest connected component,
+    holes filled (ventricles). With the CSF class included the mask reached Dice 0.900 against
+    Colin27's ch2bet; without it 0.941, closed by 2 mm 0.949 (step-25000 network).
+    """
+    from scipy import ndimage
+
+    brain = (labels > 0) & (labels != 24)
+    if not brain.any():
+        return brain
+    radius = np.maximum(np.round(closing_mm / np.asarray(zooms, dtype=float)), 0).astype(int)
+    if radius.any():
+        grid = np.ogrid[tuple(slice(-int(r), int(r) + 1) for r in radius)]
+        ball = sum((g * z / closing_mm) ** 2 for g, z in zip(grid, zooms)) <= 1.0 + 1e-6
+        pad = [(int(r), int(r)) for r in radius]
+        brain = ndimage.binary_closing(np.pad(brain, pad), structure=ball)[
+            tuple(slice(int(r), int(r) + n) for r, n in zip(radius, labels.shape))]
+    comp, n = ndimage.label(brain)
+    if n > 1:
+        sizes = ndimage.sum(brain, comp, range(1, n + 1))
+        brain = comp == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(brain)
 
 
 @dataclass
@@ -432,15 +465,15 @@ class LabelNetwork:
             vals = torch.zeros(idx.shape[1], dtype=torch.int16)
             vals[ok] = lut[fine_t[idx[0, ok], idx[1, ok], idx[2, ok]].long()]
             labels[start:start + len(ii)] = vals.reshape(len(ii), shape[1], shape[2]).numpy()
-        brain = labels > 0
-        if brain.any():
-            comp, n = ndimage.label(brain)
+        head = labels > 0
+        if head.any():
+            comp, n = ndimage.label(head)
             if n > 1:
-                sizes = ndimage.sum(brain, comp, range(1, n + 1))
-                brain = comp == (int(np.argmax(sizes)) + 1)
-            brain = ndimage.binary_fill_holes(brain)
-        labels[~brain] = 0
-        return labels, brain.astype(np.uint8)
+                sizes = ndimage.sum(head, comp, range(1, n + 1))
+                head = comp == (int(np.argmax(sizes)) + 1)
+            head = ndimage.binary_fill_holes(head)
+        labels[~head] = 0
+        return labels, brain_mask_from_labels(labels, zooms).astype(np.uint8)
 
 
 def label_image(img: nib.spatialimages.SpatialImage, weights: str | Path | None = None,
