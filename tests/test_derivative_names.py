@@ -152,7 +152,7 @@ def test_guard_accepts_distinct_files(tmp_path):
 def test_workflow_build_fails_on_a_name_clash(tmp_path, monkeypatch):
     """Without the contrast in the names, the T1w's and T2w's labels clash: the workflow is
     not built (the run stops before any node runs)."""
-    from keyprep.bids_app import naming
+    from keyprep.pipeline import naming
 
     monkeypatch.setattr(naming, '_name_contrast', lambda ents, contrast: None)
     with pytest.raises(DuplicateDerivativeError, match='same file name'):

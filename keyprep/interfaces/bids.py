@@ -38,7 +38,7 @@ class _DSOutputSpec(TraitedSpec):
 class DerivativesDataSink(SimpleInterface):
     """Write a derivative atomically under its BIDS-Derivatives name.
 
-    The name comes from :func:`keyprep.bids_app.naming.derivative_name`; the JSON sidecar
+    The name comes from :func:`keyprep.pipeline.naming.derivative_name`; the JSON sidecar
     gets ``Sources`` (a BIDS URI of the raw input) and the metadata given. Files are
     written to a temporary name in the destination folder, then renamed, so that a
     killed run never leaves a half-written derivative.
@@ -54,7 +54,7 @@ class DerivativesDataSink(SimpleInterface):
         import tempfile
         from pathlib import Path
 
-        from ..bids_app.naming import bids_uri, derivative_name
+        from ..pipeline.naming import bids_uri, derivative_name
         from ..pipeline.io import atomic_write_text, make_image, publish_file
 
         base = Path(self.inputs.base_directory)

@@ -45,7 +45,7 @@ def init_target_wf(*, target, target_file: Path | None, output_dir: Path, omp_nt
     brain, mask, dseg, synthseg, synthseg_meta
         The prepared target.
     """
-    from ..bids_app.naming import target_figure_name, target_stem
+    from ..pipeline.naming import target_figure_name, target_stem
     from ..interfaces.bids import DerivativesDataSink
     from ..interfaces.reports import LabelsFigure
     from .anatomical import init_anat_preproc_wf
@@ -158,7 +158,7 @@ def _participant_wfs(*, group, target, skip_source: Path | None, methods: list[s
     to ``anat_<key>_bridge.*`` of the registrations' workflow (``<group>_wf``), so that
     something built from the preprocessed images of every participant (a groupwise
     template) can sit between the two without a cycle between workflows."""
-    from ..bids_app.naming import bids_uri, qc_table_name
+    from ..pipeline.naming import bids_uri, qc_table_name
     from ..interfaces.bids import DerivativesDataSink
     from ..interfaces.qc import QCTables
     from ..interfaces.reports import LabelsFigure, MaskFigure
@@ -468,7 +468,7 @@ def init_groupwise_wf(*, n_inputs: int, target, output_dir: Path, weights: str |
     -------
     template, mask, keypoints
     """
-    from ..bids_app.naming import target_stem
+    from ..pipeline.naming import target_stem
     from ..interfaces.bids import DerivativesDataSink
     from ..interfaces.groupwise import GroupwiseTemplate
     from ..pipeline.keymorph.keypoints import KEYPOINT_COLUMNS
@@ -573,7 +573,7 @@ def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | No
         sources = groupwise_sources(groups)
         if len(sources) < 2:
             raise ValueError('--target groupwise needs images of at least two participants')
-        from ..bids_app.naming import bids_uri
+        from ..pipeline.naming import bids_uri
 
         gw_wf = init_groupwise_wf(n_inputs=len(sources), target=target, output_dir=output_dir,
                                   weights=keymorph_weights, omp_nthreads=omp_nthreads,

@@ -64,7 +64,7 @@ def planned_derivatives(wf) -> list[PlannedFile]:
     """The files (derivatives and their JSON sidecars) that the sinks of ``wf`` will write."""
     from nipype.interfaces.base import isdefined
 
-    from ..bids_app.naming import derivative_name
+    from ..pipeline.naming import derivative_name
     from ..interfaces.bids import DerivativesDataSink
 
     out = []
