@@ -103,3 +103,13 @@ def test_help_documents_skull_strip_synth(capsys):
     assert run(['--help']) == 0
     text = ' '.join(capsys.readouterr().out.split())
     assert '{auto,force,skip,synth}' in text and "label network's brain mask" in text
+
+
+def test_ants_options_reach_every_ants_engine(bids, tmp_path):
+    base = [str(bids), str(tmp_path / 'out'), 'participant']
+    assert not any(n.startswith('ants') for n in parse_args(base).engine_params)
+    opts = parse_args(base + ['--ants-preset', 'syn', '--ants-metric-masks'])
+    for name in ('antsRigid', 'antsAffine', 'antsSyN'):
+        assert opts.engine_params[name] == {'preset': 'syn', 'masks': True}
+    assert not any(n.startswith('keymorph') and 'preset' in p
+                   for n, p in opts.engine_params.items())

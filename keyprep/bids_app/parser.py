@@ -185,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
                         'their names; default: none')
     g.add_argument('--keymorph-refine-steps', type=_positive_int, default=None, metavar='N',
                    help='optimisation steps of the refinement (default 40; 8 with --sloppy)')
+    g.add_argument('--ants-preset', choices=('synquick', 'syn', 'antspy'), default=None,
+                   help='recipe of the ANTs baselines: synquick (default) runs '
+                        'antsRegistrationSyNQuick.sh\'s rigid/affine/SyN stage lists (rigid, '
+                        'then affine, then SyN, Mattes MI), as ANTs\' authors recommend; syn the '
+                        'full antsRegistrationSyN.sh recipes (slower); antspy ANTsPy\'s '
+                        'one-stage Rigid/Affine/SyN presets with keyprep\'s earlier schedule')
+    g.add_argument('--ants-metric-masks', action='store_true', default=None,
+                   help='pass the brain masks to the ANTs similarity metric (off by default: '
+                        'on Colin27 moved by known rotations the masked metric failed from 30 '
+                        'degrees, the unmasked one up to 90)')
     g.add_argument('--keymorph-pose-search', choices=('cube', 'none'), default=None,
                    help='cube (default): detect the moving keypoints in the 24 cube '
                         'orientations of the detector grid and keep the fit of highest '
@@ -237,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
     """Engine name -> engine-specific parameters from the command line (the ``--keymorph-*``
-    options for every KeyMorph engine; only options that were given)."""
+    options for every KeyMorph engine, ``--ants-*`` for every ANTs engine; only options
+    that were given)."""
     from ..pipeline.engines import available_engines
 
     common = {}
@@ -257,6 +268,14 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         init = getattr(opts, f'{name.lower()}_init', None)  # engines starting from an affine
         if init:
             out.setdefault(name, {})['init'] = init
+        if cls.family == 'ants':
+            ants = {}
+            if getattr(opts, 'ants_preset', None):
+                ants['preset'] = opts.ants_preset
+            if getattr(opts, 'ants_metric_masks', None):
+                ants['masks'] = True
+            if ants:
+                out[name] = {**out.get(name, {}), **ants}
         if cls.family != 'keymorph':
             continue
         params = {**out.get(name, {}), **common}
