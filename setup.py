@@ -43,10 +43,12 @@ setup(
         'markupsafe>=2.0',  # the report's HTML escaping
         'pillow>=9.0',  # report figures (PIL)
         'pyyaml>=5.1',  # --use-plugin files
+        # the official (schema-based) BIDS validator, offline, Deno runtime included: the
+        # input dataset is validated with it (--skip-bids-validation to skip)
+        'bids-validator-deno',
     ],
     extras_require={
-        # the official (schema-based) BIDS validator, offline, binary included
-        'test': ['pytest>=7', 'bids-validator-deno'],
+        'test': ['pytest>=7'],
     },
     entry_points={
         'console_scripts': [

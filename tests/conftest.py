@@ -80,6 +80,9 @@ def write_bids(root: Path, subjects: dict[str, nb.Nifti1Image | bytes | None],
             dwi.mkdir()
             nb.Nifti1Image(np.ones((4, 4, 4, 2), 'f4'), np.eye(4)).to_filename(
                 dwi / f'sub-{sub}_dwi.nii.gz')
+            # valid BIDS: the official validator requires the gradient files
+            (dwi / f'sub-{sub}_dwi.bval').write_text('0 1000\n')
+            (dwi / f'sub-{sub}_dwi.bvec').write_text('0 1\n0 0\n0 0\n')
             continue
         f = anat / f'sub-{sub}_T1w.nii.gz'
         if isinstance(img, bytes):

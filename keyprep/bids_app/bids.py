@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,12 +71,29 @@ class ProcessingGroup:
         return f'sub_{self.subject}' + (f'_ses_{self.session}' if self.session else '')
 
 
-def validate_dataset(bids_dir: Path, participants: list[str] | None = None) -> None:
-    """Check that ``bids_dir`` is a BIDS dataset, raising :class:`ValidationError`.
+#: Errors listed in the one-line message (the report holds them all).
+_LISTED_ERRORS = 3
 
-    Checks ``dataset_description.json`` (present, valid JSON, ``Name`` and
-    ``BIDSVersion``), that there are ``sub-*`` folders, and every file name under the
-    selected subjects against the BIDS schema (the ``bids-validator`` Python package).
+
+def validate_dataset(bids_dir: Path, participants: list[str] | None = None,
+                     report_file: Path | None = None) -> dict:
+    """Validate ``bids_dir`` with the official BIDS validator; raise
+    :class:`ValidationError` (exit 16) on errors, log a one-line summary otherwise.
+
+    Quick checks first, for clearer messages: ``dataset_description.json`` present, valid
+    JSON, with ``Name`` and ``BIDSVersion``, and ``sub-*`` folders. Then the schema-based
+    validator (``bids-validator-deno``, the validator of the NiPreps; offline, its bundled
+    schema) checks the whole dataset: it has no option to check some participants only.
+    Only errors stop the run, and only those in the selected ``participants``' folders or
+    outside any participant folder (``participants.tsv``...); errors in the folders of
+    participants that are not selected are counted, reported and ignored, as the
+    NiPreps' ``ignoredFiles``. Warnings never stop a run. The validator's JSON report (with
+    a ``keyprep`` key: validator version, time, what was counted) is written atomically to
+    ``report_file`` when given (never into the dataset).
+
+    Raises :class:`~keyprep.pipeline.errors.MissingInputError` (exit 66) when the
+    validator (the ``bids-validator-deno`` package, a dependency of keyprep) is missing.
+    Returns the ``keyprep`` summary.
     """
     desc = bids_dir / 'dataset_description.json'
     if not desc.is_file():
@@ -92,23 +110,100 @@ def validate_dataset(bids_dir: Path, participants: list[str] | None = None) -> N
     subjects = sorted(p for p in bids_dir.glob('sub-*') if p.is_dir())
     if not subjects:
         raise ValidationError(f'{bids_dir} is not a BIDS dataset: no sub-<label> folders')
-    from bids_validator import BIDSValidator
 
-    validator = BIDSValidator()
-    bad = []
-    for sub in subjects:
-        if participants and sub.name[4:] not in participants:
-            continue
-        for f in sorted(sub.rglob('*')):
-            if f.is_file() and not f.name.startswith('.'):
-                rel = '/' + f.relative_to(bids_dir).as_posix()
-                if not validator.is_bids(rel):
-                    bad.append(rel)
-    if bad:
-        more = f' (and {len(bad) - 5} more)' if len(bad) > 5 else ''
-        raise ValidationError(f'{len(bad)} file name(s) are not valid BIDS: '
-                              f'{", ".join(bad[:5])}{more} (use --skip-bids-validation to go '
-                              'on anyway)')
+    t0 = time.monotonic()
+    raw, version = _run_validator(bids_dir)
+    seconds = time.monotonic() - t0
+    issues = raw.get('issues', {}).get('issues', []) if isinstance(raw, dict) else []
+    selected = set(participants or [])
+
+    def other_participant(issue: dict) -> bool:
+        m = re.match(r'/sub-([^/_]+)/', str(issue.get('location') or ''))
+        return bool(selected and m and m.group(1) not in selected)
+
+    def distinct(severity: str, keep) -> list[dict]:
+        seen: dict[tuple, dict] = {}
+        for issue in issues:
+            if issue.get('severity') == severity and keep(issue):
+                seen.setdefault((issue.get('code'), issue.get('subCode'),
+                                 issue.get('location')), issue)
+        return list(seen.values())
+
+    errors = distinct('error', lambda i: not other_participant(i))
+    ignored = distinct('error', other_participant)
+    warnings = distinct('warning', lambda i: True)
+    summary = {'validator': f'bids-validator-deno {version}', 'seconds': round(seconds, 2),
+               'participants': sorted(selected) or 'all', 'errors': len(errors),
+               'errors_ignored_other_participants': len(ignored),
+               'warnings': len(warnings)}
+    where = ''
+    if report_file is not None:
+        from ..pipeline.io import atomic_write_text
+
+        atomic_write_text(report_file, json.dumps({'keyprep': summary, **raw}, indent=1) + '\n')
+        where = f'; full report: {report_file}'
+    others = (f' (and {len(ignored)} in participants not selected, ignored)'
+              if ignored else '')
+    if errors:
+        listed = ', '.join(
+            f'{i.get("code")}{"[" + str(i["subCode"]) + "]" if i.get("subCode") else ""}'
+            f' {str(i.get("location") or "").lstrip("/")}'.rstrip()
+            for i in errors[:_LISTED_ERRORS])
+        more = f' and {len(errors) - _LISTED_ERRORS} more' if len(errors) > _LISTED_ERRORS else ''
+        raise ValidationError(
+            f'BIDS validation: {len(errors)} error(s) ({listed}{more}){others}, '
+            f'{len(warnings)} warning(s){where}; fix the dataset, or use '
+            '--skip-bids-validation to go on anyway')
+    LOGGER.info('BIDS validation: 0 errors%s, %d warning(s) (%s, %.1f s%s)', others,
+                len(warnings), summary['validator'], seconds, where)
+    return summary
+
+
+def _run_validator(bids_dir: Path) -> tuple[dict, str]:
+    """Run ``bids-validator-deno`` on ``bids_dir`` (JSON output) and return its report and
+    version. Offline: its bundled schema (``BIDS_SCHEMA``, which would make it download
+    another, is removed from its environment) and no Deno update check."""
+    import os
+    import subprocess
+    import sys
+    from importlib import metadata, util
+
+    def importable(module: str) -> bool:
+        try:
+            return util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    # the validator and the Deno runtime it runs on (a dependency of bids-validator-deno)
+    for module in ('bids_validator_deno', 'deno'):
+        if not importable(module):
+            raise MissingInputError(
+                f'the official BIDS validator is not installed (Python module {module!r} is '
+                'missing; keyprep needs the package bids-validator-deno: pip install '
+                'bids-validator-deno), or use --skip-bids-validation')
+    version = metadata.version('bids-validator-deno')
+    env = {k: v for k, v in os.environ.items() if k != 'BIDS_SCHEMA'}
+    env.update({'DENO_NO_UPDATE_CHECK': '1', 'DENO_NO_PROMPT': '1', 'NO_COLOR': '1'})
+    cmd = [sys.executable, '-c',
+           'import sys; from bids_validator_deno import cli; sys.argv[0] = '
+           '"bids-validator-deno"; sys.exit(cli())', str(bids_dir), '--format', 'json']
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    except OSError as exc:
+        raise ValidationError(f'the BIDS validator could not be started: {exc} (use '
+                              '--skip-bids-validation to go on without it)') from None
+    try:
+        report = json.loads(proc.stdout) if proc.returncode in (0, 16) else None
+    except json.JSONDecodeError:
+        report = None
+    if not isinstance(report, dict):
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or '').splitlines()
+                 if ln.strip()]
+        raise ValidationError(
+            f'the BIDS validator (bids-validator-deno {version}) failed on {bids_dir} '
+            f'(exit {proc.returncode}: {lines[-1][:200] if lines else "no output"}); use '
+            '--skip-bids-validation to go on without it')
+    return report, version
 
 
 def init_layout(bids_dir: Path, database_dir: Path, participants: list[str] | None = None):

@@ -192,17 +192,18 @@ def _run_participant(opts, argv: list[str]) -> int:
         if hold is not None:
             hold.callback(lock.release)
 
-    if not opts.skip_bids_validation:
-        validate_dataset(bids_dir, opts.participant_label)
-    elif not any(p.is_dir() for p in bids_dir.glob('sub-*')):
-        from ..pipeline.errors import ValidationError
-
-        raise ValidationError(f'{bids_dir} is not a BIDS dataset: no sub-<label> folders')
     index_subjects = None
     if opts.participant_label:
         index_subjects = list(opts.participant_label)
         if target.subject and target.subject not in index_subjects:
             index_subjects.append(target.subject)
+    if not opts.skip_bids_validation:  # the official validator; its report in logs/<run>/
+        validate_dataset(bids_dir, index_subjects,
+                         report_file=out_dir / 'logs' / run_uuid / 'bids_validation.json')
+    elif not any(p.is_dir() for p in bids_dir.glob('sub-*')):
+        from ..pipeline.errors import ValidationError
+
+        raise ValidationError(f'{bids_dir} is not a BIDS dataset: no sub-<label> folders')
     db_dir = opts.bids_database_dir or (work_dir / 'bids_db')
     layout = init_layout(bids_dir, Path(db_dir), index_subjects)
     subjects = collect_participants(bids_dir, opts.participant_label)

@@ -14,7 +14,8 @@ code  meaning
       dataset, --mem below what one node needs ...)
 65    an input file is unusable (an image that is corrupt, truncated, 4-D,
       NaN, empty or of implausible geometry; a weights file that does not load)
-66    a required input is missing (no anatomical image, target or weights file)
+66    a required input is missing (no anatomical image, target or weights file;
+      the BIDS validator package bids-validator-deno)
 73    the output or work folder cannot be created or written into
 74    a write failed during the run (disk full, quota, file system turned
       read-only...)
@@ -49,7 +50,7 @@ EXIT_CODES = {
     EXIT_USAGE: 'usage error (also: output or work folder in the input dataset, --mem '
                 'below what one node needs)',
     EXIT_DATA: 'an input image or weights file is unusable',
-    EXIT_NO_INPUT: 'a required input is missing',
+    EXIT_NO_INPUT: 'a required input is missing (also: the BIDS validator package)',
     EXIT_CANTCREAT: 'the output or work folder cannot be created or written into',
     EXIT_IOERR: 'a write failed during the run (disk full, quota, read-only file system)',
     EXIT_LOCKED: 'the work folder is in use by another keyprep run',
