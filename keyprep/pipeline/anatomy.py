@@ -74,12 +74,9 @@ def detect_brain_extracted(data: np.ndarray, zooms: tuple[float, ...]) -> tuple[
 def mask_from_brain(data: np.ndarray) -> np.ndarray:
     """Brain mask of an already brain-extracted image: the largest non-background component,
     holes filled."""
-    fg = data > np.min(data)
-    lab, n = ndi.label(fg)
-    if n > 1:
-        sizes = ndi.sum(fg, lab, index=np.arange(1, n + 1))
-        fg = lab == (1 + int(np.argmax(sizes)))
-    return ndi.binary_fill_holes(fg)
+    from .masks import largest_component_filled
+
+    return largest_component_filled(data > np.min(data))
 
 
 def deepbet_mask(img: nb.Nifti1Image, *, device: str = 'cpu', threshold: float = 0.5) -> np.ndarray:

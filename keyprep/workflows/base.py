@@ -487,9 +487,9 @@ def init_groupwise_wf(*, n_inputs: int, target, output_dir: Path, weights: str |
 
     wfile = Path(weights) if weights else default_weights()
     if wfile.is_file():  # new weights at the same path are not taken from the cache
-        import hashlib
+        from ..pipeline.weights import sha256_file
 
-        tpl.inputs.weights_sha256 = hashlib.sha256(wfile.read_bytes()).hexdigest()
+        tpl.inputs.weights_sha256 = sha256_file(wfile)
     stem = target_stem(target.name, target.resolution)
     source = f'tpl-{target.name}'
 

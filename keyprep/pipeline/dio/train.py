@@ -391,7 +391,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
     """Write the weights file :func:`~.network.load_dio` reads (``format``, ``state_dict``
     (float16 by default), ``config``, ``step``, ``recipe``); with ``card``, also a JSON model
     card beside it. Returns the metadata (path, sha256, step, bytes)."""
-    import hashlib
+    from ..weights import sha256_file
 
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     cfg = DioTrainConfig.from_dict(ckpt['config'])
@@ -402,7 +402,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(payload, out_path)
-    sha = hashlib.sha256(out_path.read_bytes()).hexdigest()
+    sha = sha256_file(out_path)
     meta = {'path': str(out_path), 'sha256': sha, 'step': int(ckpt['step']),
             'bytes': out_path.stat().st_size}
     if card is not None:

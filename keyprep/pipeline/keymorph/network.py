@@ -26,7 +26,6 @@ see :func:`pair_weights`.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..weights import sha256_file
 
 __all__ = [
     'DetectorConfig', 'KeypointDetector', 'center_of_mass', 'normalise_heatmaps', 'conform',
@@ -390,10 +391,6 @@ def conform(img, cfg: DetectorConfig, mask=None, device: str | torch.device = 'c
 
 
 # ---------------------------------------------------------------------------- shipped model
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class KeyMorphModel:
     """A trained detector with its grid, loaded from one weights file (state dict + config).
 
@@ -407,7 +404,7 @@ class KeyMorphModel:
         self.cfg = detector.cfg
         self.path = path
         self.meta = dict(meta or {})
-        self.sha256 = _sha256(path) if path is not None and path.is_file() else None
+        self.sha256 = sha256_file(path) if path is not None and path.is_file() else None
         self.card = read_model_card(path, self.sha256) if path is not None else {}
 
     @classmethod

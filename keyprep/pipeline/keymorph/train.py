@@ -779,7 +779,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
     """Write the shipped weights file (state dict, float16 by default, and the detector's
     config) that :meth:`~.network.KeyMorphModel.load` reads; with ``card``, also the JSON model
     card beside it (``<name>.json``, with the file's sha256). Returns the metadata."""
-    import hashlib
+    from ..weights import sha256_file
 
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     cfg = KeyMorphTrainConfig.from_dict(ckpt['config'])
@@ -792,7 +792,7 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(payload, out_path)
-    sha = hashlib.sha256(out_path.read_bytes()).hexdigest()
+    sha = sha256_file(out_path)
     meta = {'path': str(out_path), 'sha256': sha, 'step': int(ckpt['step']),
             'stage': ckpt.get('stage'), 'bytes': out_path.stat().st_size}
     if card is not None:

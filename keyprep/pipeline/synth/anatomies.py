@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..masks import fill_holes, largest_component, largest_component_filled
 from ..targets import MRICRON_DIR, mricron_file
 from .generator import LabelMap, label_map_from_array
 from .labels import GENERATION_LABELS, GENERATION_TO_OUTPUT, LR_PAIRS, OUTPUT_LABELS, OUTPUT_NAMES
@@ -192,15 +193,6 @@ def _world(shape, affine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(v for _, v in out)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (None if empty)."""
     out = []
@@ -242,27 +234,6 @@ def _close(mask: np.ndarray, radius: float) -> np.ndarray:
 
 def _open(mask: np.ndarray, radius: float) -> np.ndarray:
     return _dilate(_erode(mask, radius), radius)
-
-
-def _fill_holes(mask: np.ndarray, axial: bool = False) -> np.ndarray:
-    """Fill the holes of a 3-D mask (or of each axial slice): background components that do
-    not touch the array's border. Faster than ``scipy.ndimage.binary_fill_holes``."""
-    if axial:
-        struct = np.zeros((3, 3, 3), bool)
-        struct[:, :, 1] = ndi.generate_binary_structure(2, 1)
-    else:
-        struct = ndi.generate_binary_structure(3, 1)
-    lab, n = ndi.label(~mask, structure=struct)
-    if n == 0:
-        return mask.copy()
-    faces = [lab[0], lab[-1], lab[:, 0], lab[:, -1]]
-    if not axial:
-        faces += [lab[:, :, 0], lab[:, :, -1]]
-    border = np.unique(np.concatenate([f.ravel() for f in faces]))
-    keep = np.zeros(n + 1, bool)
-    keep[border] = True
-    keep[0] = False
-    return mask | ~keep[lab] & (lab > 0)
 
 
 def _sided(side: np.ndarray, left_label: int) -> np.ndarray:
@@ -339,7 +310,7 @@ def _build_colin27() -> dict:
 
     # brain mask: ch2bet, closed (its strip cuts into the interhemispheric fissure) and filled
     brain = _close(bet, 2)
-    brain = _largest_component(_fill_holes(brain | bet))
+    brain = largest_component_filled(brain | bet, fill_first=True)
     # the brain rules run on the brain's bounding box (+ 8 mm), the head rules on the full grid
     full = {'ch2': ch2, 'aal': aal, 'brain': brain, 'shape': ch2.shape}
     bb = _bbox(brain, 8)
@@ -380,7 +351,7 @@ def _build_colin27() -> dict:
 
     # --- cerebellum region: AAL cerebellum + vermis, closed and filled (takes in the WM core)
     cb_aal = np.isin(aal, _CEREBELLUM_AAL)
-    cereb = _fill_holes(_close(cb_aal, 3)) & brain
+    cereb = fill_holes(_close(cb_aal, 3)) & brain
     cereb |= cb_aal & brain
 
     # --- brain stem: non-AAL tissue below the diencephalon, medial, between the cerebellum
@@ -389,7 +360,7 @@ def _build_colin27() -> dict:
     width = np.where(Z > -20, 12.0, 15.0)
     stem_box = free & (np.abs(X) <= width) & (Z <= -8) & (Y >= -48) & (Y <= -5)
     stem = _component_at(stem_box, caff, (0.0, -25.0, -30.0))
-    stem = _fill_holes(stem)
+    stem = fill_holes(stem)
     info['brainstem_seed'] = [0.0, -25.0, -30.0]
 
     # --- ventricles: CSF components that reach >= 15 mm deep, grown (6-connected) through
@@ -417,7 +388,7 @@ def _build_colin27() -> dict:
     inflat = csf & ~third & (Z <= -4) & (np.abs(X) >= 18) & _dilate(mtl, 3) & (vent | mtl)
     # 4th ventricle: CSF >= 3 mm deep, within 6 mm of the brain stem's back, inside the
     # closed cerebellum + brain stem, near the midline
-    hull = _fill_holes(_close(stem | cereb, 4))
+    hull = fill_holes(_close(stem | cereb, 4))
     near_stem = _dilate(stem, 6)
     fourth = csf & hull & near_stem & (depth >= 3) & (np.abs(X - x_mid) <= 10) & (Z <= -15) \
         & (Z >= -55) & (Y >= -60) & (Y <= -25)
@@ -481,9 +452,9 @@ def _build_colin27() -> dict:
     # --- head: ch2 above background, slice-filled; k-means in 5 intensity classes
     bg = _background_threshold(ch2)
     head = _open(ch2 > bg, 1)
-    head = _largest_component(head)
+    head = largest_component(head)
     head = _close(head, 3)
-    head = _fill_holes(head, axial=True)  # per axial slice: nose, ear canals, sinuses stay head
+    head = fill_holes(head, axial=True)  # per axial slice: nose, ear canals, sinuses stay head
     head |= brain | shell
     extra = head & ~done
     centres = _kmeans_hist(smooth[extra], len(HEAD_CLUSTER_LABELS))
@@ -522,7 +493,7 @@ def _component_at(mask: np.ndarray, affine: np.ndarray, point_mm) -> np.ndarray:
 
 
 def _component_at_largest(mask: np.ndarray) -> np.ndarray:
-    return _largest_component(mask) if mask.any() else mask
+    return largest_component(mask) if mask.any() else mask
 
 
 def _background_threshold(img: np.ndarray) -> float:
@@ -849,7 +820,7 @@ def _build_jhu189() -> dict:
         purity = float(np.mean(ref_sided[region_sl][region] == lab))
         rows.append(_jhu_row(p, lab, size[p], purity, '; '.join(note)))
     # JHU leaves cisterns and fissures unlabelled: background enclosed by the brain -> CSF
-    closed = _fill_holes(_close(jhu > 0, 3))
+    closed = fill_holes(_close(jhu > 0, 3))
     holes = closed & (jhu == 0)
     gen[holes] = 24
     rows.append({'source': 'jhu189', 'source_label': 0, 'source_name': 'unlabelled, enclosed',
@@ -904,7 +875,7 @@ def _build_icbm() -> dict:
     wmp = np.asarray(nib.as_closest_canonical(nib.load(str(_icbm('WM')))).dataobj, np.float32)
     scale = max(float(gmp.max()), float(wmp.max()), 1.0)
     gmp, wmp = gmp / scale, wmp / scale
-    brain = _largest_component(_fill_holes(t1 > 0))
+    brain = largest_component_filled(t1 > 0, fill_first=True)
     csf = brain & (gmp + wmp < 0.5)
     gm = brain & ~csf & (gmp >= wmp)
     wm = brain & ~csf & (wmp > gmp)

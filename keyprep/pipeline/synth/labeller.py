@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..masks import largest_component_filled
 from ..weights import load_weights, sha256_file
 from ..resources import autocast, resolve_precision
 from .generator import gaussian_blur, identity_grid, sample_field
@@ -93,11 +94,7 @@ def brain_mask_from_labels(labels: np.ndarray, zooms=(1.0, 1.0, 1.0),
         pad = [(int(r), int(r)) for r in radius]
         brain = ndimage.binary_closing(np.pad(brain, pad), structure=ball)[
             tuple(slice(int(r), int(r) + n) for r, n in zip(radius, labels.shape))]
-    comp, n = ndimage.label(brain)
-    if n > 1:
-        sizes = ndimage.sum(brain, comp, range(1, n + 1))
-        brain = comp == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(brain)
+    return largest_component_filled(brain)
 
 
 @dataclass
@@ -430,8 +427,6 @@ class LabelNetwork:
         native voxel size (slab by slab, to bound memory), the arg-max is taken there, and each
         native voxel takes the label of the nearest upsampled voxel (error at most half a
         native voxel)."""
-        from scipy import ndimage
-
         zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
         factor = int(np.clip(np.round(self.res_mm / zooms.min()), 1, 4))
         shape_net = probs.shape[2:]
@@ -467,11 +462,7 @@ class LabelNetwork:
             labels[start:start + len(ii)] = vals.reshape(len(ii), shape[1], shape[2]).numpy()
         head = labels > 0
         if head.any():
-            comp, n = ndimage.label(head)
-            if n > 1:
-                sizes = ndimage.sum(head, comp, range(1, n + 1))
-                head = comp == (int(np.argmax(sizes)) + 1)
-            head = ndimage.binary_fill_holes(head)
+            head = largest_component_filled(head)
         labels[~head] = 0
         return labels, brain_mask_from_labels(labels, zooms).astype(np.uint8)
 

@@ -291,7 +291,7 @@ def train(label_maps: str | Path, out_dir: str | Path, cfg: TrainConfig = TrainC
 
 def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = True) -> dict:
     """Write the shipped weights (state dict, float16 by default) and return their metadata."""
-    import hashlib
+    from ..weights import sha256_file
 
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt['model'].items()}
@@ -301,6 +301,6 @@ def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = Tr
                'crop_shape': list(cfg.synth.shape)}
     out_path = Path(out_path)
     _atomic_save(payload, out_path)
-    sha = hashlib.sha256(out_path.read_bytes()).hexdigest()
+    sha = sha256_file(out_path)
     return {'path': str(out_path), 'sha256': sha, 'step': int(ckpt['step']),
             'bytes': out_path.stat().st_size}
