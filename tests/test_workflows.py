@@ -219,3 +219,78 @@ def test_new_engine_plugs_in_everywhere(centroid_engine, tmp_path, small_brains,
     assert np.allclose(nb.load(str(again)).get_fdata(), nb.load(run.warped).get_fdata(),
                        atol=1e-3)
     assert run.runtime_s >= 0 and run.peak_mem_mb > 0
+
+
+class _TwoVariantEngine(_CentroidEngine):
+    """The centroid engine giving two results from one run (graph building only)."""
+
+    name = 'testTwoVariants'
+
+    def variants(self, options):
+        return [('testTwoVariantsA', {}), ('testTwoVariantsB', {})]
+
+
+@pytest.fixture
+def two_variant_engine():
+    register_engine(_TwoVariantEngine)
+    yield _TwoVariantEngine
+    engine_base._REGISTRY.pop(_TwoVariantEngine.name, None)
+
+
+def _missing_qc_names(wf, groups, methods, variants) -> list[str]:
+    """Every name the QC recovery (:mod:`keyprep.bids_app.qctables`) looks for that the
+    built workflow lacks: the QC nodes (and their folders, where Nipype runs them), the
+    prefixes of the engines, chains, preprocessing and target it attributes crashes by."""
+    from keyprep.workflows.layout import QCSource, group_prefixes, qc_sources, shared_prefixes
+
+    flat = wf._create_flat_graph()
+    nodes = {n.fullname: n for n in flat.nodes()}
+    missing = []
+
+    def has_prefix(prefix):
+        if not any(n.startswith(prefix) for n in nodes):
+            missing.append(prefix)
+
+    target, groupwise = shared_prefixes(wf.name)
+    has_prefix(target)
+    if any(n.startswith(groupwise) for n in nodes):  # only with --target groupwise
+        has_prefix(groupwise)
+    for group in groups:
+        split = any(n.startswith(group_prefixes(wf.name, group.name)[1]) for n in nodes)
+        for image in group.images:
+            for src in qc_sources(wf.name, group.name, image.key, methods, variants):
+                assert isinstance(src, QCSource)
+                node = nodes.get(src.qc_node)
+                if node is None or type(node.interface).__name__ != 'RegistrationQC':
+                    missing.append(src.qc_node)
+                    continue
+                node.base_dir = wf.base_dir  # as Workflow.run sets it
+                long_file, summary_file = src.files(wf.base_dir)
+                if Path(node.output_dir()) != summary_file.parent:
+                    missing.append(f'{src.qc_node} folder {summary_file.parent}')
+                for prefix in (src.prefix, src.engine_prefix, *src.chains):
+                    has_prefix(prefix)
+                has_prefix(src.anat_prefixes[1 if split else 0])
+    return missing
+
+
+@pytest.mark.parametrize('target', ['MNI152NLin2009aSym', 'groupwise:res-2'])
+def test_qc_recovery_names_are_the_workflows_names(tmp_path, two_variant_engine, target):
+    """The nodes and folders the QC recovery reads after a failed node exist in the built
+    workflow (one engine with one result, one with two; both target layouts), and a renamed
+    QC node is reported."""
+    from keyprep.workflows.registration import method_variants
+
+    groups = _groups(tmp_path, ('1',), ('T1w', 'T2w'))
+    methods = ['antsRigid', 'testTwoVariants']
+    variants = {m: [v for v, _ in method_variants(m, {}, True)] for m in methods}
+    assert variants['testTwoVariants'] == ['testTwoVariantsA', 'testTwoVariantsB']
+    wf = _build(tmp_path, groups, methods, target=target, sloppy=True)
+    assert _missing_qc_names(wf, groups, methods, variants) == []
+
+    wf = _build(tmp_path, groups, methods, target=target, sloppy=True)
+    key = groups[0].images[1].key
+    assert key == 'ses_1_T2w'
+    path = f'sub_01_ses_1_wf.reg_{key}_testTwoVariants_wf.testTwoVariantsB_wf.qc'
+    wf.get_node(path).name = 'qc_rows'  # what a rename in the builder would do
+    assert _missing_qc_names(wf, groups, methods, variants) == [f'{wf.name}.{path}']

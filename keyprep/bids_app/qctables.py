@@ -3,7 +3,8 @@
 Nipype runs nothing downstream of a failed node, so when one engine crashes the workflow's
 own table node never runs. After such a run, this module writes the participant's tables
 from the QC rows of the engines that finished (their nodes' outputs in the work folder)
-plus one ``fail`` row for each registration that did not, naming the crash file.
+plus one ``fail`` row for each registration that did not, naming the crash file. Where
+those outputs and nodes are is published by the workflow (:mod:`keyprep.workflows.layout`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..pipeline.qcreport import (
     SUMMARY_DESCRIPTION,
     table_sidecar,
 )
+from ..workflows.layout import group_prefixes, qc_sources, shared_prefixes
 from .naming import bids_uri, qc_table_name
 
 __all__ = ['crashed_nodes', 'complete_qc_tables']
@@ -53,47 +55,28 @@ def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, m
     ``variants`` (engine -> its variant names, when an engine gives several): each variant
     gets its row, from ``reg_<image>_<engine>_wf/<variant>_wf/qc``; a crash of the engine's
     own nodes (``register``...) fails all its variants, a crash in a variant's chain only
-    that variant.
+    that variant. Node names and folders come from the workflow's own
+    :func:`keyprep.workflows.layout.qc_sources`, which the builders name their nodes with.
     """
     written = []
-    variants = variants or {}
-    target_failed = any(n.startswith(f'{wf_name}.target_wf.') or
-                        n.startswith(f'{wf_name}.groupwise_wf.') for n in crashes)
+    shared = shared_prefixes(wf_name)
+    target_failed = any(n.startswith(shared) for n in crashes)
     for group in groups:
-        gwf = f'{wf_name}.{group.name}_wf.'
-        awf = f'{wf_name}.{group.name}_anat_wf.'  # preprocessing, with --target groupwise
-        if not group.images or not (target_failed or any(n.startswith((gwf, awf))
-                                                         for n in crashes)):
+        if not group.images or not (target_failed or any(
+                n.startswith(group_prefixes(wf_name, group.name)) for n in crashes)):
             continue
         longs, summaries = [], []
         for image in group.images:
             if skip_source is not None and image.path.resolve() == Path(skip_source).resolve():
                 continue
-            anat_failed = [f for n, f in crashes.items()
-                           if n.startswith((f'{gwf}anat_{image.key}_wf.',
-                                            f'{awf}anat_{image.key}_wf.'))]
-            rows = []
-            for method in methods:
-                names = variants.get(method) or [method]
-                reg = f'reg_{image.key}_{method}_wf'
-                if len(names) == 1:
-                    rows.append((names[0], reg, '', []))
-                    continue
-                chains = [f'{gwf}{reg}.{v}_wf.' for v in names]
-                own = [f for n, f in crashes.items()
-                       if n.startswith(f'{gwf}{reg}.') and not n.startswith(tuple(chains))]
-                rows += [(v, reg, f'{v}_wf', own) for v in names]
-            for method, reg, sub, own in rows:
-                prefix = f'{gwf}{reg}.' + (f'{sub}.' if sub else '')
-                failed = anat_failed + own + [f for n, f in crashes.items()
-                                              if n.startswith(prefix)]
-                qc_dir = work_dir / wf_name / f'{group.name}_wf' / reg / sub / 'qc'
-                fresh = (qc_dir / 'qc_summary.tsv').exists() and (
-                    since is None or (qc_dir / 'qc_summary.tsv').stat().st_mtime >= since)
+            for source in qc_sources(wf_name, group.name, image.key, methods, variants):
+                failed = source.failures(crashes)
+                long_file, summary_file = source.files(work_dir)
+                fresh = summary_file.exists() and (
+                    since is None or summary_file.stat().st_mtime >= since)
                 if not failed and not target_failed and fresh:
-                    longs.append(pd.read_csv(qc_dir / 'qc_long.tsv', sep='\t',
-                                             keep_default_na=False))
-                    summaries.append(pd.read_csv(qc_dir / 'qc_summary.tsv', sep='\t',
+                    longs.append(pd.read_csv(long_file, sep='\t', keep_default_na=False))
+                    summaries.append(pd.read_csv(summary_file, sep='\t',
                                                  keep_default_na=False))
                     continue
                 where = (f'{failed[0].relative_to(out_dir)}' if failed
@@ -101,7 +84,7 @@ def complete_qc_tables(*, out_dir: Path, work_dir: Path, wf_name: str, groups, m
                 summaries.append(pd.DataFrame([{
                     'participant_id': f'sub-{group.subject}',
                     'session_id': f'ses-{group.session}' if group.session else 'n/a',
-                    'source': bids_uri(image.path, bids_dir), 'method': method,
+                    'source': bids_uri(image.path, bids_dir), 'method': source.method,
                     'target': target, 'status': 'fail',
                     'status_reason': f'the registration did not complete: see {where}',
                 }], columns=list(SUMMARY_COLUMNS)))

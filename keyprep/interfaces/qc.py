@@ -14,7 +14,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
-__all__ = ['QCTables', 'RegistrationQC']
+__all__ = ['QC_LONG_FILE', 'QC_SUMMARY_FILE', 'QCTables', 'RegistrationQC']
+
+#: The tables :class:`RegistrationQC` writes into its node's folder (per structure and
+#: tissue class; one row per registration).
+QC_LONG_FILE = 'qc_long.tsv'
+QC_SUMMARY_FILE = 'qc_summary.tsv'
 
 
 class _RegQCInputSpec(BaseInterfaceInputSpec):
@@ -67,8 +72,8 @@ class RegistrationQC(SimpleInterface):
             warped_synthseg=opt('warped_synthseg'),
             synthseg_lut={int(k): v for k, v in slut.items()} if slut else None,
             synthseg_meta=opt('synthseg_meta'))
-        self._results['out_long'] = os.path.join(runtime.cwd, 'qc_long.tsv')
-        self._results['out_summary'] = os.path.join(runtime.cwd, 'qc_summary.tsv')
+        self._results['out_long'] = os.path.join(runtime.cwd, QC_LONG_FILE)
+        self._results['out_summary'] = os.path.join(runtime.cwd, QC_SUMMARY_FILE)
         long.to_csv(self._results['out_long'], sep='\t', index=False, na_rep='n/a')
         summary.to_csv(self._results['out_summary'], sep='\t', index=False, na_rep='n/a')
         return runtime

@@ -8,6 +8,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from .. import __version__
+from .layout import (
+    GROUPWISE_WF,
+    TARGET_WF,
+    anat_group_wf_name,
+    anat_wf_name,
+    participant_wf_name,
+    registration_wf_name,
+)
 
 __all__ = ['init_keyprep_wf', 'init_participant_wf', 'init_target_wf', 'workflow_name']
 
@@ -24,7 +32,7 @@ def workflow_name() -> str:
 
 def init_target_wf(*, target, target_file: Path | None, output_dir: Path, omp_nthreads: int = 1,
                    device: str = 'cpu', seed: int = 0, skull_strip_method: str = 'deepbet',
-                   sloppy: bool = False, name: str = 'target_wf') -> pe.Workflow:
+                   sloppy: bool = False, name: str = TARGET_WF) -> pe.Workflow:
     """Prepare the registration target once per run: brain, mask, tissue labels and the
     label network's labels.
 
@@ -175,9 +183,9 @@ def _participant_wfs(*, group, target, skip_source: Path | None, methods: list[s
     from .registration import init_registration_wf, method_variants, variant_output
 
     engine_params = engine_params or {}
-    wf = pe.Workflow(name=group.name + '_wf')
+    wf = pe.Workflow(name=participant_wf_name(group.name))
     wf.config['execution']['crashdump_dir'] = str(crash_dir)
-    awf = pe.Workflow(name=group.name + '_anat_wf') if split else wf
+    awf = pe.Workflow(name=anat_group_wf_name(group.name)) if split else wf
     if split:
         awf.config['execution']['crashdump_dir'] = str(crash_dir)
     inputnode = pe.Node(niu.IdentityInterface(fields=['target_brain', 'target_mask',
@@ -202,7 +210,7 @@ def _participant_wfs(*, group, target, skip_source: Path | None, methods: list[s
         anat_wf = init_anat_preproc_wf(contrast=image.suffix, skull_strip=skull_strip,
                                        skull_strip_method=skull_strip_method, device=device,
                                        omp_nthreads=omp_nthreads, seed=seed, sloppy=sloppy,
-                                       name=f'anat_{key}_wf')
+                                       name=anat_wf_name(key))
         anat_wf.inputs.inputnode.in_file = str(src)
         ds_preproc = sink(f'ds_{key}_preproc', src, entities={'desc': 'preproc'},
                           meta_dict={'SkullStripped': False,
@@ -267,7 +275,7 @@ def _participant_wfs(*, group, target, skip_source: Path | None, methods: list[s
                 source=bids_uri(src, bids_dir), target=target.name,
                 omp_nthreads=omp_nthreads, device=device, seed=seed, sloppy=sloppy,
                 params=params, contrasts={'fixed': target_contrast, 'moving': image.suffix},
-                name=f'reg_{key}_{engine.name}_wf')
+                name=registration_wf_name(key, engine.name))
             init = engine.init_method(EngineOptions(sloppy=sloppy, params=params))
             if init:  # starts from another method's affine, built before it (resolve_methods)
                 if init not in produced:
@@ -450,7 +458,7 @@ def _write_json(obj, fname):
 def init_groupwise_wf(*, n_inputs: int, target, output_dir: Path, weights: str | None = None,
                       kind: str = 'affine', omp_nthreads: int = 1, device: str = 'cpu',
                       sources: list[str] | None = None,
-                      name: str = 'groupwise_wf') -> pe.Workflow:
+                      name: str = GROUPWISE_WF) -> pe.Workflow:
     """The ``--target groupwise`` template from one brain per participant.
 
     The template depends on every participant of the run: its inputs ``merge_brains.inN``
@@ -593,14 +601,15 @@ def init_keyprep_wf(*, groups, target, target_file: Path, skip_source: Path | No
             engine_params=engine_params, split=groupwise)
         if groupwise:
             for image in group.images:
+                anat = anat_wf_name(image.key)
                 wf.connect([(anat_wf, part_wf, [
-                    (f'anat_{image.key}_wf.outputnode.{f}', f'anat_{image.key}_bridge.{f}')
+                    (f'{anat}.outputnode.{f}', f'anat_{image.key}_bridge.{f}')
                     for f in _ANAT_TO_REG])])
                 i = source_index.get((group.name, image.key))
                 if i is not None:
                     wf.connect([(anat_wf, gw_wf, [
-                        (f'anat_{image.key}_wf.outputnode.brain', f'merge_brains.in{i}'),
-                        (f'anat_{image.key}_wf.outputnode.mask', f'merge_masks.in{i}')])])
+                        (f'{anat}.outputnode.brain', f'merge_brains.in{i}'),
+                        (f'{anat}.outputnode.mask', f'merge_masks.in{i}')])])
         wf.connect([
             (target_wf, part_wf, [('outputnode.brain', 'inputnode.target_brain'),
                                   ('outputnode.mask', 'inputnode.target_mask'),

@@ -11,6 +11,8 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from .layout import QC_NODE, variant_wf_name
+
 __all__ = ['KEYPOINT_KEYS', 'init_registration_wf', 'method_variants', 'variant_output']
 
 #: Extra outputs that, when an engine declares both, get a keypoints figure.
@@ -40,7 +42,7 @@ def variant_output(variants: list[tuple[str, dict]], variant: str, field: str) -
     """Where a variant's output ``field`` is in the registration workflow (for connect)."""
     if len(variants) == 1:
         return f'outputnode.{field}'
-    return f'{variant}_wf.outputnode.{field}'
+    return f'{variant_wf_name(variant)}.outputnode.{field}'
 
 
 def init_registration_wf(*, method: str, subject: str, session: str | None, source: str,
@@ -177,8 +179,8 @@ def init_registration_wf(*, method: str, subject: str, session: str | None, sour
                     (pick, outputnode, [('out_file', key)])])
     if keypoints:
         fig_kp = pe.Node(KeypointsFigure(title=f'{engine.name}: keypoints of the moving image '
-                                               '(top) and of the target (bottom), coloured by '
-                                               'index'),
+                                               '(top) and of the target (bottom), '
+                                               'corresponding pairs numbered'),
                          name='fig_keypoints', mem_gb=0.5)
         wf.connect([
             (inputnode, fig_kp, [('moving_brain', 'moving'), ('target_brain', 'fixed')]),
@@ -193,7 +195,7 @@ def _init_variant_wf(variant: str, transform_kind: str, qc_ids: dict) -> pe.Work
     """The chain of one variant, fed by the lists of the engine's ``register`` node."""
     from ..interfaces.registration import SelectVariant
 
-    vwf = pe.Workflow(name=f'{variant}_wf')
+    vwf = pe.Workflow(name=variant_wf_name(variant))
     inputnode = pe.Node(niu.IdentityInterface(
         fields=[*_TARGET_FIELDS, 'moving_dseg', 'moving_synthseg', 'synthseg_meta', 'before',
                 *_REGISTER_LISTS]), name='inputnode')
@@ -233,7 +235,7 @@ def _add_chain(wf: pe.Workflow, *, title: str, transform_kind: str, inputnode, b
     qc = pe.Node(RegistrationQC(label_set='tissue', lut=lut,
                                 synthseg_lut={k: v for k, v in OUTPUT_NAMES.items() if k},
                                 **qc_ids),
-                 name='qc', mem_gb=1.0)
+                 name=QC_NODE, mem_gb=1.0)
     fig_reg = pe.Node(RegistrationFigure(title=f'{title}: target edges over the moving '
                                                'image, before and after registration'),
                       name='fig_registration', mem_gb=0.5)
