@@ -206,9 +206,10 @@ def test_reports_and_errors(e2e):
     for section in ('summary', 'anatomical', 'registration', 'qc', 'about', 'boilerplate',
                     'errors'):
         assert f'id="{section}"' in page
-    # mask, tissue and structure labels, the target's labels, 2 x (before/after, J), and
-    # the per-structure Dice plot
-    assert page.count('data:image/png;base64') == 9
+    # mask, tissue and structure labels, the target's labels, 2 x before/after, antsSyN's
+    # J (antsRigid's J is one number, stated in words), and the per-structure Dice plot
+    assert page.count('data:image/png;base64') == 8
+    assert 'J = 1.0000 everywhere' in page
     assert 'Dice per structure' in page and 'Left-Hippocampus' in page
     assert 'Figure not produced' not in page
     assert 'No errors to report' in page
@@ -266,7 +267,7 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
                                                                        script + '</body>'))
     dom = subprocess.run([exe, *flags, '--virtual-time-budget=5000', '--dump-dom',
                           probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert '<title>ok:9/9:7</title>' in dom, dom[:300]
+    assert '<title>ok:8/8:7</title>' in dom, dom[:300]
     shot = tmp_path / 'report.png'
     subprocess.run([exe, *flags, '--window-size=1400,3000', f'--screenshot={shot}', url],
                    capture_output=True, timeout=120)

@@ -247,3 +247,69 @@ def test_png_to_data_uri(data, tmp_path):
     uri = figures.png_to_data_uri(png)
     assert uri.startswith('data:image/png;base64,')
     assert base64.b64decode(uri.split(',', 1)[1]) == png.read_bytes()
+
+
+def test_plot_jacobian_of_a_linear_transform_states_the_determinant(data, tmp_path):
+    """J constant inside the mask (a linear transform): no mosaic of one colour, a short
+    figure with the number instead."""
+    const = tmp_path / 'const.nii.gz'
+    _save(np.full(SHAPE, 1.07, dtype=np.float32), const)
+    out = figures.plot_jacobian(const, tmp_path / 'lin.png', mask=data['mask'],
+                                background=data['image'], title='antsAffine')
+    rgb = _rgb(out)
+    assert rgb.shape[1] == 1400 and rgb.shape[0] < 150  # one or two lines of text
+    assert ((rgb[..., 0] - rgb[..., 2]) > 60).sum() == 0  # no colour map
+    assert ((rgb[..., 2] - rgb[..., 0]) > 60).sum() == 0
+    assert (rgb.max(axis=-1) > 150).sum() > 200  # the text
+    text = figures.linear_jacobian_text(1.07)
+    assert 'J = 1.0700 everywhere' in text and '7.0 % larger' in text
+    assert '20.0 % smaller' in figures.linear_jacobian_text(0.8)
+    assert 'volumes are kept' in figures.linear_jacobian_text(1.0)
+    # a map that varies still gets the mosaic
+    assert _rgb(figures.plot_jacobian(data['jac'], tmp_path / 'var.png',
+                                      mask=data['mask'])).shape[0] > 300
+
+
+def _keypoint_table(path: Path, points: np.ndarray, weights: np.ndarray) -> Path:
+    lines = ['x\ty\tz\tweight\tindex']
+    lines += [f'{x:.3f}\t{y:.3f}\t{z:.3f}\t{w:.3f}\t{i}'
+              for i, ((x, y, z), w) in enumerate(zip(points, weights))]
+    path.write_text('\n'.join(lines) + '\n')
+    return path
+
+
+def test_plot_keypoints_numbers_corresponding_pairs(data, tmp_path):
+    from matplotlib.colors import to_rgb
+
+    rng = np.random.default_rng(3)
+    # 30 keypoints inside the ellipsoid 'brain' (world mm), the moving ones shifted by 4 mm
+    fixed = rng.uniform(-14, 14, size=(30, 3)) * [1.0, 1.0, 1.3]
+    fixed += (AFFINE[:3, :3] @ (np.array(SHAPE) / 2) + AFFINE[:3, 3])
+    weights = rng.uniform(0.5, 1.5, 30)
+    kp_f = _keypoint_table(tmp_path / 'f.tsv', fixed, weights)
+    kp_m = _keypoint_table(tmp_path / 'm.tsv', fixed + [4.0, 0.0, 0.0], weights)
+    pairs = figures.select_pairs(fixed, weights, np.arange(30), np.arange(30), weights, 6)
+    assert len(pairs) == 6 and len(set(pairs.tolist())) == 6
+    assert all(weights[k] ** 2 >= np.median(weights ** 2) for k in pairs)
+    out = figures.plot_keypoints(data['before'], kp_m, data['image'], kp_f,
+                                 tmp_path / 'kp.png', title='keypoints', n_pairs=6)
+    rgb = _check_png(out)
+    half = rgb.shape[0] // 2
+    for colour in figures.PAIR_COLOURS[:6]:  # each pair, in both rows (moving, target)
+        for part in (rgb[:half], rgb[half:]):
+            assert _count(part, colour, tol=12) > 15, colour
+    for colour in figures.PAIR_COLOURS[6:]:  # only as many colours as pairs
+        target = np.array([round(255 * c) for c in to_rgb(colour)])
+        assert int((np.abs(rgb - target).max(axis=-1) <= 3).sum()) < 15
+    # keypoints missing from the other image are never highlighted
+    only = figures.select_pairs(fixed, weights, np.arange(30), np.arange(10), None, 8)
+    assert set(only.tolist()) <= set(range(10)) and len(only) > 0
+
+
+def test_structure_dice_and_group_follow_the_given_engine_order():
+    from keyprep.pipeline.figures.plots import _ordered
+
+    assert _ordered(['antsSyN', 'antsAffine', 'antsRigid', 'x'],
+                    ['antsRigid', 'antsAffine', 'antsSyN']) == [
+        'antsRigid', 'antsAffine', 'antsSyN', 'x']
+    assert _ordered(['b', 'a'], None) == ['a', 'b']

@@ -347,11 +347,14 @@ def test_keypoint_and_variant_figures(small_brains, random_weights, tmp_path):
                                  small_brains['fixed'], runs[0].files['keypoints_fixed'],
                                  tmp_path / 'kp.png', title='keypoints')
     rgb = np.asarray(__import__('PIL.Image', fromlist=['Image']).open(out).convert('RGB'))
-    colours = figures.keypoint_colours(np.arange(16))
-    # the first keypoints' colours appear in the figure (markers, and the colour bar)
-    for colour in colours[:4]:
-        target = np.round(colour * 255)
-        assert (np.abs(rgb.astype(int) - target).max(-1) <= 12).sum() > 20
+    from matplotlib.colors import to_rgb
+
+    # the numbered pairs appear in both rows (moving on top, target below), same colours
+    half = rgb.shape[0] // 2
+    for colour in figures.PAIR_COLOURS[:4]:
+        target = np.round(np.array(to_rgb(colour)) * 255)
+        for part in (rgb[:half], rgb[half:]):
+            assert (np.abs(part.astype(int) - target).max(-1) <= 12).sum() > 20
     out = figures.plot_variants(small_brains['fixed'], [r.warped for r in runs],
                                 [r.method for r in runs], tmp_path / 'var.png',
                                 prefix='keymorphTPS', title='sweep')

@@ -4,8 +4,10 @@ Every subject of the demo dataset is Colin27 (one real head, with its skull) mov
 known random rotation, translation and scaling, resampled onto its own grid (voxel sizes
 that differ between subjects, anisotropic and oblique ones, other voxel orders) with a
 mild intensity change. The AAL labels and the exact transforms are written as a
-BIDS-Derivatives ground-truth dataset next to it, so the registrations that keyprep
-produces can be checked against the truth.
+BIDS-Derivatives ground-truth dataset next to it. By default keyprep registers every
+subject to the unmoved Colin27 head, so the exact answer of each registration is known: the
+demo then measures each engine's error against it (:func:`groundtruth_errors`) and the
+participant reports show it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ..pipeline import perturb as pt
 from ..pipeline.io import atomic_write_text, make_image, save_image
 from ..pipeline.targets import MRICRON_DIR, mricron_file
 
-__all__ = ['COLIN27_DIR', 'build_demo_dataset', 'demo_parameters', 'main']
+__all__ = ['COLIN27_DIR', 'TRUTH_TABLE', 'build_demo_dataset', 'demo_parameters',
+           'groundtruth_errors', 'main', 'write_groundtruth_errors']
 
 #: Where Debian's ``mricron-data`` package installs Colin27 and the AAL atlas.
 COLIN27_DIR = MRICRON_DIR
@@ -41,6 +44,9 @@ SUBJECT_GRIDS: tuple[dict, ...] = (
 
 _PARAMS_FILE = Path('code') / 'keyprep_demo.json'
 _SPACE = 'colin27'
+#: The demo's table of errors against the truth, in keyprep's output folder (its name
+#: matches ``*_qc.*`` of keyprep's ``.bidsignore``); the participant reports show it.
+TRUTH_TABLE = 'demo_desc-groundtruth_qc.tsv'
 
 
 def _colin(name: str) -> Path:
@@ -274,12 +280,107 @@ def _dataset_is_current(bids_dir: Path, params: dict) -> bool:
 DEMO_METHODS = ('antsRigid', 'antsAffine', 'antsSyN', 'keymorphAffine')
 
 
+def groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike, *,
+                       space: str = _SPACE, step: int = 2,
+                       work_dir: str | os.PathLike | None = None):
+    """Each engine's error against the known truth, for a demo run registered to Colin27.
+
+    For every subject of the demo dataset and every forward transform keyprep wrote
+    (``sub-XX_from-T1w_to-<space>_mode-image_desc-<method>_xfm.{txt,nii.gz}``), the
+    transform and the true one (``derivatives/groundtruth``) map the points of the Colin27
+    brain (``ch2bet``, every ``step``-th voxel) to the subject; the distance between the two
+    images of each point is the error (mm, mean, median, 99th percentile, maximum). The
+    subject's true AAL labels are carried onto Colin27 by the transform and compared with
+    Colin27's AAL labels (mean and lowest Dice over the 116 regions). A row ``truth`` does
+    the same with the true transform: 0 mm, and the Dice that resampling allows.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per subject and method (``participant_id, method, transform, rotation_deg,
+        error_mean_mm, error_median_mm, error_p99_mm, error_max_mm, aal_dice_mean,
+        aal_dice_min, n_points``); empty when keyprep wrote no transform to ``space``.
+    """
+    import tempfile
+
+    import pandas as pd
+
+    from ..pipeline import truth
+
+    bids_dir, deriv_dir = Path(bids_dir), Path(deriv_dir)
+    gt = bids_dir / 'derivatives' / 'groundtruth'
+    points = truth.mask_points(_colin('ch2bet.nii.gz'), step=step)
+    aal = _colin('aal.nii.gz')
+    rows = []
+    for gt_anat in sorted(gt.glob('sub-*/anat')):
+        sub = gt_anat.parent.name
+        true_xfm = gt_anat / f'{sub}_from-T1w_to-{space}_mode-image_xfm.txt'
+        labels = gt_anat / f'{sub}_atlas-AAL_dseg.nii.gz'
+        if not true_xfm.is_file():
+            continue
+        meta = json.loads(true_xfm.with_suffix('.json').read_text())
+        angle = meta.get('Motion', {}).get('angle_deg')
+        found = sorted((deriv_dir / sub / 'anat').glob(
+            f'{sub}_from-T1w_to-{space}_mode-image_desc-*_xfm.*'))
+        xfms = [('truth', true_xfm)] + [
+            (f.name.split('_desc-')[1].split('_xfm')[0], f) for f in found
+            if f.name.endswith(('.txt', '.nii.gz'))]
+        if len(xfms) == 1:
+            continue
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            for method, xfm in xfms:
+                err = truth.point_errors(xfm, true_xfm, points)
+                dice_mean, dice_min, _ = truth.label_dice(labels, xfm, aal, tmp)
+                rows.append({'participant_id': sub, 'method': method,
+                             'transform': 'linear' if xfm.name.endswith('.txt')
+                             else 'deformable',
+                             'rotation_deg': angle, **{k: v for k, v in err.items()
+                                                       if k != 'n_points'},
+                             'aal_dice_mean': dice_mean, 'aal_dice_min': dice_min,
+                             'n_points': err['n_points']})
+    return pd.DataFrame(rows)
+
+
+def write_groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike,
+                             **kwargs) -> Path | None:
+    """Write :func:`groundtruth_errors` as ``<deriv_dir>/demo_desc-groundtruth_qc.tsv``
+    (with a JSON sidecar); ``None`` when there is nothing to compare."""
+    df = groundtruth_errors(bids_dir, deriv_dir, **kwargs)
+    if df.empty:
+        return None
+    out = Path(deriv_dir) / TRUTH_TABLE
+    atomic_write_text(out, df.to_csv(sep='\t', index=False, float_format='%.4f',
+                                     na_rep='n/a'))
+    sidecar = {
+        'Description': 'keyprep-demo: each engine\'s forward transform against the known true '
+                       'transform (derivatives/groundtruth of the demo dataset)',
+        'error_mean_mm': {'Description': 'mean distance between the points of the Colin27 '
+                                         'brain mapped by the engine\'s transform and by the '
+                                         'true one', 'Units': 'mm'},
+        'error_median_mm': {'Description': 'median of that distance', 'Units': 'mm'},
+        'error_p99_mm': {'Description': '99th percentile of that distance', 'Units': 'mm'},
+        'error_max_mm': {'Description': 'largest distance', 'Units': 'mm'},
+        'aal_dice_mean': {'Description': 'mean Dice over the AAL regions between the subject\'s '
+                                         'true AAL labels carried onto Colin27 by the '
+                                         'transform and Colin27\'s AAL labels'},
+        'aal_dice_min': {'Description': 'lowest Dice over the AAL regions'},
+        'rotation_deg': {'Description': 'angle of the true rotation of the subject',
+                         'Units': 'degree'},
+        'n_points': {'Description': 'points of the Colin27 brain compared'},
+    }
+    atomic_write_text(out.with_suffix('.json'), json.dumps(sidecar, indent=2) + '\n')
+    return out
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='keyprep-demo',
         description='Build a small BIDS dataset from Colin27 moved by known random transforms '
-                    '(ground truth in bids/derivatives/groundtruth), then run keyprep on it '
-                    '(participant and group levels) and print where the reports are.')
+                    '(ground truth in bids/derivatives/groundtruth), run keyprep on it '
+                    '(participant and group levels; target: Colin27 itself by default), '
+                    'compare every engine with the known transforms (table '
+                    f'derivatives/keyprep/{TRUTH_TABLE}, shown in the reports) and print '
+                    'where the reports are.')
     parser.add_argument('--out', type=Path, default=Path('keyprep-demo'), metavar='DIR',
                         help='folder for bids/, derivatives/keyprep/ and work/ '
                              '(default: ./keyprep-demo)')
@@ -288,11 +389,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--nprocs', type=int, default=os.cpu_count() or 1, metavar='N',
                         help='processes for keyprep (default: all cores)')
     parser.add_argument('--quick', action='store_true',
-                        help='2 mm grids, --sloppy and --target MNI152NLin2009aSym:res-2: '
-                             'a quick look, not a result')
+                        help='2 mm grids, --sloppy and the target at 2 mm (:res-2): a quick '
+                             'look, not a result')
     parser.add_argument('--seed', type=int, default=42, help='seed of the dataset (default: 42)')
     parser.add_argument('--max-rotation', type=float, default=90.0, metavar='DEG',
                         help='largest rotation of a subject, in degrees (default: 90)')
+    parser.add_argument('--target', choices=('colin27', 'MNI152NLin2009aSym'),
+                        default='colin27',
+                        help='colin27 (default): the unmoved Colin27 head, so that every '
+                             'registration has a known exact answer and the reports show each '
+                             'engine\'s error against it; MNI152NLin2009aSym: the ICBM 2009a '
+                             'template (a real inter-subject registration, no exact answer)')
     parser.add_argument('--methods', nargs='+', default=list(DEMO_METHODS), metavar='METHOD',
                         help='engines to run (default: ' + ' '.join(DEMO_METHODS) + ': the '
                              'ANTs baselines next to keyprep\'s pose-robust keymorphAffine)')
@@ -325,11 +432,21 @@ def main(argv: list[str] | None = None) -> int:
     from .run import run
 
     common = ['-w', str(work), '--nprocs', str(opts.nprocs), '--methods', *opts.methods]
+    if opts.target == 'colin27':  # the source of every subject: the truth is known
+        target = out / 'target' / f'{_SPACE}.nii.gz'
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_colin('ch2.nii.gz'), target)
+        target_arg = str(target)
+    else:
+        target_arg = opts.target
+    common += ['--target', target_arg + (':res-2' if opts.quick else '')]
     if opts.quick:
-        common += ['--sloppy', '--target', 'MNI152NLin2009aSym:res-2']
+        common += ['--sloppy']
     print('keyprep-demo: running keyprep (participant level) ...')
     code = run([str(bids_dir), str(deriv), 'participant', *common])
     print(f'keyprep-demo: participant level finished with exit code {code}')
+    if opts.target == 'colin27':
+        _report_truth(bids_dir, deriv, work)
     group_code = run([str(bids_dir), str(deriv), 'group', *common])
     print(f'keyprep-demo: group level finished with exit code {group_code}')
     code = code or group_code
@@ -342,6 +459,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f'  no report was written in {deriv}')
     print(f'  ground truth:   {bids_dir / "derivatives" / "groundtruth"}')
     return _exit(code, argv)
+
+
+def _report_truth(bids_dir: Path, deriv: Path, work: Path) -> None:
+    """Errors against the truth: the table, a summary on stdout, the reports rebuilt."""
+    from .reports import render_participant_report
+
+    print('keyprep-demo: comparing every engine with the known transforms ...')
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        table = write_groundtruth_errors(bids_dir, deriv, work_dir=work)
+    except Exception as exc:  # the run's own result stands; say why the comparison failed
+        print(f'keyprep-demo: could not compare with the truth: {exc}', file=sys.stderr)
+        return
+    if table is None:
+        print('keyprep-demo: no transform to compare with the truth')
+        return
+    import pandas as pd
+
+    df = pd.read_csv(table, sep='\t')
+    summary = df.groupby('method', sort=False)[['error_mean_mm', 'error_p99_mm',
+                                                'aal_dice_mean']].mean()
+    print(f'  errors against the truth ({table.name}; mean over subjects):')
+    for method, r in summary.iterrows():
+        print(f'    {method:<22} {r["error_mean_mm"]:8.2f} mm mean  {r["error_p99_mm"]:8.2f} mm '
+              f'p99   AAL Dice {r["aal_dice_mean"]:.3f}')
+    for sub in sorted(df['participant_id'].unique()):
+        if (deriv / f'{sub}.html').exists():
+            render_participant_report(deriv, sub[4:])
 
 
 def _exit(code: int, argv: list[str] | None) -> int:

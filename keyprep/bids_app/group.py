@@ -23,7 +23,7 @@ def run_group(output_dir: Path) -> int:
     (with JSON sidecars) and ``group.html`` into ``output_dir``."""
     from ..pipeline.figures import plot_group, png_to_data_uri
     from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, concat_tables, table_sidecar
-    from .reports import _DATA, _table_html
+    from .reports import _DATA, _sort_methods, _table_html, method_order
 
     if not output_dir.is_dir():
         raise MissingInputError(f'output_dir does not exist: {output_dir}; run the '
@@ -50,6 +50,7 @@ def run_group(output_dir: Path) -> int:
         LOGGER.info('wrote %s (%d rows from %d tables)', out, len(df), len(files))
 
     summary = tables['registrationsummary']
+    order = method_order(summary['method'].astype(str), _run_methods(output_dir))
     figs = []
     with tempfile.TemporaryDirectory() as tmp:
         for metric, caption in (('structure_dice_mean', 'Mean structure Dice (label network) per engine'),
@@ -60,7 +61,7 @@ def run_group(output_dir: Path) -> int:
             if metric not in summary or summary[metric].isna().all():
                 continue
             png = Path(tmp) / f'{metric}.png'
-            plot_group(summary, png, metric=metric, by='method', title=caption)
+            plot_group(summary, png, metric=metric, by='method', title=caption, order=order)
             figs.append((caption, png_to_data_uri(png)))
     for col in ('tissue_dice_mean', 'structure_dice_mean', 'label_set'):
         if col not in summary:  # tables written before these columns existed
@@ -76,16 +77,17 @@ def run_group(output_dir: Path) -> int:
         n_pass=('status', lambda s: int((s == 'pass').sum())),
         n_warn=('status', lambda s: int((s == 'warn').sum())),
         n_fail=('status', lambda s: int((s == 'fail').sum()))).reset_index().round(4)
+    agg = _sort_methods(agg, order)
     body = [f'<h1>keyprep group report</h1><p>{summary["participant_id"].nunique()} '
             f'participant(s), {len(summary)} registration(s); keyprep {__version__}; '
             f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
-            '<section id="engines"><h2>Per engine</h2>', _table_html(agg),
+            '<section id="engines"><h2>Per engine</h2>', _table_html(agg, legend=False),
             '<p>dice_mean: the Dice that sets the status, over the label set named in the '
             'tables (synthseg: the structures of the label network present in the target, '
             'once the network is trusted; else tissue); structure_dice_mean: mean structure '
             'Dice (label network); tissue_dice_mean: mean Dice over GM, WM and CSF.</p></section>',
             '<section id="structures"><h2>Per structure</h2>',
-            _structure_table(tables['registration']), '</section>',
+            _structure_table(tables['registration'], order), '</section>',
             '<section id="plots"><h2>Plots</h2>']
     for caption, uri in figs:
         body.append(f'<figure><figcaption>{html.escape(caption)}</figcaption>'
@@ -97,7 +99,7 @@ def run_group(output_dir: Path) -> int:
             if c in summary]
     shown = summary[cols].copy()
     shown['source'] = shown['source'].astype(str).str.rsplit('/', n=1).str[-1]
-    body.append(_table_html(shown, 'status'))
+    body.append(_table_html(_sort_methods(shown, order), 'status', constants=True))
     body.append('</section>')
     links = ''.join(f'<a href="{p.name}">{p.stem}</a>'
                     for p in sorted(output_dir.glob('sub-*.html')))
@@ -113,9 +115,23 @@ def run_group(output_dir: Path) -> int:
     return EXIT_OK
 
 
-def _structure_table(long) -> str:
+def _run_methods(output_dir: Path) -> list[str]:
+    """The engines (variants expanded) of the newest participant run recorded in
+    ``output_dir``, in the order of its ``--methods``; empty when none is recorded."""
+    configs = sorted(output_dir.glob('sub-*/log/*/keyprep.json'), key=lambda p: p.parent.name)
+    for path in reversed(configs):
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        variants = config.get('variants') or {}
+        return [v for m in config.get('methods') or [] for v in (variants.get(m) or [m])]
+    return []
+
+
+def _structure_table(long, order: list[str] | None = None) -> str:
     """Mean Dice (over registrations) of every structure, one column per engine."""
-    from .reports import _table_html
+    from .reports import _table_html, method_order
 
     if long is None or long.empty or 'label_set' not in long.columns:
         return '<p>No per-structure Dice in the tables.</p>'
@@ -124,6 +140,7 @@ def _structure_table(long) -> str:
         return '<p>No per-structure Dice in the tables.</p>'
     keys = ['label_index', 'label_name']
     table = rows.groupby([*keys, 'method'])['dice'].mean().unstack('method')
+    table = table[method_order(table.columns, order)]
     table = table.assign(n=rows.groupby(keys)['dice'].count()).reset_index()
     table = table.drop(columns='label_index').rename(columns={'label_name': 'structure'})
     table = table.round(3)

@@ -16,8 +16,8 @@ from pathlib import Path
 from .. import __version__
 from ..pipeline.io import atomic_write_text
 
-__all__ = ['boilerplate_text', 'generate_reports', 'render_participant_report',
-           'write_boilerplate']
+__all__ = ['COLUMNS', 'boilerplate_text', 'generate_reports', 'method_order',
+           'render_participant_report', 'write_boilerplate']
 
 LOGGER = logging.getLogger('keyprep')
 _DATA = Path(__file__).resolve().parent.parent / 'data'
@@ -113,27 +113,174 @@ def _latest_run(log_root: Path) -> str | None:
     return runs[-1] if runs else None
 
 
-def _table_html(df, status_col: str | None = None) -> str:
+#: Short headers of the QC columns shown in the reports, with their meaning (the header's
+#: tooltip and the legend under the table).
+COLUMNS: dict[str, tuple[str, str]] = {
+    'participant_id': ('participant', 'participant'),
+    'session_id': ('session', 'session'),
+    'source': ('image', 'moving image'),
+    'method': ('engine', 'registration engine (or variant)'),
+    'label_set': ('labels', 'label set of the status Dice: synthseg (32 structures of the '
+                            'label network) or tissue (GM, WM, CSF)'),
+    'dice_mean': ('Dice', 'mean Dice of the label set: the Dice that sets the status'),
+    'dice_min': ('Dice min', 'lowest Dice of the label set'),
+    'structure_dice_mean': ('struct. Dice', 'mean structure Dice (label network)'),
+    'tissue_dice_mean': ('tissue Dice', 'mean tissue-class Dice (GM, WM, CSF)'),
+    'jac_min': ('J min', 'lowest Jacobian determinant inside the target brain'),
+    'jac_max': ('J max', 'highest Jacobian determinant inside the target brain'),
+    'jac_neg_frac': ('fold', 'fraction of the target brain that folds (J <= 0)'),
+    'jac_neg_frac_max': ('fold max', 'highest fraction of folding voxels'),
+    'logjac_std': ('sd log J', 'standard deviation of log J inside the target brain'),
+    'inverse_error_mean_mm': ('inv. err', 'mean round-trip error of the exported inverse, mm'),
+    'chain': ('chain', 'methods applied one after the other (starting affine > engine)'),
+    'runtime_s': ('time', 'wall time of the registration, s'),
+    'runtime_s_median': ('time', 'median wall time of the registration, s'),
+    'peak_mem_mb': ('mem', 'peak memory, MiB'),
+    'peak_mem_mb_max': ('mem max', 'highest peak memory, MiB'),
+    'device': ('device', 'device'),
+    'threads': ('thr.', 'threads'),
+    'seed': ('seed', 'random seed'),
+    'status': ('status', 'QC status (pass, warn, fail)'),
+    'status_reason': ('reason', 'why the status is not pass'),
+    'n': ('n', 'number of registrations'),
+    'n_pass': ('pass', 'registrations with status pass'),
+    'n_warn': ('warn', 'registrations with status warn'),
+    'n_fail': ('fail', 'registrations with status fail'),
+    'label_name': ('label', 'label name'),
+    'label_index': ('index', 'label index'),
+    'dice': ('Dice', 'Dice of the label'),
+    'target_cm3': ('target cm³', 'volume of the label in the target, cm³'),
+    'warped_cm3': ('warped cm³', 'volume of the carried label on the target grid, cm³'),
+    'structure_group': ('group', 'left and right together'),
+    'transform': ('kind', 'linear (one affine) or deformable (displacement field)'),
+    'rotation_deg': ('true rot.', 'angle of the true rotation of the image, degrees'),
+    'error_mean_mm': ('err mean', 'mean distance between the points of the target brain '
+                                  'mapped by the engine and by the true transform, mm'),
+    'error_median_mm': ('err median', 'median of that distance, mm'),
+    'error_p99_mm': ('err p99', '99th percentile of that distance, mm'),
+    'error_max_mm': ('err max', 'largest distance, mm'),
+    'aal_dice_mean': ('AAL Dice', 'mean Dice over the 116 AAL regions: the image\'s true labels '
+                                  'carried by the transform against the target\'s'),
+    'aal_dice_min': ('AAL min', 'lowest Dice over the AAL regions'),
+    'n_points': ('points', 'points of the target brain compared'),
+}
+#: Columns of free text, wrapped in a narrow cell.
+_WRAP_COLUMNS = {'status_reason', 'chain', 'source', 'versions', 'label_name', 'structure'}
+#: Columns that are moved above the table when every row has the same value.
+_CONSTANT_COLUMNS = {'session_id', 'device', 'threads', 'seed', 'label_set', 'target',
+                     'participant_id', 'source'}
+
+
+def _format(val) -> tuple[str, bool]:
+    """Text of a cell and whether it is a number."""
+    import numbers
+
+    if val is None or (isinstance(val, float) and val != val):
+        return 'n/a', False
+    if isinstance(val, bool):
+        return str(val), False
+    if isinstance(val, numbers.Integral):
+        return str(int(val)), True
+    if isinstance(val, numbers.Real):
+        v = float(val)
+        if v == 0:
+            return '0', True
+        if abs(v) >= 100:
+            return f'{v:.0f}', True
+        if abs(v) >= 10:
+            return f'{v:.1f}', True
+        if abs(v) < 0.001:
+            return f'{v:.1e}', True
+        return f'{v:.3f}', True
+    return str(val), False
+
+
+def _table_html(df, status_col: str | None = None, *, constants: bool = False,
+                legend: bool = True) -> str:
+    """An HTML table that fits the page: short headers with their meaning as a tooltip and
+    in a legend below, numbers right-aligned in a smaller font, free text wrapped in
+    narrow cells (class ``wrap``). With ``constants``, the columns of
+    :data:`_CONSTANT_COLUMNS` whose value is the same in every row (of several) are written
+    once above the table instead."""
     if df is None or df.empty:
         return ''
     df = df.copy()
-    rows = []
+    note = []
+    if constants and len(df) > 1:
+        for c in [c for c in df.columns if c in _CONSTANT_COLUMNS]:
+            values = {_format(v)[0] for v in df[c]}
+            if len(values) == 1:
+                short, meaning = COLUMNS.get(c, (c, c))
+                note.append(f'{html.escape(meaning if len(meaning) <= 20 else short)}: '
+                            f'{html.escape(values.pop())}')
+                df = df.drop(columns=c)
     cols = list(df.columns)
-    rows.append('<table><thead><tr>' + ''.join(f'<th>{html.escape(str(c))}</th>'
-                                              for c in cols) + '</tr></thead><tbody>')
+    rows = []
+    if note:
+        rows.append('<p class="table-note">Same in every row: ' + '; '.join(note) + '</p>')
+    rows.append('<div class="table-scroll"><table class="qc-table"><thead><tr>')
+    used = []
+    for c in cols:
+        short, meaning = COLUMNS.get(str(c), (str(c), ''))
+        if meaning and meaning != short:
+            used.append((short, meaning))
+            rows.append(f'<th><abbr title="{html.escape(meaning)}">{html.escape(short)}'
+                        '</abbr></th>')
+        else:
+            rows.append(f'<th>{html.escape(short)}</th>')
+    rows.append('</tr></thead><tbody>')
     for _, r in df.iterrows():
         cells = []
         for c in cols:
-            val = r[c]
-            txt = 'n/a' if val is None or (isinstance(val, float) and val != val) else str(val)
+            txt, number = _format(r[c])
             if c == status_col:
                 cells.append(f'<td><span class="badge {html.escape(txt)}">'
                              f'{html.escape(txt)}</span></td>')
+            elif number:
+                cells.append(f'<td class="num">{html.escape(txt)}</td>')
+            elif c in _WRAP_COLUMNS or len(txt) > 24:
+                cells.append(f'<td class="wrap">{html.escape(txt)}</td>')
             else:
                 cells.append(f'<td>{html.escape(txt)}</td>')
         rows.append('<tr>' + ''.join(cells) + '</tr>')
-    rows.append('</tbody></table>')
+    rows.append('</tbody></table></div>')
+    if legend and used:
+        rows.append('<p class="legend">' + '; '.join(
+            f'<b>{html.escape(s)}</b>: {html.escape(m)}' for s, m in used) + '</p>')
     return '\n'.join(rows)
+
+
+def method_order(names, preferred=None) -> list[str]:
+    """``names`` (engines and their variants) in the order of ``preferred`` (the run's
+    ``--methods``, variants expanded), then in the order of the engine registry (a variant
+    with its engine: the longest registered name it starts with), then as given."""
+    names = list(dict.fromkeys(str(n) for n in names))
+    preferred = [str(p) for p in (preferred or [])]
+    try:
+        from ..pipeline.engines import available_engines
+
+        registry = list(available_engines())
+    except Exception:  # pragma: no cover - the registry cannot be read: keep the given order
+        registry = []
+
+    def key(name: str):
+        if name in preferred:
+            return (0, preferred.index(name), 0)
+        owners = [i for i, e in enumerate(registry) if name.startswith(e)]
+        if owners:
+            best = max(owners, key=lambda i: len(registry[i]))
+            return (1, best, names.index(name))
+        return (2, 0, names.index(name))
+
+    return sorted(names, key=key)
+
+
+def _sort_methods(df, order: list[str]):
+    """Rows of ``df`` in the order of ``order`` (column ``method``), stable otherwise."""
+    if df is None or df.empty or 'method' not in df.columns:
+        return df
+    rank = {m: i for i, m in enumerate(method_order(df['method'].astype(str), order))}
+    return df.iloc[sorted(range(len(df)), key=lambda i: rank[str(df['method'].iloc[i])])]
 
 
 def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None = None,
@@ -204,7 +351,7 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
     longs = sorted(sub_dir.glob('**/anat/*_desc-registration_qc.tsv'))
     summary = concat_tables(summaries) if summaries else pd.DataFrame()
     long = concat_tables(longs) if longs else pd.DataFrame()
-    methods = config.get('methods') or (sorted(summary['method'].unique())
+    methods = config.get('methods') or (method_order(summary['method'].unique())
                                         if not summary.empty else [])
     target = config.get('target', '')
     tgt_label = summary['target'].iloc[0] if not summary.empty else None
@@ -231,6 +378,8 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
     engine_of = {v: m for m in methods for v in (variants.get(m) or [m])}
     extra_figs = _engine_figures(methods, variants, config.get('engine_params') or {})
     methods = list(engine_of)  # every registration result (engine variants expanded)
+    if not summary.empty:  # results the configuration does not name (older runs), after it
+        methods = method_order([*methods, *summary['method'].astype(str)], methods)
     registrations, overview = [], []
     for im in images:
         cells = []
@@ -260,13 +409,15 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                 figs.insert(0, (caption, derivative_name(
                     im['rel_raw'], datatype='figures', desc=desc, space=tgt_label,
                     extension='.png')))
-            fig_objs = [{'caption': c, 'uri': _uri(out_dir / f)} for c, f in figs]
+            fig_objs = [{'caption': c, 'uri': _uri(out_dir / f),
+                         'jacobian': f.endswith('_jacobian.png')} for c, f in figs]
             if row is None and not any(f['uri'] for f in fig_objs):
                 if target and config.get('target', '').startswith('sub-') and \
                         config['target'][4:] == subject:
                     continue  # the target itself is not registered
             reg = {'source': im['source'], 'method': method, 'target': tgt_label,
-                   'figures': fig_objs, 'status': None, 'reason': '', 'metrics': ''}
+                   'figures': fig_objs, 'status': None, 'reason': '', 'metrics': '',
+                   'jacobian_text': ''}
             if row is not None:
                 reg['status'] = row['status']
                 measured = pd.notna(row.get('dice_mean')) and pd.notna(row.get('threads'))
@@ -277,11 +428,18 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                 tissue = row.get('tissue_dice_mean')
                 tissue = (f' | tissue Dice {tissue:.3f}'
                           if kind == 'structure' and pd.notna(tissue) else '')
+                linear = measured and _is_linear(row)
+                if linear:  # one number, not a mosaic of one colour
+                    from ..pipeline.figures import linear_jacobian_text
+
+                    reg['jacobian_text'] = linear_jacobian_text(float(row['jac_min']))
+                    reg['figures'] = [f for f in fig_objs if not f.get('jacobian')]
+                jac = (f"Jacobian {row['jac_min']:.3f} everywhere (linear)" if linear else
+                       f"Jacobian {row['jac_min']:.3f}..{row['jac_max']:.3f}, folding "
+                       f"{row['jac_neg_frac']:.3%}, std log J {row['logjac_std']:.3f}")
                 reg['metrics'] = '' if not measured else (
                     f"mean {kind} Dice {row['dice_mean']:.3f} (min {row['dice_min']:.3f})"
-                    f'{tissue} | '
-                    f"Jacobian {row['jac_min']:.3f}..{row['jac_max']:.3f}, folding "
-                    f"{row['jac_neg_frac']:.3%}, std log J {row['logjac_std']:.3f}"
+                    f'{tissue} | {jac}'
                     + (f" | inverse ({row['inverse']}) round trip "
                        f"{row['inverse_error_mean_mm']:.2f} mm mean, "
                        f"{row['inverse_error_p99_mm']:.2f} mm p99"
@@ -333,21 +491,27 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
         else summary
     if not shown.empty and 'source' in shown:
         shown = shown.assign(source=shown['source'].str.rsplit('/', n=1).str[-1])
-    structure_dice = _structure_dice(long, images)
+    shown = _sort_methods(shown, methods)
+    if {'chain', 'method'} <= set(shown.columns) and \
+            (shown['chain'].astype(str) == shown['method'].astype(str)).all():
+        shown = shown.drop(columns='chain')  # no engine started from another's affine
+    long = _sort_methods(long, methods)
+    structure_dice = _structure_dice(long, images, methods)
     ctx = {
         'version': __version__, 'subject': subject, 'run_uuid': run_uuid,
         'target_figures': target_figures, 'structure_dice': structure_dice,
         'css': (_DATA / 'report.css').read_text(), 'images': images, 'methods': methods,
         'target': tgt_label, 'overview': overview, 'registrations': registrations,
-        'summary_html': _markup(_table_html(shown, 'status')),
-        'long_html': _markup(_table_html(long)),
+        'summary_html': _markup(_table_html(shown, 'status', constants=True)),
+        'long_html': _markup(_table_html(long, constants=True)),
+        'truth_html': _markup(_truth_html(out_dir, subject, methods)),
         'summary_name': summaries[0].name if summaries else '',
         'long_name': longs[0].name if longs else '',
         'thresholds': (f'fail if the status Dice < {qcmod.STRUCTURE_DICE_FAIL} (structures) or '
                        f'{qcmod.DICE_FAIL} (tissue) or folding in more than '
                        f'{qcmod.NEG_FAIL:.0%} of the brain; warn if the status Dice < '
                        f'{qcmod.STRUCTURE_DICE_WARN} (structures) or {qcmod.DICE_WARN} (tissue), '
-                       'any folding, std(log J) > {qcmod.LOGJAC_WARN}, or a '
+                       f'any folding, std(log J) > {qcmod.LOGJAC_WARN}, or a '
                        "failed self-check of the label network's labels. The status Dice is the "
                        "mean structure Dice (label network) once the network is trusted (held-out "
                        f'structure Dice >= 0.70) and its labels pass their self-check; otherwise '
@@ -388,14 +552,15 @@ def _engine_figures(methods: list[str], variants: dict[str, list[str]],
                          f'({", ".join(names)}), target edges over the moving image'))
         if all(k in extras for k in KEYPOINT_KEYS):
             figs.append(('keypoints', 'Keypoints of the image (top) and of the target '
-                                      '(bottom), coloured by index: the same colour is the '
-                                      'same keypoint; registration maps one set onto the '
-                                      'other'))
+                                      '(bottom): a few corresponding pairs are numbered, with '
+                                      'the same number and colour in both rows; registration '
+                                      'maps each onto its partner (gray: the other '
+                                      'keypoints)'))
         out[names[0]] = figs
     return out
 
 
-def _structure_dice(long, images: list[dict]) -> list[dict]:
+def _structure_dice(long, images: list[dict], methods: list[str] | None = None) -> list[dict]:
     """Per image: a dot plot and a table of the Dice of every structure for each engine."""
     import tempfile
 
@@ -411,15 +576,49 @@ def _structure_dice(long, images: list[dict]) -> list[dict]:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_structure_dice(sel, Path(tmp) / 'dice.png',
-                                      title=f"{im['source']}: Dice per structure")
+                                      title=f"{im['source']}: Dice per structure",
+                                      order=methods)
             uri = png_to_data_uri(png)
         table = sel.groupby(['label_index', 'label_name', 'method'])['dice'].mean()
         table = table.unstack('method').reset_index().drop(columns='label_index').rename(
             columns={'label_name': 'structure'}).round(3)
         table.columns.name = None
+        table = table[['structure', *method_order(
+            [c for c in table.columns if c != 'structure'], methods)]]
         out.append({'source': im['source'], 'uri': uri,
                     'table_html': _markup(_table_html(table))})
     return out
+
+
+def _is_linear(row) -> bool:
+    """Whether a QC summary row is of a linear transform (one determinant everywhere)."""
+    import pandas as pd
+
+    if str(row.get('transform_kind', '')) == 'linear':
+        return True
+    lo, hi = row.get('jac_min'), row.get('jac_max')
+    return bool(pd.notna(lo) and pd.notna(hi) and abs(float(hi) - float(lo)) <= 1e-6)
+
+
+def _truth_html(out_dir: Path, subject: str, methods: list[str]) -> str:
+    """The demo's comparison with the known truth (``demo_desc-groundtruth_qc.tsv``,
+    written by ``keyprep-demo``), for this participant; empty for any other dataset."""
+    import pandas as pd
+
+    from .demo import TRUTH_TABLE
+
+    table = out_dir / TRUTH_TABLE
+    if not table.is_file():
+        return ''
+    try:
+        df = pd.read_csv(table, sep='\t')
+    except (OSError, ValueError):
+        return ''
+    df = df[df['participant_id'].astype(str) == f'sub-{subject}']
+    if df.empty:
+        return ''
+    return _table_html(_sort_methods(df.drop(columns='participant_id'), ['truth', *methods]),
+                       constants=True)
 
 
 def _markup(text: str):

@@ -29,8 +29,8 @@ from ._common import (
     select_slices,
 )
 from .anatomy import plot_labels, plot_mask
-from .jacobian import plot_jacobian
-from .keypoints import keypoint_colours, plot_keypoints
+from .jacobian import linear_jacobian_text, plot_jacobian
+from .keypoints import PAIR_COLOURS, keypoint_colours, plot_keypoints, select_pairs
 from .plots import plot_group, plot_structure_dice
 from .registration import plot_registration, plot_variants
 
@@ -38,8 +38,10 @@ __all__ = [
     'EDGE_COLOR',
     'FOLDING_COLOR',
     'MASK_COLOR',
+    'PAIR_COLOURS',
     'VIEWS',
     'keypoint_colours',
+    'linear_jacobian_text',
     'plot_group',
     'plot_jacobian',
     'plot_keypoints',
@@ -48,6 +50,7 @@ __all__ = [
     'plot_registration',
     'plot_structure_dice',
     'plot_variants',
+    'select_pairs',
     'png_to_data_uri',
     'select_slices',
 ]

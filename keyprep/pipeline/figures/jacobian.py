@@ -7,11 +7,30 @@ from pathlib import Path
 import numpy as np
 
 from ._common import (
-    FOLDING_COLOR, VIEWS, _FG, _VIEW_AXES, PathLike, _annotate, _footer_axes, _foreground,
-    _load, _mosaic, _panels, _save, _show_gray, _to_grid, _window,
+    _BG, _DPI, _FG, _VIEW_AXES, FOLDING_COLOR, VIEWS, PathLike, _annotate, _footer_axes,
+    _foreground, _load, _mosaic, _panels, _save, _setup_matplotlib, _show_gray, _to_grid,
+    _window,
 )
 
-__all__ = ['plot_jacobian']
+__all__ = ['linear_jacobian_text', 'plot_jacobian']
+
+#: Largest relative spread of J inside the mask for which the map counts as one constant.
+CONSTANT_RTOL = 1e-5
+
+
+def linear_jacobian_text(det: float) -> str:
+    """What the one Jacobian determinant of a linear transform means, in words."""
+    if abs(det - 1.0) < 5e-4:
+        what = ('volumes are kept: a rigid motion (rotation and translation), or scalings '
+                'that cancel')
+    else:
+        change = abs(det - 1.0) * 100
+        what = (f'every region of the target corresponds to a region {change:.1f} % '
+                f'{"larger" if det > 1 else "smaller"} in the image (the image\'s brain is '
+                f'{"larger" if det > 1 else "smaller"} than the target\'s by that much, in '
+                'volume)')
+    return (f'Jacobian determinant J = {det:.4f} everywhere: the transform is linear, so it '
+            f'scales every volume by the same factor and no map is drawn; {what}.')
 
 
 def plot_jacobian(jacobian: PathLike, out_png: PathLike, mask: PathLike | None = None,
@@ -45,7 +64,10 @@ def plot_jacobian(jacobian: PathLike, out_png: PathLike, mask: PathLike | None =
     Returns
     -------
     pathlib.Path
-        ``out_png``.
+        ``out_png``. When J is one constant inside the mask (a linear transform: relative
+        spread at most :data:`CONSTANT_RTOL`), a mosaic would be of one colour: a short
+        figure states the determinant and its meaning instead
+        (:func:`linear_jacobian_text`).
     """
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.cm import ScalarMappable
@@ -65,6 +87,9 @@ def plot_jacobian(jacobian: PathLike, out_png: PathLike, mask: PathLike | None =
     layout = _mosaic([panels[v] for v in VIEWS], title=title, footer_in=0.8)
 
     valid = region if msk is not None and msk.any() else np.ones(j.shape, dtype=bool)
+    values = j[valid]
+    if values.size and np.ptp(values) <= CONSTANT_RTOL * max(1.0, float(np.abs(values).max())):
+        return _plot_constant(float(np.mean(values)), out_png, title)
     folding = valid & (j <= 0)
     with np.errstate(divide='ignore', invalid='ignore'):
         logj = np.where(j > 0, np.log2(np.where(j > 0, j, 1.0)), 0.0).astype(np.float32)
@@ -118,3 +143,21 @@ def plot_jacobian(jacobian: PathLike, out_png: PathLike, mask: PathLike | None =
                       loc='center left', bbox_to_anchor=(fl + 0.74 * fw, fb + 0.67 * fh),
                       frameon=False, labelcolor=_FG, fontsize=9, handlelength=1.2)
     return _save(layout.fig, out_png)
+
+
+def _plot_constant(det: float, out_png: PathLike, title: str | None) -> Path:
+    """A one-line figure: the determinant of a linear transform, in words."""
+    import textwrap
+
+    _setup_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    lines = textwrap.wrap(linear_jacobian_text(det), 150)
+    height = 0.3 * (len(lines) + (1 if title else 0)) + 0.25
+    fig = Figure(figsize=(14.0, height), dpi=_DPI, facecolor=_BG)
+    FigureCanvasAgg(fig)
+    text = ([title] if title else []) + lines
+    fig.text(0.01, 1 - 0.12 / height, '\n'.join(text), ha='left', va='top', color=_FG,
+             fontsize=11, linespacing=1.5)
+    return _save(fig, out_png)

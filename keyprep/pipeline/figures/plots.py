@@ -3,6 +3,7 @@ structure for the participant report."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,9 +17,21 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ['plot_group', 'plot_structure_dice']
 
 
+def _ordered(values, order: Sequence[str] | None) -> list[str]:
+    """``values`` in the order of ``order``, then the others sorted.
+
+    >>> _ordered(['b', 'a', 'c'], ['c', 'b'])
+    ['c', 'b', 'a']
+    """
+    values = [str(v) for v in values]
+    first = [o for o in dict.fromkeys(order or []) if o in values]
+    return first + sorted(v for v in set(values) if v not in first)
+
+
 def plot_group(summary: PathLike | pd.DataFrame, out_png: PathLike, metric: str,
                by: str = 'method', title: str | None = None,
-               *, pair_by: str = 'participant_id') -> Path:
+               *, pair_by: str = 'participant_id',
+               order: Sequence[str] | None = None) -> Path:
     """Strip and box plot of one metric per group (engine) for the group report.
 
     Parameters
@@ -33,12 +46,14 @@ def plot_group(summary: PathLike | pd.DataFrame, out_png: PathLike, metric: str,
         numbers are dropped. Metrics whose name starts with ``'runtime'`` use a log axis
         (non-positive values dropped).
     by : str
-        Column that defines the groups (x axis, sorted).
+        Column that defines the groups (x axis, in the order of ``order``, then sorted).
     title : str, optional
         Title of the plot (default: the metric's name).
     pair_by : str
         When this column exists and identifies at most one row per group, the points of
         the same value (participant) are joined by faint lines across groups (up to 40).
+    order : sequence of str, optional
+        Order of the groups (e.g. the engines of the run); groups it lacks follow, sorted.
 
     Returns
     -------
@@ -71,7 +86,7 @@ def plot_group(summary: PathLike | pd.DataFrame, out_png: PathLike, metric: str,
     if log:
         df = df[df['_value'] > 0]
     df = df.assign(_group=df[by].astype(str))
-    groups = sorted(df['_group'].unique())
+    groups = _ordered(df['_group'].unique(), order)
 
     width = float(np.clip(3.0 + 1.1 * len(groups), 6.0, 14.0))
     fig = Figure(figsize=(width, 4.2), dpi=_DPI, facecolor='white')
@@ -131,7 +146,7 @@ def plot_group(summary: PathLike | pd.DataFrame, out_png: PathLike, metric: str,
 
 def plot_structure_dice(long: PathLike | pd.DataFrame, out_png: PathLike,
                         title: str | None = None, *, label_set: str = 'synthseg',
-                        by: str = 'method') -> Path:
+                        by: str = 'method', order: Sequence[str] | None = None) -> Path:
     """Dice per structure (rows) for each engine (colours): a dot plot for the reports.
 
     Parameters
@@ -147,6 +162,9 @@ def plot_structure_dice(long: PathLike | pd.DataFrame, out_png: PathLike,
         Which label set to plot.
     by : str
         Column whose values get one colour each (the engine).
+    order : sequence of str, optional
+        Order of those values in the legend and the colours (e.g. the engines of the run);
+        values it lacks follow, sorted.
 
     Returns
     -------
@@ -169,21 +187,21 @@ def plot_structure_dice(long: PathLike | pd.DataFrame, out_png: PathLike,
     if 'label_set' in df.columns:
         df = df[df['label_set'] == label_set]
     df = df.assign(_dice=pd.to_numeric(df['dice'], errors='coerce'))
-    order = list(dict.fromkeys(df.sort_values('label_index')['label_name']
-                               if 'label_index' in df.columns else df['label_name']))
-    groups = sorted(df[by].astype(str).unique())
-    height = float(np.clip(0.9 + 0.2 * len(order), 2.5, 9.0))
-    fig = Figure(figsize=(9.0, height), dpi=_DPI, facecolor='white')
+    groups = _ordered(df[by].astype(str).unique(), order)
+    structures = list(dict.fromkeys(df.sort_values('label_index')['label_name']
+                                    if 'label_index' in df.columns else df['label_name']))
+    height = float(np.clip(0.9 + 0.2 * len(structures), 2.5, 9.0))
+    fig = Figure(figsize=(10.0, height), dpi=_DPI, facecolor='white')
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.3, 0.55 / height, 0.5, 1 - 1.0 / height))
+    ax = fig.add_axes((0.27, 0.55 / height, 0.45, 1 - 1.0 / height))
     ax.set_title(title or f'Dice per structure ({label_set})', fontsize=10, loc='left')
-    if not order or not np.isfinite(df['_dice']).any():
+    if not structures or not np.isfinite(df['_dice']).any():
         ax.set_axis_off()
         ax.text(0.5, 0.5, 'no Dice values', ha='center', va='center', transform=ax.transAxes,
                 fontsize=11, color='0.4')
         return _save(fig, out_png)
     colours = colormaps['tab10']
-    ypos = {name: i for i, name in enumerate(order)}
+    ypos = {name: i for i, name in enumerate(structures)}
     offsets = np.linspace(-0.25, 0.25, len(groups)) if len(groups) > 1 else [0.0]
     for k, (g, dy) in enumerate(zip(groups, offsets)):
         sub = df[df[by].astype(str) == g]
@@ -194,9 +212,9 @@ def plot_structure_dice(long: PathLike | pd.DataFrame, out_png: PathLike,
         mean = np.nanmean(avg) if np.isfinite(avg).any() else float('nan')
         ax.scatter(sub['_dice'], ys, s=18, color=colours(k % 10), edgecolors='none',
                    label=f'{g} (mean {mean:.2f})', zorder=3)
-    ax.set_yticks(range(len(order)))
-    ax.set_yticklabels(order, fontsize=7)
-    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_yticks(range(len(structures)))
+    ax.set_yticklabels(structures, fontsize=7)
+    ax.set_ylim(len(structures) - 0.5, -0.5)
     ax.set_xlim(0, 1)
     ax.set_xlabel('Dice', fontsize=9)
     ax.tick_params(axis='x', labelsize=8)
