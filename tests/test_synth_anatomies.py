@@ -194,6 +194,6 @@ def test_maps_feed_the_synthesizer():
 def test_cache_is_outside_the_package(tmp_path, monkeypatch):
     monkeypatch.setenv('KEYPREP_CACHE', str(tmp_path))
     assert A.cache_dir() == tmp_path / 'anatomies'
-    pkg = Path(A.__file__).resolve().parents[2]
+    pkg = Path(A.__file__).resolve().parents[3]  # keyprep/
     monkeypatch.delenv('KEYPREP_CACHE')
     assert pkg not in A.cache_dir().resolve().parents
