@@ -18,7 +18,8 @@ Jacobian determinant inside the fixed brain, wall time and peak memory of the re
 and the time ratios to ``antsAffine`` and ``antsSyN`` on the same pair. Reference rows:
 ``none`` (identity: Dice before registration) and ``derotate`` (the exact inverse of the
 applied rotation and nothing else). Where the KeyMorph detector exists, keypoint repeatability
-under rotation and cross-subject consistency are measured too (``keypoint_analysis.py``).
+under rotation and cross-subject consistency are measured too
+(:mod:`keyprep.pipeline.keymorph.keypoint_analysis`).
 
 Rows already in the TSV are skipped, so an interrupted run resumes; the images are cached in
 the work folder. Run ``python benchmarks/run_intersubject_benchmark.py --help`` for the
@@ -32,27 +33,21 @@ import json
 import math
 import sys
 import time
-import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 
+from keyprep.pipeline import benchmark as bh
+from keyprep.pipeline.synth.benchmark_images import (
+    CSF_SHELL_MM, MARGIN_MM, brain_label_map, crc32, draw_rotation, rotate, synthesise,
+)
+from keyprep.pipeline.synth.labels import BRAIN_OUTPUT_LABELS, OUTPUT_LABELS, OUTPUT_NAMES
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for _p in (REPO, HERE):  # run from a checkout without installing; share the Colin27 script
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-import run_registration_benchmark as rrb  # noqa: E402
-from keyprep.pipeline import perturb as pt  # noqa: E402
-from keyprep.pipeline.io import make_image  # noqa: E402
-from keyprep.pipeline.synth.labels import (  # noqa: E402
-    BRAIN_OUTPUT_LABELS, GENERATION_TO_OUTPUT, OUTPUT_LABELS, OUTPUT_NAMES,
-    TISSUE_OF_GENERATION,
-)
 
 #: Where the SynthSeg training label maps are, relative to the repository.
 DEFAULT_LABEL_MAPS = REPO.parent / 'shared' / 'data' / 'synthseg' / 'training_label_maps'
@@ -71,11 +66,6 @@ PAPER_ROIS: dict[str, tuple[int, ...]] = {
 }
 #: The SynthSeg structures scored (the label network's 32, as in keyprep's QC).
 STRUCTURES: tuple[int, ...] = tuple(BRAIN_OUTPUT_LABELS)
-#: Extra-cerebral CSF farther than this from every brain structure is removed (the SynthSeg
-#: maps label CSF down the spinal canal; a skull-stripped image keeps a thin shell).
-CSF_SHELL_MM = 5.0
-#: Background margin around the brain on every synthetic grid.
-MARGIN_MM = 6.0
 #: Reference rows (no registration).
 REFERENCE_METHODS = ('none', 'derotate')
 #: Bumped when the way images are made changes (invalidates the cached images).
@@ -92,7 +82,7 @@ NUMERIC = ['rotation_deg', 'dice_rois', 'dice_structures', 'jac_min', 'jac_max',
            'logjac_std', 'runtime_s', 'run_time_s', 'peak_mem_mb', 'baseline_mem_mb',
            'time_ratio_to_antsAffine', 'time_ratio_to_antsSyN', 'resolution_mm', 'threads',
            'seed']
-ROUNDING = {**rrb.ROUNDING, 'dice_rois': 4, 'dice_structures': 4, 'run_time_s': 2,
+ROUNDING = {**bh.ROUNDING, 'dice_rois': 4, 'dice_structures': 4, 'run_time_s': 2,
             'baseline_mem_mb': 1}
 #: One row per case, method and region (structure or merged ROI).
 REGION_COLUMNS = ['case', 'method', 'resolution_mm', 'sloppy', 'seed', 'region_kind', 'region',
@@ -110,131 +100,6 @@ PROBLEM = ['case', 'resolution_mm', 'sloppy', 'seed']
 def short_name(name: str) -> str:
     """A compact subject name for file and case names (``training_seg_14`` -> ``seg14``)."""
     return name.replace('training_seg_', 'seg').replace('_', '')
-
-
-def _crc(text: str) -> int:
-    return zlib.crc32(text.encode())
-
-
-def brain_label_map(path: Path, shell_mm: float = CSF_SHELL_MM):
-    """A SynthSeg label map, skull-stripped: extra-cerebral classes removed, and the
-    extra-cerebral CSF kept only within ``shell_mm`` of a brain structure."""
-    from scipy import ndimage as ndi
-
-    from keyprep.pipeline.synth.generator import LabelMap, load_label_map
-
-    lm = load_label_map(path)
-    tissue = np.array([TISSUE_OF_GENERATION.get(lab, 'extra') for lab in lm.labels])
-    keep = ~np.isin(tissue, ('extra', 'background'))
-    csf = np.array([GENERATION_TO_OUTPUT.get(lab) == 24 for lab in lm.labels])
-    core = (keep & ~csf)[lm.index]
-    if not core.any():
-        raise ValueError(f'{path}: no brain structure in the label map')
-    dist = ndi.distance_transform_edt(~core, sampling=np.linalg.norm(lm.affine[:3, :3], axis=0))
-    index = lm.index.copy()
-    index[~keep[index]] = 0
-    index[csf[index] & (dist > shell_mm)] = 0
-    return LabelMap(index=index, affine=lm.affine, name=lm.name, labels=lm.labels)
-
-
-def draw_rotation(seed: int, moving: str, fixed: str, level: float
-                  ) -> tuple[np.ndarray, str, np.ndarray]:
-    """The rotation of the moving image for one pair of subjects and one level.
-
-    The paper chooses 1 to 3 rotation axes at random; here the number of coordinate axes
-    involved is uniform in {1, 2, 3}, the axes themselves are drawn without replacement, and
-    the rotation axis is a random direction (normal components) in their span, so the
-    rotation turns by exactly ``level`` degrees (Euler angles of ``level`` about several axes
-    would not: three 180 degree turns about x, y and z give the identity). Seeded by
-    ``(seed, moving, fixed, level)`` only, so every contrast pair of two subjects sees the
-    same rotation. Returns ``(R [3, 3], axes, unit axis)``.
-
-    >>> r, axes, _ = draw_rotation(0, 'a', 'b', 135.0)
-    >>> round(pt.describe_similarity(np.pad(r, ((0, 1), (0, 1))) + np.diag([0, 0, 0, 1]))
-    ...       ['angle_deg'], 6)
-    135.0
-    >>> draw_rotation(0, 'a', 'b', 0.0)[1]
-    '-'
-    """
-    if level == 0:
-        return np.eye(3), '-', np.array([0.0, 0.0, 1.0])
-    rng = np.random.default_rng([int(seed), _crc(moving), _crc(fixed), int(round(level * 1000))])
-    n_axes = int(rng.integers(1, 4))
-    axes = np.sort(rng.choice(3, size=n_axes, replace=False))
-    direction = np.zeros(3)
-    while np.linalg.norm(direction) < 1e-6:
-        direction[axes] = rng.normal(size=n_axes)
-    direction /= np.linalg.norm(direction)
-    return pt.rotation_about_axis(direction, level), ''.join('xyz'[a] for a in axes), direction
-
-
-def _rotated(lm, rotation: np.ndarray | None):
-    """The label map turned by ``rotation`` about its brain centre (exact: only its
-    voxel-to-world matrix changes)."""
-    from keyprep.pipeline.synth.generator import LabelMap
-
-    if rotation is None or np.allclose(rotation, np.eye(3)):
-        return lm
-    motion = pt.similarity_matrix(rotation, center=lm.centre_mm)
-    return LabelMap(index=lm.index, affine=motion @ lm.affine, name=lm.name, labels=lm.labels,
-                    centre_mm=np.asarray(lm.centre_mm, dtype=float))
-
-
-def fitting_shape(lm, resolution: float, margin_mm: float = MARGIN_MM) -> tuple[int, int, int]:
-    """An odd grid shape, centred on the brain centre, that holds the label map's brain."""
-    ijk = np.argwhere(lm.index[::2, ::2, ::2] > 0).astype(float) * 2
-    world = ijk @ lm.affine[:3, :3].T + lm.affine[:3, 3] - np.asarray(lm.centre_mm)
-    half = np.abs(world).max(axis=0) + margin_mm + 2.0  # 2 mm: the subsampling
-    return tuple(int(2 * math.ceil(h / resolution) + 1) for h in half)
-
-
-def synthesise(lm, contrast: str, resolution: float, generator_seed: int
-               ) -> tuple[nb.Nifti1Image, nb.Nifti1Image]:
-    """One skull-stripped synthetic image of ``lm`` with a named contrast, and its labels.
-
-    The synthesis engine runs without spatial augmentation (``SynthConfig.evaluation``);
-    intensities follow its model for a fixed contrast (tissue means with a small jitter,
-    Gaussian noise per label, bias field, gamma, additive noise), no acquisition-resolution
-    change. The grid is axis-aligned, centred on the brain centre (world origin), at
-    ``resolution`` mm.
-    """
-    import torch
-
-    from keyprep.pipeline.synth.generator import SynthConfig, Synthesizer, grid_affine
-
-    shape = fitting_shape(lm, resolution)
-    cfg = replace(SynthConfig(shape=shape, res_mm=resolution).evaluation(contrast),
-                  skull_strip_prob=1.0)
-    sample = Synthesizer([lm], cfg).synthesize(0, torch.Generator().manual_seed(generator_seed))
-    affine = grid_affine(shape, resolution)
-    labels = np.asarray(OUTPUT_LABELS, dtype=np.uint8)[sample['labels'].cpu().numpy()]
-    return (make_image(sample['image'].cpu().numpy().astype(np.float32), affine),
-            make_image(labels, affine))
-
-
-def rotate(image: nb.Nifti1Image, lm, rotation: np.ndarray, resolution: float
-           ) -> tuple[nb.Nifti1Image, nb.Nifti1Image]:
-    """A synthetic image of ``lm`` (from :func:`synthesise`) turned by ``rotation`` about the
-    brain centre (the world origin), and its exact labels.
-
-    The image is resampled (linear) onto an axis-aligned grid, centred on the origin, that
-    holds the turned brain; the labels are sampled (nearest neighbour) from the turned label
-    map itself, as :func:`synthesise` samples the unturned one, so the ground truth gets no
-    extra interpolation.
-    """
-    from keyprep.pipeline.synth.generator import grid_affine
-
-    motion = np.eye(4)
-    motion[:3, :3] = rotation
-    shape = fitting_shape(_rotated(lm, rotation), resolution)
-    grid = pt.Grid(shape, grid_affine(shape, resolution))
-    data = pt.resample(np.asanyarray(image.dataobj), image.affine, grid,
-                       pt.KnownTransform(motion), order=1)
-    to_output = np.array([GENERATION_TO_OUTPUT[lab] for lab in lm.labels], dtype=np.uint8)
-    centred = np.array(lm.affine, dtype=float)
-    centred[:3, 3] -= np.asarray(lm.centre_mm)
-    labels = pt.resample(to_output[lm.index], centred, grid, pt.KnownTransform(motion), order=0)
-    return make_image(data.astype(np.float32), grid.affine), make_image(labels, grid.affine)
 
 
 @dataclass(frozen=True)
@@ -296,7 +161,7 @@ class ImageCache:
                 'csf_shell_mm': CSF_SHELL_MM, 'margin_mm': MARGIN_MM}
 
     def generator_seed(self, subject: str, contrast: str) -> int:
-        return _crc(f'{self.seed}:{subject}:{contrast}')
+        return crc32(f'{self.seed}:{subject}:{contrast}')
 
     def subject(self, subject: str, contrast: str) -> tuple[Path, Path]:
         """The unrotated image of a subject in a contrast (the fixed image of its pairs)."""
@@ -363,14 +228,14 @@ def score_case(case: Case, fwd: Path, kind: str, out_dir: Path) -> dict:
     """Mean Dice (structures, ROIs), Jacobian statistics inside the fixed brain and the
     per-region Dice (under ``_regions``) of one forward transform."""
     ref = np.asanyarray(nb.load(str(case.fixed_labels)).dataobj).astype(np.int64)
-    warped = rrb.warp_labels(case.moving_labels, case.fixed, fwd,
+    warped = bh.warp_labels(case.moving_labels, case.fixed, fwd,
                              out_dir / 'labels_warped.nii.gz')
     regions = region_dice(ref, warped)
     structures = [d for (k, _), d in regions.items() if k == 'structure']
     rois = [d for (k, _), d in regions.items() if k == 'roi']
     out = {'dice_structures': float(np.nanmean(structures)) if structures else math.nan,
            'dice_rois': float(np.nanmean(rois)) if rois else math.nan, '_regions': regions}
-    out.update(rrb.jacobian_scores(fwd, case.fixed, kind, ref > 0))
+    out.update(bh.jacobian_scores(fwd, case.fixed, kind, ref > 0))
     return out
 
 
@@ -404,19 +269,19 @@ def evaluate_rows(method: str, case: Case, work: Path, *, resolution: float, thr
         return score_case(case, fwd, kind, out_dir)
 
     if method == 'none':
-        rows = [rrb.guarded(row, run_dir, lambda: score(
+        rows = [bh.guarded(row, run_dir, lambda: score(
             write_itk_affine(np.eye(4), run_dir / 'identity.txt'), 'linear', run_dir))]
     elif method == 'derotate':
         # fixed -> moving: the moving image is the unrotated anatomy turned by R about the
         # brain centre, which is the world origin of every synthetic grid
         mat = np.eye(4)
         mat[:3, :3] = case.rotation
-        rows = [rrb.guarded(row, run_dir, lambda: score(
+        rows = [bh.guarded(row, run_dir, lambda: score(
             write_itk_affine(mat, run_dir / 'rotation.txt'), 'linear', run_dir))]
     else:
         contrasts = {'fixed': BIDS_SUFFIX.get(case.spec.fixed_contrast, 'T1w'),
                      'moving': BIDS_SUFFIX.get(case.spec.moving_contrast, 'T1w')}
-        rows = rrb.engine_rows(method, row, run_dir, case.fixed, case.moving, score,
+        rows = bh.engine_rows(method, row, run_dir, case.fixed, case.moving, score,
                                threads=threads, sloppy=sloppy, seed=seed, contrasts=contrasts,
                                params=params)
     regions = []
@@ -440,16 +305,16 @@ def _key(row: dict) -> tuple:
 
 def results_frame(rows: list[dict]):
     """Typed rows with the time ratios to antsAffine and antsSyN on the same case."""
-    df = rrb.typed_frame(rows, COLUMNS, NUMERIC)
-    return rrb.add_time_ratios(df, PROBLEM)
+    df = bh.typed_frame(rows, COLUMNS, NUMERIC)
+    return bh.add_time_ratios(df, PROBLEM)
 
 
 def write_results(rows: list[dict], regions: list[dict], tsv: Path, regions_tsv: Path) -> None:
     """Write both TSVs atomically (regions first: a row is done once the main TSV has it)."""
     import pandas as pd
 
-    rrb.write_table(pd.DataFrame(regions, columns=REGION_COLUMNS), regions_tsv, {'dice': 4})
-    rrb.write_table(results_frame(rows), tsv, ROUNDING)
+    bh.write_table(pd.DataFrame(regions, columns=REGION_COLUMNS), regions_tsv, {'dice': 4})
+    bh.write_table(results_frame(rows), tsv, ROUNDING)
 
 
 def _ms(values, scale: float = 100.0, nd: int = 1) -> str:
@@ -655,7 +520,7 @@ def write_summary(rows: list[dict], regions: list[dict], path: Path, *, info: di
             r = reg[reg['method'] == m].groupby('region')['dice'].mean()
             if r.empty:
                 continue
-            lines.append(f'| {m} | ' + ' | '.join(rrb._fmt(100 * r.get(x, math.nan), 1)
+            lines.append(f'| {m} | ' + ' | '.join(bh.fmt(100 * r.get(x, math.nan), 1)
                                                   for x in rois) + ' |')
     lines += ['', '## Jacobian determinant of the forward transform inside the fixed brain', '',
               '| method | min J (all pairs) | median of min J | mean % J ≤ 0 | max % J ≤ 0 '
@@ -664,11 +529,11 @@ def write_summary(rows: list[dict], regions: list[dict], path: Path, *, info: di
         r = ok[ok['method'] == m]
         if r.empty:
             continue
-        lines.append(f'| {m} | {rrb._fmt(r["jac_min"].min(), 3)} | '
-                     f'{rrb._fmt(r["jac_min"].median(), 3)} | '
-                     f'{rrb._fmt(100 * r["jac_neg_frac"].mean(), 3)} | '
-                     f'{rrb._fmt(100 * r["jac_neg_frac"].max(), 3)} | '
-                     f'{rrb._fmt(r["logjac_std"].mean(), 4)} |')
+        lines.append(f'| {m} | {bh.fmt(r["jac_min"].min(), 3)} | '
+                     f'{bh.fmt(r["jac_min"].median(), 3)} | '
+                     f'{bh.fmt(100 * r["jac_neg_frac"].mean(), 3)} | '
+                     f'{bh.fmt(100 * r["jac_neg_frac"].max(), 3)} | '
+                     f'{bh.fmt(r["logjac_std"].mean(), 4)} |')
     lines += ['', '## Time and memory per registration', '',
               'Wall time of the engine\'s own registration; peak resident memory of the '
               'benchmark process during it (it includes the process baseline, shown beside it); '
@@ -684,14 +549,14 @@ def write_summary(rows: list[dict], regions: list[dict], path: Path, *, info: di
         if r.empty:
             continue
         lines.append(f'| {m} | {len(r)} | {_ms(r["runtime_s"], 1.0, 2)} | '
-                     f'{rrb._fmt(r["runtime_s"].median(), 2)} | '
-                     f'{rrb._fmt(r["peak_mem_mb"].median(), 0)} / '
-                     f'{rrb._fmt(r["peak_mem_mb"].max(), 0)} | '
-                     f'{rrb._fmt(r["baseline_mem_mb"].median(), 0)} | '
-                     f'{rrb._fmt(r["time_ratio_to_antsAffine"].median(), 3)} | '
-                     f'{rrb._fmt(r["time_ratio_to_antsSyN"].median(), 3)} |')
+                     f'{bh.fmt(r["runtime_s"].median(), 2)} | '
+                     f'{bh.fmt(r["peak_mem_mb"].median(), 0)} / '
+                     f'{bh.fmt(r["peak_mem_mb"].max(), 0)} | '
+                     f'{bh.fmt(r["baseline_mem_mb"].median(), 0)} | '
+                     f'{bh.fmt(r["time_ratio_to_antsAffine"].median(), 3)} | '
+                     f'{bh.fmt(r["time_ratio_to_antsSyN"].median(), 3)} |')
     if keypoints:
-        from keypoint_analysis import summary_lines
+        from keyprep.pipeline.keymorph.keypoint_analysis import summary_lines
 
         lines += ['', *summary_lines(keypoints)]
     errors = sel[sel['status'] != 'ok']
@@ -874,11 +739,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir / 'intersubject' / f'res-{args.resolution:g}_seed-{args.seed}'
     tsv, regions_tsv = out / 'intersubject_benchmark.tsv', out / 'intersubject_regions.tsv'
     md = out / 'intersubject_benchmark.md'
-    rows = rrb.read_table(tsv, COLUMNS)
-    regions = rrb.read_table(regions_tsv, REGION_COLUMNS)
+    rows = bh.read_table(tsv, COLUMNS)
+    regions = bh.read_table(regions_tsv, REGION_COLUMNS)
     present = {_key(r) for r in rows}
     done = {_key(r) for r in rows if r['status'] == 'ok' or not args.retry_errors}
-    info = rrb.machine_info(args.threads)
+    info = bh.machine_info(args.threads)
     t0 = time.time()
 
     print(f'benchmark: {len(specs)} cases, synthesising the images at {args.resolution:g} mm '
@@ -888,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [cache.case(spec) for spec in specs]
     print(f'benchmark: images ready ({time.time() - t0:.0f} s)', flush=True)
     params = engine_params(methods, args)
-    variants = {m: rrb.variant_names(m, sloppy, params.get(m)) for m in methods}
+    variants = {m: bh.variant_names(m, sloppy, params.get(m)) for m in methods}
     for case in cases:
         for method in [*REFERENCE_METHODS, *methods]:
             names = variants.get(method, [method])
@@ -909,8 +774,8 @@ def main(argv: list[str] | None = None) -> int:
             write_results(rows, regions, tsv, regions_tsv)
             for row in new:
                 print(f'benchmark: {case.spec.name} {row["method"]:16s} Dice ROIs '
-                      f'{rrb._fmt(row["dice_rois"])} structures '
-                      f'{rrb._fmt(row["dice_structures"])} time {rrb._fmt(row["runtime_s"], 1)}'
+                      f'{bh.fmt(row["dice_rois"])} structures '
+                      f'{bh.fmt(row["dice_structures"])} time {bh.fmt(row["runtime_s"], 1)}'
                       f' s [{row["status"]}] ({time.time() - t0:.0f} s elapsed)', flush=True)
         write_summary(rows, regions, md, info=info, resolution=args.resolution, sloppy=sloppy,
                       seed=args.seed, threads=args.threads, cases=cases)
@@ -919,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         if (out / 'keypoint_summary.json').is_file():
             keypoints = json.loads((out / 'keypoint_summary.json').read_text())
     else:
-        import keypoint_analysis as ka
+        from keyprep.pipeline.keymorph import keypoint_analysis as ka
 
         contrasts = list(dict.fromkeys(c for cp in args.contrasts for c in cp.split('-')))
         keypoints = ka.run(

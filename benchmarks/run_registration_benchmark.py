@@ -32,25 +32,34 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nb
 import numpy as np
 
+from keyprep.pipeline import benchmark
+from keyprep.pipeline import perturb as pt
+from keyprep.pipeline.benchmark import (
+    add_time_ratios,
+    engine_rows,
+    fmt,
+    guarded,
+    jacobian_scores,
+    load_array,
+    machine_info,
+    read_table,
+    typed_frame,
+    variant_names,
+    warp_labels,
+    write_table,
+)
+from keyprep.pipeline.io import make_image
+from keyprep.pipeline.targets import mricron_file
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from keyprep.pipeline import perturb as pt  # noqa: E402
-from keyprep.pipeline.io import make_image  # noqa: E402
-from keyprep.pipeline.targets import mricron_file  # noqa: E402
-
 
 #: Columns of the results table, in order.
 COLUMNS = [
@@ -61,8 +70,6 @@ COLUMNS = [
 ]
 #: Reference rows computed for every pair (no registration).
 REFERENCE_METHODS = ('none', 'truth')
-#: Engines whose time on the same pair is the unit of the ``time_ratio_to_<engine>`` columns.
-TIME_REFERENCES = ('antsAffine', 'antsSyN')
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,6 @@ class Pair:
 # --------------------------------------------------------------------------------------
 # Building the fixed image and the pairs
 # --------------------------------------------------------------------------------------
-
-
 
 
 def _colin(name: str) -> nb.Nifti1Image:
@@ -219,31 +224,6 @@ def build_pair(spec: PairSpec, fixed: Fixed, work: Path, resolution: float,
 # Evaluation
 # --------------------------------------------------------------------------------------
 
-def _load(path: Path) -> np.ndarray:
-    return np.asanyarray(nb.load(str(path)).dataobj)
-
-
-def warp_labels(moving_labels: Path, reference: Path, fwd: Path, out_file: Path) -> np.ndarray:
-    """The moving label map on the reference (fixed) grid through the forward transform
-    (``genericLabel`` interpolation), as an int64 array."""
-    from keyprep.pipeline.transforms import apply_transforms
-
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    warped = apply_transforms(moving_labels, reference, [fwd], out_file,
-                              interpolation='genericLabel')
-    return _load(warped).astype(np.int64)
-
-
-def jacobian_scores(fwd: Path, reference: Path, kind: str, mask: np.ndarray) -> dict:
-    """Jacobian-determinant statistics of a forward transform inside ``mask`` (a boolean
-    array on the reference grid): ``jac_min``, ``jac_max``, ``jac_neg_frac``, ``logjac_std``."""
-    from keyprep.pipeline.qc import jacobian_stats
-    from keyprep.pipeline.transforms import jacobian_map
-
-    jac = np.asarray(jacobian_map(fwd, reference, kind).dataobj)
-    stats = jacobian_stats(jac, mask)
-    return {k: stats[k] for k in ('jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std')}
-
 
 def score_transform(pair: Pair, fixed: Fixed, fwd: Path, kind: str, out_dir: Path) -> dict:
     """Dice (AAL, tissue) and Jacobian statistics of a forward transform."""
@@ -253,10 +233,10 @@ def score_transform(pair: Pair, fixed: Fixed, fwd: Path, kind: str, out_dir: Pat
     for key, moving, reference in (('dice_aal', pair.moving_aal, fixed.aal),
                                    ('dice_tissue', pair.moving_tissue, fixed.tissue)):
         warped = warp_labels(moving, fixed.t1, fwd, out_dir / f'{key}_warped.nii.gz')
-        ref = _load(reference).astype(np.int64)
+        ref = load_array(reference).astype(np.int64)
         dice = dice_per_label(ref, warped)
         scores[key] = float(np.nanmean(list(dice.values()))) if dice else math.nan
-    scores.update(jacobian_scores(fwd, fixed.t1, kind, _load(fixed.mask) > 0))
+    scores.update(jacobian_scores(fwd, fixed.t1, kind, load_array(fixed.mask) > 0))
     return scores
 
 
@@ -267,108 +247,6 @@ def _base_row(pair: Pair, method: str, resolution: float, sloppy: bool) -> dict:
         'method': method, 'resolution_mm': resolution, 'sloppy': sloppy,
         'moving_voxel_size': 'x'.join(f'{z:g}' for z in pair.voxel_size),
     }
-
-
-def variant_names(method: str, sloppy: bool = False, params: dict | None = None) -> list[str]:
-    """The result names one run of engine ``method`` gives (its variants, e.g. one per TPS
-    λ; just the engine's name for most engines). Cheap: no registration, no torch."""
-    from keyprep.pipeline.engines import EngineOptions, engine_variants, get_engine
-
-    engine = get_engine(method)
-    options = EngineOptions(sloppy=sloppy, params=dict(params or {}))
-    return [n for n, _ in engine_variants(engine, options)]
-
-
-#: Keys of a variant's ``extras`` that time work done for that variant alone (for example a
-#: test-time refinement that starts from another variant's result).
-VARIANT_TIME_KEYS = ('refine_time_s', 'variant_time_s')
-
-
-def register(method: str, fixed: Path, moving: Path, run_dir: Path, *, threads: int,
-             sloppy: bool, seed: int, contrasts: dict | None = None,
-             params: dict | None = None) -> list[dict]:
-    """Register ``moving`` to ``fixed`` with a registered engine through
-    :func:`keyprep.pipeline.registration.run_engine_variants` (one run, every variant).
-
-    Returns one dict per variant: ``method`` (the variant's name), ``fwd`` (its forward
-    transform), ``kind``, ``run_time_s`` (the wall time of the whole run), ``runtime_s`` (the
-    variant's time: the run's, less the time the engine reports in :data:`VARIANT_TIME_KEYS`
-    for the *other* variants, so an unrefined result is not charged for the refinement of its
-    sibling; equal to the run's time for engines without such variants), ``peak_mem_mb``
-    (the process's peak resident memory during the run) and ``baseline_mem_mb`` (its
-    resident memory just before).
-    """
-    from keyprep.pipeline.engines import EngineOptions, get_engine, variant_owner
-    from keyprep.pipeline.registration import run_engine_variants
-    from keyprep.pipeline.resources import rss_mb
-
-    baseline = round(rss_mb(), 1)
-    # an engine that starts from another method's affine (CARL, DIO) runs after that method,
-    # as in the pipeline; its time includes the starting method's
-    init = get_engine(method).init_method(EngineOptions(sloppy=sloppy, params=dict(params or {})))
-    init_xfm, init_s = None, 0.0
-    if init:
-        first = run_engine_variants(variant_owner(init, sloppy=sloppy), fixed, moving,
-                                    Path(run_dir) / f'init_{init}', omp_nthreads=threads,
-                                    seed=seed, sloppy=sloppy, contrasts=contrasts)
-        chosen = next(r for r in first if r.method == init)
-        init_xfm, init_s = chosen.fwd_xfm, float(chosen.runtime_s)
-    runs = run_engine_variants(method, fixed, moving, run_dir, omp_nthreads=threads, seed=seed,
-                               sloppy=sloppy, contrasts=contrasts, params=params,
-                               init_transform=init_xfm, init_method=init)
-    own = {r.method: sum(float((r.extras or {}).get(k) or 0.0) for k in VARIANT_TIME_KEYS)
-           for r in runs}
-    total = sum(own.values())
-    return [{'method': r.method, 'fwd': Path(r.fwd_xfm), 'kind': r.transform_kind,
-             'run_time_s': round(r.runtime_s + init_s, 3),
-             'runtime_s': round(r.runtime_s - total + own[r.method] + init_s, 3),
-             'peak_mem_mb': r.peak_mem_mb, 'baseline_mem_mb': baseline} for r in runs]
-
-
-def _record_error(row: dict, run_dir: Path, exc: BaseException) -> dict:
-    row['status'] = f'error: {type(exc).__name__}: {(str(exc).splitlines() or [""])[0][:200]}'
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / 'error.txt').write_text(
-        ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return row
-
-
-def guarded(row: dict, run_dir: Path, score) -> dict:
-    """Fill ``row`` with the dict that ``score()`` returns and ``status`` ``ok``; if it
-    raises, ``status`` is ``error: ...`` and the traceback goes to ``run_dir/error.txt``
-    (an engine that fails is a result too)."""
-    try:
-        row.update(score())
-        row['status'] = 'ok'
-    except Exception as exc:
-        _record_error(row, run_dir, exc)
-    return row
-
-
-def engine_rows(method: str, row: dict, run_dir: Path, fixed: Path, moving: Path, score, *,
-                threads: int, sloppy: bool, seed: int, contrasts: dict | None = None,
-                params: dict | None = None) -> list[dict]:
-    """Run engine ``method`` once and give one row per variant: a copy of ``row`` with the
-    variant's name, the run's measures (those of :func:`register` that ``row`` has keys
-    for) and ``score(fwd, kind, out_dir)``. If the engine fails, every variant gets an
-    error row."""
-    try:
-        runs = register(method, fixed, moving, run_dir, threads=threads, sloppy=sloppy,
-                        seed=seed, contrasts=contrasts, params=params)
-    except Exception as exc:
-        try:
-            names = variant_names(method, sloppy, params)
-        except Exception:
-            names = [method]
-        return [_record_error(dict(row, method=n), run_dir, exc) for n in names]
-    rows = []
-    for run in runs:
-        out = dict(row, method=run['method'])
-        out.update({k: v for k, v in run.items() if k in row and k != 'method'})
-        where = run['fwd'].parent
-        rows.append(guarded(out, where, lambda run=run, where=where: score(
-            run['fwd'], run['kind'], where)))
-    return rows
 
 
 def evaluate_rows(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,
@@ -419,55 +297,8 @@ def _key(row: dict) -> tuple:
             str(row['sloppy']).lower() == 'true')
 
 
-def read_table(path: Path, columns: list[str]) -> list[dict]:
-    """The rows of a results TSV with these columns (missing columns are NaN; no rows when
-    the file does not exist yet)."""
-    import pandas as pd
-
-    if not path.exists():
-        return []
-    df = pd.read_csv(path, sep='\t', na_values=['n/a'], keep_default_na=False)
-    for col in columns:
-        if col not in df:
-            df[col] = math.nan
-    return df[columns].to_dict('records')
-
-
-def typed_frame(rows: list[dict], columns: list[str], numeric: list[str]):
-    """Rows as a DataFrame with numeric columns as floats and ``sloppy`` as a boolean."""
-    import pandas as pd
-
-    df = pd.DataFrame(rows, columns=columns)
-    for col in numeric:
-        df[col] = pd.to_numeric(df[col], errors='coerce')
-    df['sloppy'] = df['sloppy'].astype(str).str.lower() == 'true'
-    return df
-
-
-def add_time_ratios(df, by: list[str], references: tuple[str, ...] = TIME_REFERENCES):
-    """Fill ``time_ratio_to_<ref>``: each row's ``runtime_s`` over the time of engine
-    ``ref`` on the same problem (the rows that agree on the ``by`` columns), NaN where
-    ``ref`` has no successful row there."""
-    for ref_method in references:
-        ok = df[(df['method'] == ref_method) & (df['status'] == 'ok')]
-        ref = {tuple(k): t for k, t in zip(ok[by].itertuples(index=False), ok['runtime_s'])}
-        df[f'time_ratio_to_{ref_method}'] = [
-            t / ref[tuple(k)] if ref.get(tuple(k)) else math.nan
-            for k, t in zip(df[by].itertuples(index=False), df['runtime_s'])]
-    return df
-
-
-def write_table(df, path: Path, rounding: dict[str, int]) -> None:
-    """Write a DataFrame as a TSV atomically (``n/a`` for missing values)."""
-    tmp = path.with_name(path.name + '.tmp')
-    df.round(rounding).to_csv(tmp, sep='\t', index=False, na_rep='n/a')
-    os.replace(tmp, path)
-
-
 #: Decimals of the numbers written to the TSV tables.
-ROUNDING = {'dice_aal': 4, 'dice_tissue': 4, 'jac_min': 4, 'jac_max': 4, 'jac_neg_frac': 6,
-            'logjac_std': 4, 'runtime_s': 2, 'peak_mem_mb': 1, 'time_ratio_to_antsAffine': 3,
-            'time_ratio_to_antsSyN': 3}
+ROUNDING = {**benchmark.ROUNDING, 'dice_aal': 4, 'dice_tissue': 4}
 
 
 def read_results(path: Path) -> list[dict]:
@@ -486,38 +317,6 @@ def results_frame(rows: list[dict]):
 def write_results(rows: list[dict], path: Path) -> None:
     """Write the TSV atomically (numbers rounded for reading)."""
     write_table(results_frame(rows), path, ROUNDING)
-
-
-def machine_info(threads: int) -> dict:
-    """Cores, CPU model, memory, platform and software versions."""
-    from keyprep.pipeline.registration import software_versions
-
-    cpu = platform.processor() or 'unknown'
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = 'unknown'
-    try:
-        for line in Path('/proc/meminfo').read_text().splitlines():
-            if line.startswith('MemTotal'):
-                mem = f'{int(line.split()[1]) / 2**20:.1f} GiB'
-                break
-    except OSError:
-        pass
-    return {'cpu': cpu, 'cores': os.cpu_count(), 'threads': threads, 'memory': mem,
-            'platform': platform.platform(), 'versions': software_versions()}
-
-
-def _fmt(value, nd: int = 3) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return 'n/a' if math.isnan(v) else f'{v:.{nd}f}'
 
 
 def write_summary(rows: list[dict], path: Path, *, info: dict, resolution: float,
@@ -562,12 +361,12 @@ def write_summary(rows: list[dict], path: Path, *, info: dict, resolution: float
         if str(r['status']) != 'ok':
             return 'error'
         if what == 'dice':
-            return f'{_fmt(r["dice_aal"])} / {_fmt(r["dice_tissue"])}'
+            return f'{fmt(r["dice_aal"])} / {fmt(r["dice_tissue"])}'
         if what == 'time':
-            ratio = _fmt(r['time_ratio_to_antsSyN'], 2)
-            return f'{_fmt(r["runtime_s"], 1)} s' + ('' if ratio == 'n/a' else f' ({ratio}x)')
-        return (f'{_fmt(r["jac_min"], 2)} / {_fmt(r["jac_max"], 2)} / '
-                f'{_fmt(100 * float(r["jac_neg_frac"]), 2)} % / {_fmt(r["logjac_std"], 3)}')
+            ratio = fmt(r['time_ratio_to_antsSyN'], 2)
+            return f'{fmt(r["runtime_s"], 1)} s' + ('' if ratio == 'n/a' else f' ({ratio}x)')
+        return (f'{fmt(r["jac_min"], 2)} / {fmt(r["jac_max"], 2)} / '
+                f'{fmt(100 * float(r["jac_neg_frac"]), 2)} % / {fmt(r["logjac_std"], 3)}')
 
     for name in order:
         first = sel[sel['pair'] == name].iloc[0]
@@ -596,10 +395,10 @@ def write_summary(rows: list[dict], path: Path, *, info: dict, resolution: float
             continue
         near = sum(float(d) >= 0.9 * float(truth.get(p, math.inf))
                    for p, d in zip(r['pair'], r['dice_aal']))
-        lines.append(f'| {m} | {_fmt(r["dice_aal"].astype(float).mean())} | '
-                     f'{_fmt(r["dice_tissue"].astype(float).mean())} | {near} of {len(r)} | '
-                     f'{_fmt(r["runtime_s"].astype(float).mean(), 1)} | '
-                     f'{_fmt(r["peak_mem_mb"].astype(float).max(), 0)} |')
+        lines.append(f'| {m} | {fmt(r["dice_aal"].astype(float).mean())} | '
+                     f'{fmt(r["dice_tissue"].astype(float).mean())} | {near} of {len(r)} | '
+                     f'{fmt(r["runtime_s"].astype(float).mean(), 1)} | '
+                     f'{fmt(r["peak_mem_mb"].astype(float).max(), 0)} |')
     errors = sel[sel['status'] != 'ok']
     if not errors.empty:
         lines += ['', '## Errors', '']
@@ -692,8 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             write_results(rows, tsv)
             for row in new:
                 print(f'benchmark: {spec.name:7s} {row["method"]:12s} Dice AAL '
-                      f'{_fmt(row["dice_aal"])} tissue {_fmt(row["dice_tissue"])} time '
-                      f'{_fmt(row["runtime_s"], 1)} s [{row["status"]}] '
+                      f'{fmt(row["dice_aal"])} tissue {fmt(row["dice_tissue"])} time '
+                      f'{fmt(row["runtime_s"], 1)} s [{row["status"]}] '
                       f'({time.time() - t0:.0f} s elapsed)', flush=True)
         write_summary(rows, md, info=info, resolution=args.resolution, sloppy=sloppy,
                       pairs=built)

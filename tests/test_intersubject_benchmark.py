@@ -14,6 +14,8 @@ import nibabel as nb
 import numpy as np
 import pytest
 
+from keyprep.pipeline.benchmark import read_table
+
 BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
 
 
@@ -106,7 +108,7 @@ def test_main_rows_and_resume(bench, label_maps, tmp_path):
     out = tmp_path / 'res'
     tsv, regions_tsv = out / 'intersubject_benchmark.tsv', out / 'intersubject_regions.tsv'
     assert tsv.read_text().splitlines()[0].split('\t') == bench.COLUMNS
-    rows = {r['method']: r for r in bench.rrb.read_table(tsv, bench.COLUMNS)}
+    rows = {r['method']: r for r in read_table(tsv, bench.COLUMNS)}
     assert list(rows) == ['none', 'derotate', 'antsRigid']
     for method, row in rows.items():
         assert row['status'] == 'ok', row['status']
@@ -122,7 +124,7 @@ def test_main_rows_and_resume(bench, label_maps, tmp_path):
     assert rigid['dice_rois'] > none['dice_rois'] + 0.1
     assert rigid['runtime_s'] > 0 and rigid['peak_mem_mb'] >= rigid['baseline_mem_mb'] > 0
     assert rigid['engine'] == 'antsRigid' and none['engine'] == 'reference'
-    regions = bench.rrb.read_table(regions_tsv, bench.REGION_COLUMNS)
+    regions = read_table(regions_tsv, bench.REGION_COLUMNS)
     rois = {(r['method'], r['region']) for r in regions if r['region_kind'] == 'roi'}
     assert ('antsRigid', 'thalamus') in rois and ('none', 'cerebral-wm') in rois
     assert all(0.0 <= float(r['dice']) <= 1.0 for r in regions)
@@ -142,10 +144,10 @@ def test_main_rows_and_resume(bench, label_maps, tmp_path):
     assert bench.main(args) == 0
     assert tsv.read_text().count('error: test') == 1
     assert bench.main(args + ['--retry-errors']) == 0
-    rows = bench.rrb.read_table(tsv, bench.COLUMNS)
+    rows = read_table(tsv, bench.COLUMNS)
     assert [r['method'] for r in rows] == ['derotate', 'antsRigid', 'none']
     assert all(r['status'] == 'ok' for r in rows)
-    assert len(bench.rrb.read_table(regions_tsv, bench.REGION_COLUMNS)) == len(regions)
+    assert len(read_table(regions_tsv, bench.REGION_COLUMNS)) == len(regions)
 
 
 def test_goal_lines_from_table(bench):
@@ -171,17 +173,15 @@ def test_goal_lines_from_table(bench):
 
 
 def test_keypoint_statistics():
-    ka = _load('keypoint_analysis')
-    try:
-        rng = np.random.default_rng(0)
-        cloud = rng.normal(size=(20, 3)) * 30
-        mats = [np.array([[1.1, 0.1, 0, 3], [0, 0.9, 0.05, -2], [0, 0, 1, 5]]),
-                np.eye(4)[:3]]
-        clouds = [cloud] + [cloud @ m[:, :3].T + m[:, 3] for m in mats]
-        assert np.allclose(ka.aligned_spread(clouds), 0.0, atol=1e-6)  # affine copies
-        noisy = clouds + [cloud + rng.normal(size=cloud.shape) * 2.0]
-        assert 0.3 < float(np.median(ka.aligned_spread(noisy))) < 3.0
-        assert 'no KeyMorph weights' in ka.unavailable(Path('/nonexistent/weights.pt'))
-        assert ka.summary_lines({'status': 'skipped: x'})[-1] == 'Not measured: skipped: x.'
-    finally:
-        sys.modules.pop('keypoint_analysis', None)
+    from keyprep.pipeline.keymorph import keypoint_analysis as ka
+
+    rng = np.random.default_rng(0)
+    cloud = rng.normal(size=(20, 3)) * 30
+    mats = [np.array([[1.1, 0.1, 0, 3], [0, 0.9, 0.05, -2], [0, 0, 1, 5]]),
+            np.eye(4)[:3]]
+    clouds = [cloud] + [cloud @ m[:, :3].T + m[:, 3] for m in mats]
+    assert np.allclose(ka.aligned_spread(clouds), 0.0, atol=1e-6)  # affine copies
+    noisy = clouds + [cloud + rng.normal(size=cloud.shape) * 2.0]
+    assert 0.3 < float(np.median(ka.aligned_spread(noisy))) < 3.0
+    assert 'no KeyMorph weights' in ka.unavailable(Path('/nonexistent/weights.pt'))
+    assert ka.summary_lines({'status': 'skipped: x'})[-1] == 'Not measured: skipped: x.'

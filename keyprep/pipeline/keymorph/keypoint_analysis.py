@@ -1,6 +1,6 @@
 """KeyMorph keypoints on the inter-subject benchmark's images: repeatability and consistency.
 
-Used by ``run_intersubject_benchmark.py`` (not a script of its own). Needs the KeyMorph
+Used by ``benchmarks/run_intersubject_benchmark.py`` (not a script of its own). Needs the KeyMorph
 detector (:class:`keyprep.pipeline.keymorph.network.KeyMorphModel`) and its weights; without
 them the analysis is skipped with a note.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
-from keyprep.pipeline.synth.labels import OUTPUT_NAMES
+from ..synth.labels import OUTPUT_NAMES
 
 __all__ = ['unavailable', 'labels_at', 'label_agreement', 'aligned_spread', 'run',
            'summary_lines']
@@ -53,7 +53,7 @@ __all__ = ['unavailable', 'labels_at', 'label_agreement', 'aligned_spread', 'run
 def unavailable(weights: Path | None = None) -> str | None:
     """Why the keypoint analysis cannot run (``None`` when it can)."""
     try:
-        from keyprep.pipeline.keymorph.network import KeyMorphModel, default_weights
+        from .network import KeyMorphModel, default_weights
     except ImportError as exc:
         return f'the KeyMorph detector is not available ({exc})'
     del KeyMorphModel
@@ -99,7 +99,7 @@ def aligned_spread(clouds: list[np.ndarray]) -> np.ndarray:
     ``[N, 3]`` by a least-squares affine map to the first cloud, then to the mean cloud."""
     import torch
 
-    from keyprep.pipeline.keymorph.aligners import apply_affine, fit_affine
+    from .aligners import apply_affine, fit_affine
 
     pts = torch.as_tensor(np.stack(clouds), dtype=torch.float64)  # [S, N, 3]
     target = pts[:1].expand_as(pts)
@@ -137,7 +137,7 @@ def run(subjects: list[str], contrasts: list[str], rotations: list[float], *, im
         return summary
     import torch
 
-    from keyprep.pipeline.keymorph.network import KeyMorphModel
+    from .network import KeyMorphModel
 
     torch.set_num_threads(max(1, threads))
     model = KeyMorphModel.load(weights, device)
