@@ -131,3 +131,30 @@ def test_missing_validator_is_one_line_not_a_silent_skip(tmp_path, capsys, image
     (line,) = _lines(capsys, 'BIDS validator is not installed')
     assert 'bids-validator-deno' in line and '--skip-bids-validation' in line
     assert _run(tmp_path, bids, '--skip-bids-validation') == E.EXIT_OK
+
+
+def test_validator_that_cannot_start_under_an_address_space_limit(tmp_path, image):
+    """Deno (V8) reserves more than 32 GB of address space: under ``ulimit -v`` 6 GB (a
+    scheduler's h_vmem) it cannot start. That is one line naming the limit, exit 66, and
+    --skip-bids-validation goes on."""
+    import resource
+    import subprocess
+
+    bids = write_bids(tmp_path / 'ds', {'01': image})
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2 ** 30, 6 * 2 ** 30))
+
+    def keyprep(*extra):
+        return subprocess.run(
+            [sys.executable, '-m', 'keyprep', str(bids), str(tmp_path / 'out'), 'participant',
+             '-w', str(tmp_path / 'work'), '--boilerplate-only', *extra],
+            preexec_fn=limit, capture_output=True, text=True, timeout=300, check=False)
+
+    res = keyprep()
+    assert res.returncode == E.EXIT_NO_INPUT, res.stderr[-2000:]
+    assert 'Traceback' not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if 'BIDS validator' in ln]
+    assert 'cannot run here' in line and 'address-space limit of 6.0 GB' in line
+    assert '--skip-bids-validation' in line
+    assert keyprep('--skip-bids-validation').returncode == E.EXIT_OK

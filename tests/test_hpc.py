@@ -139,7 +139,11 @@ def test_use_plugin_file_selects_the_plugin(tmp_path, monkeypatch):
     plugin.write_text('plugin: SLURM\nplugin_args:\n  sbatch_args: -p short -t 1:00:00\n')
     calls = _capture_run(monkeypatch, wf)
     assert run_mod._run_workflow(wf, _opts(use_plugin=plugin), tmp_path / 'crash', 'cpu')
+    # the file's arguments, and the progress lines' node status callback (batch plugins
+    # report node status as MultiProc does)
+    callback = calls[0]['plugin_args'].pop('status_callback')
     assert calls == [{'plugin': 'SLURM', 'plugin_args': {'sbatch_args': '-p short -t 1:00:00'}}]
+    assert type(callback.__self__).__name__ == 'Progress'
     # a MultiProc file refines keyprep's own settings
     plugin.write_text(json.dumps({'plugin': 'MultiProc', 'plugin_args': {'n_procs': 1}}))
     calls.clear()

@@ -197,13 +197,32 @@ def _run_validator(bids_dir: Path) -> tuple[dict, str]:
     except json.JSONDecodeError:
         report = None
     if not isinstance(report, dict):
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or '').splitlines()
-                 if ln.strip()]
+        lines = [ln.strip(' #') for ln in (proc.stderr or proc.stdout or '').splitlines()
+                 if ln.strip(' #')]
+        fatal = [ln for ln in lines if 'out of memory' in ln.lower()]
+        if fatal:  # V8 could not reserve its heap: the validator cannot run here at all
+            raise MissingInputError(
+                f'the BIDS validator (bids-validator-deno {version}) cannot run here: '
+                f'{fatal[0][:160]}{_address_space_note()}; use --skip-bids-validation to '
+                'go on without it')
         raise ValidationError(
             f'the BIDS validator (bids-validator-deno {version}) failed on {bids_dir} '
             f'(exit {proc.returncode}: {lines[-1][:200] if lines else "no output"}); use '
             '--skip-bids-validation to go on without it')
     return report, version
+
+
+def _address_space_note() -> str:
+    """The process's address-space limit (``ulimit -v``, a scheduler's ``h_vmem``), if
+    any: Deno (V8) reserves far more address space than it uses (it fails to start under
+    a limit of 32 GB, starts under 48 GB, on keyprep's test machine)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY:
+        return ''
+    return (f' (an address-space limit of {soft / 2 ** 30:.1f} GB is set, ulimit -v; Deno, '
+            'which runs the validator, reserves more than 32 GB of address space)')
 
 
 def init_layout(bids_dir: Path, database_dir: Path, participants: list[str] | None = None):

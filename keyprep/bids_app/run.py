@@ -496,16 +496,25 @@ def _run_workflow(wf, opts, target_crash_dir: Path, device: str = 'cpu') -> bool
         plugin, extra = _load_plugin_file(opts.use_plugin)
         plugin_args = {**plugin_args, **extra} if plugin == 'MultiProc' else extra
         LOGGER.info('Nipype plugin %s from %s', plugin, opts.use_plugin)
-    # After SIGINT/SIGTERM no node starts, and the interrupted one is no failure.
+    # After SIGINT/SIGTERM no node starts, and the interrupted one is no failure (the guard's
+    # callback, first); then the progress lines (keyprep.bids_app.progress).
+    from .progress import Progress
+
     interruptions = getattr(opts, 'interruptions', None)
-    callback = {'status_callback': interruptions.status_callback} if interruptions else {}
+    progress = Progress(wf, verbose=opts.verbose_count, plugin=plugin,
+                        then=interruptions.status_callback if interruptions else None)
+    callback = {'status_callback': progress.status_callback}
     try:
-        if plugin == 'Linear':
-            wf.run(plugin='Linear', **({'plugin_args': callback} if callback else {}))
-        else:
-            if plugin == 'MultiProc':
-                plugin_args = {**plugin_args, **callback}
-            wf.run(plugin=plugin, plugin_args=plugin_args)
+        with progress:
+            if plugin == 'Linear':
+                wf.run(plugin='Linear', plugin_args=callback)
+            else:
+                if plugin == 'MultiProc':
+                    plugin_args = {**plugin_args, **callback}
+                elif not plugin.endswith('Graph') and plugin != 'DAGMan':
+                    # batch plugins (SLURM...) report node status too; graph ones cannot
+                    plugin_args = {**plugin_args, 'status_callback': progress.status_callback}
+                wf.run(plugin=plugin, plugin_args=plugin_args)
     except (RuntimeError, OSError) as exc:
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         LOGGER.error('workflow did not finish cleanly (%s)',
