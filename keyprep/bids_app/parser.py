@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON file of pybids queries, e.g. {"t1w": {"acquisition": "mprage"}}; '
                         'keys: t1w, t2w, pdw, flair')
     g.add_argument('--skip-bids-validation', '--skip_bids_validation', action='store_true',
-                   help='do not validate the input dataset')
+                   help='do not run the official BIDS validator (bids-validator-deno) on '
+                        'the input dataset (its sub-<label> folders are still required)')
     g.add_argument('--bids-database-dir', type=Path, metavar='DIR',
                    help='pybids database folder (default: <work-dir>/bids_db)')
 
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='stop at the first failed node instead of running the rest')
     g.add_argument('--write-graph', action='store_true', help='write the workflow graph')
     g.add_argument('-v', '--verbose', dest='verbose_count', action='count', default=0,
-                   help='more log output (-vv for debug)')
+                   help='-v: also one line per workflow node that ran (name and time); '
+                        "-vv: also Nipype's own log")
     g.add_argument('--version', action='version', version=f'keyprep v{__version__}')
     return parser
 
