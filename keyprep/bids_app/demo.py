@@ -290,8 +290,8 @@ def groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike
     transform and the true one (``derivatives/groundtruth``) map the points of the Colin27
     brain (``ch2bet``, every ``step``-th voxel) to the subject; the distance between the two
     images of each point is the error (mm, mean, median, 99th percentile, maximum). The
-    subject's true AAL labels are carried onto Colin27 by the transform and compared with
-    Colin27's AAL labels (mean and lowest Dice over the 116 regions). A row ``truth`` does
+    subject's true AAL labels are carried onto Colin27 by the transform (nearest neighbour)
+    and compared with Colin27's AAL labels (mean and lowest Dice over the 116 regions). A row ``truth`` does
     the same with the true transform: 0 mm, and the Dice that resampling allows.
 
     Returns
@@ -338,7 +338,12 @@ def groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike
                                                        if k != 'n_points'},
                              'aal_dice_mean': dice_mean, 'aal_dice_min': dice_min,
                              'n_points': err['n_points']})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if not df.empty:  # the truth first, then the engines in the order of the registry
+        from .reports import _sort_methods
+
+        df = _sort_methods(df, ['truth']).reset_index(drop=True)
+    return df
 
 
 def write_groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike,
@@ -446,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     code = run([str(bids_dir), str(deriv), 'participant', *common])
     print(f'keyprep-demo: participant level finished with exit code {code}')
     if opts.target == 'colin27':
-        _report_truth(bids_dir, deriv, work)
+        _report_truth(bids_dir, deriv, work, opts.methods)
     group_code = run([str(bids_dir), str(deriv), 'group', *common])
     print(f'keyprep-demo: group level finished with exit code {group_code}')
     code = code or group_code
@@ -461,9 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     return _exit(code, argv)
 
 
-def _report_truth(bids_dir: Path, deriv: Path, work: Path) -> None:
+def _report_truth(bids_dir: Path, deriv: Path, work: Path, methods: list[str]) -> None:
     """Errors against the truth: the table, a summary on stdout, the reports rebuilt."""
-    from .reports import render_participant_report
+    from .reports import method_order, render_participant_report
 
     print('keyprep-demo: comparing every engine with the known transforms ...')
     work.mkdir(parents=True, exist_ok=True)
@@ -480,6 +485,7 @@ def _report_truth(bids_dir: Path, deriv: Path, work: Path) -> None:
     df = pd.read_csv(table, sep='\t')
     summary = df.groupby('method', sort=False)[['error_mean_mm', 'error_p99_mm',
                                                 'aal_dice_mean']].mean()
+    summary = summary.loc[method_order(summary.index, ['truth', *methods])]
     print(f'  errors against the truth ({table.name}; mean over subjects):')
     for method, r in summary.iterrows():
         print(f'    {method:<22} {r["error_mean_mm"]:8.2f} mm mean  {r["error_p99_mm"]:8.2f} mm '

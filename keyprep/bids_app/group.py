@@ -81,11 +81,11 @@ def run_group(output_dir: Path) -> int:
     body = [f'<h1>keyprep group report</h1><p>{summary["participant_id"].nunique()} '
             f'participant(s), {len(summary)} registration(s); keyprep {__version__}; '
             f'{time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
-            '<section id="engines"><h2>Per engine</h2>', _table_html(agg, legend=False),
-            '<p>dice_mean: the Dice that sets the status, over the label set named in the '
+            '<section id="engines"><h2>Per engine</h2>', _table_html(agg),
+            '<p>Dice is the Dice that sets the status, over the label set named in the '
             'tables (synthseg: the structures of the label network present in the target, '
-            'once the network is trusted; else tissue); structure_dice_mean: mean structure '
-            'Dice (label network); tissue_dice_mean: mean Dice over GM, WM and CSF.</p></section>',
+            'once the network is trusted; else tissue); means over the registrations of each '
+            'engine.</p></section>',
             '<section id="structures"><h2>Per structure</h2>',
             _structure_table(tables['registration'], order), '</section>',
             '<section id="plots"><h2>Plots</h2>']

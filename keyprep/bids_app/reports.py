@@ -168,7 +168,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
 _WRAP_COLUMNS = {'status_reason', 'chain', 'source', 'versions', 'label_name', 'structure'}
 #: Columns that are moved above the table when every row has the same value.
 _CONSTANT_COLUMNS = {'session_id', 'device', 'threads', 'seed', 'label_set', 'target',
-                     'participant_id', 'source'}
+                     'participant_id', 'source', 'rotation_deg', 'n_points'}
 
 
 def _format(val) -> tuple[str, bool]:
@@ -554,8 +554,8 @@ def _engine_figures(methods: list[str], variants: dict[str, list[str]],
             figs.append(('keypoints', 'Keypoints of the image (top) and of the target '
                                       '(bottom): a few corresponding pairs are numbered, with '
                                       'the same number and colour in both rows; registration '
-                                      'maps each onto its partner (gray: the other '
-                                      'keypoints)'))
+                                      'maps each onto its partner (small white dots: the '
+                                      'other keypoints)'))
         out[names[0]] = figs
     return out
 

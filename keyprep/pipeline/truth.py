@@ -81,9 +81,14 @@ def point_errors(xfm: PathLike, true_xfm: PathLike, points: np.ndarray) -> dict[
 
 
 def label_dice(moving_labels: PathLike, xfm: PathLike, reference_labels: PathLike,
-               tmp_dir: PathLike) -> tuple[float, float, int]:
-    """Dice between labels carried onto the reference grid by ``xfm`` (generic-label
-    interpolation, as keyprep carries labels) and the reference labels.
+               tmp_dir: PathLike, *, interpolation: str = 'nearestNeighbor'
+               ) -> tuple[float, float, int]:
+    """Dice between labels carried onto the reference grid by ``xfm`` and the reference
+    labels.
+
+    ``interpolation`` is ANTs': nearest neighbour by default (``genericLabel``, which
+    keyprep's QC uses, interpolates every label separately: 25 s instead of 2 s for the 116
+    AAL regions on a 1 mm grid, measured here).
 
     Returns ``(mean, min, n)`` over the labels present in the reference.
     """
@@ -93,7 +98,7 @@ def label_dice(moving_labels: PathLike, xfm: PathLike, reference_labels: PathLik
 
     out = Path(tmp_dir) / f'carried_{Path(xfm).name.split(".")[0]}.nii.gz'
     apply_transforms(moving_labels, reference_labels, [xfm], out,
-                     interpolation='genericLabel')
+                     interpolation=interpolation)
     carried = np.rint(np.asanyarray(nb.load(str(out)).dataobj)).astype(np.int64)
     ref = np.rint(np.asanyarray(nb.load(os.fspath(reference_labels)).dataobj)).astype(np.int64)
     labels = np.unique(ref[ref != 0])

@@ -33,8 +33,9 @@ def keypoint_colours(index: np.ndarray) -> np.ndarray:
 #: Colours of the numbered pairs of :func:`plot_keypoints` (distinct, none gray).
 PAIR_COLOURS: tuple[str, ...] = ('#e6194b', '#3cb44b', '#ffe119', '#4363d8', '#f58231',
                                  '#911eb4', '#42d4f4', '#f032e6', '#bfef45', '#fabed4')
-#: Colour of the keypoints that are not highlighted.
-OTHER_COLOUR = '#a0a0a0'
+#: Colour of the keypoints that are not highlighted (small dots with a dark edge, visible on
+#: dark and bright tissue).
+OTHER_COLOUR = '#ffffff'
 
 
 def select_pairs(fixed_points: np.ndarray, fixed_weights: np.ndarray, fixed_index: np.ndarray,
@@ -80,7 +81,7 @@ def plot_keypoints(moving: PathLike, moving_keypoints: PathLike, fixed: PathLike
     spread over the brain) are drawn large, each in its own colour
     (:data:`PAIR_COLOURS`) and with its number 1..n, identically in both rows, so that a
     reader can match them by eye: registration maps the point numbered k in the moving
-    image onto the point numbered k in the target. The other keypoints are small gray dots
+    image onto the point numbered k in the target. The other keypoints are small white dots
     (:data:`OTHER_COLOUR`). Slices are of the image in its closest canonical (RAS)
     orientation; keypoints are mapped to its voxels through its affine.
 
@@ -132,8 +133,8 @@ def plot_keypoints(moving: PathLike, moving_keypoints: PathLike, fixed: PathLike
             _, h, v, _ = _VIEW_AXES[panel.view]
             _show_gray(ax, panel, vol.data, window)
             xs, ys = vox[:, h] * panel.zooms[h], vox[:, v] * panel.zooms[v]
-            ax.scatter(xs[~hot], ys[~hot], s=7, c=OTHER_COLOUR, edgecolors='none', alpha=0.7,
-                       zorder=3)
+            ax.scatter(xs[~hot], ys[~hot], s=10, c=OTHER_COLOUR, edgecolors='#303030',
+                       linewidths=0.6, alpha=0.85, zorder=3)
             for j in np.flatnonzero(hot):
                 n = number[int(index[j])]
                 ax.scatter([xs[j]], [ys[j]], s=95, c=PAIR_COLOURS[n], edgecolors='black',
@@ -144,9 +145,8 @@ def plot_keypoints(moving: PathLike, moving_keypoints: PathLike, fixed: PathLike
             _annotate(ax, panel, vol.affine, k == 0)
     fl, fb, fw_, fh = layout.footer  # type: ignore[misc]
     layout.fig.text(fl + fw_ / 2, fb + fh / 2,
-                    f'{len(pairs)} corresponding keypoints numbered 1-{len(pairs)} (same number '
-                    'and colour in both rows: registration maps each onto its partner); '
-                    f'gray: the other {max(len(clouds[0][1]) - len(pairs), 0)} keypoints; '
-                    'all projected onto each slice', ha='center', va='center', color=_FG,
-                    fontsize=10)
+                    f'{len(pairs)} corresponding keypoints numbered 1-{len(pairs)}, same number '
+                    'and colour in both rows (registration maps each onto its partner); white '
+                    f'dots: the other {max(len(clouds[0][1]) - len(pairs), 0)}; all projected '
+                    'onto each slice', ha='center', va='center', color=_FG, fontsize=10)
     return _save(layout.fig, out_png)
