@@ -83,8 +83,12 @@ def test_cpu_path_is_unchanged(tmp_path, monkeypatch):
     assert not any(node.is_gpu_node() for node in _nodes(wf).values())
     calls = _capture_run(monkeypatch, wf)
     assert run_mod._run_workflow(wf, _opts(device='auto'), tmp_path / 'crash', 'cpu')
-    assert calls == [{'plugin': 'MultiProc', 'plugin_args': {
-        'n_procs': 4, 'raise_insufficient': False, 'maxtasksperchild': 1}}]
+    # The progress reporter's status_callback is the only addition to the CPU plugin
+    # arguments; nothing GPU-related reaches them.
+    assert len(calls) == 1 and calls[0]['plugin'] == 'MultiProc'
+    args = dict(calls[0]['plugin_args'])
+    assert callable(args.pop('status_callback'))
+    assert args == {'n_procs': 4, 'raise_insufficient': False, 'maxtasksperchild': 1}
     assert {n: (node.n_procs, node.mem_gb) for n, node in _nodes(wf).items()} == before
     assert run_mod.gpu_plugin_args(wf, 'cpu', n_gpus=8) == {}
 
