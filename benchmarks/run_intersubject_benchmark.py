@@ -17,7 +17,11 @@ Dice over the 32 SynthSeg structures and over the paper's 12 merged left/right R
 Jacobian determinant inside the fixed brain, wall time and peak memory of the registration,
 and the time ratios to ``antsAffine`` and ``antsSyN`` on the same pair. Reference rows:
 ``none`` (identity: Dice before registration) and ``derotate`` (the exact inverse of the
-applied rotation and nothing else). Where the KeyMorph detector exists, keypoint repeatability
+applied rotation and nothing else). Engines that use structure labels (KeyMorph: the head's
+pose) get the label network's labels of both synthetic images, as in a participant run
+(:func:`keyprep.pipeline.benchmark.structure_labels`, cached next to each image as
+``*_netlabels.nii.gz``; not the exact labels, which only score); labelling is preprocessing
+in keyprep, so its time is not in ``runtime_s``. Where the KeyMorph detector exists, keypoint repeatability
 under rotation and cross-subject consistency are measured too
 (:mod:`keyprep.pipeline.keymorph.keypoint_analysis`).
 
@@ -281,9 +285,18 @@ def evaluate_rows(method: str, case: Case, work: Path, *, resolution: float, thr
     else:
         contrasts = {'fixed': BIDS_SUFFIX.get(case.spec.fixed_contrast, 'T1w'),
                      'moving': BIDS_SUFFIX.get(case.spec.moving_contrast, 'T1w')}
+        labels = None
+        if bh.uses_labels(method):  # as in a participant run: the label network's labels
+            try:
+                labels = {k: bh.structure_labels(p, p.with_name(p.name.replace(
+                    '.nii.gz', '') + '_netlabels.nii.gz'))
+                    for k, p in (('fixed', case.fixed), ('moving', case.moving))}
+            except Exception as exc:  # the engine then runs without them (and says so)
+                print(f'labelling failed ({type(exc).__name__}: {exc}); {method} runs '
+                      'without label maps', file=sys.stderr)
         rows = bh.engine_rows(method, row, run_dir, case.fixed, case.moving, score,
                                threads=threads, sloppy=sloppy, seed=seed, contrasts=contrasts,
-                               params=params)
+                               params=params, labels=labels)
     regions = []
     for r in rows:
         for (kind, name), dice in (r.pop('_regions', None) or {}).items():

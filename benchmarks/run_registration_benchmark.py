@@ -24,6 +24,12 @@ pair: ``none`` (identity transform: the Dice before registration) and ``truth`` 
 known transform: the best Dice that resampling the labels allows at this resolution).
 Rows already in the TSV are skipped, so an interrupted run resumes.
 
+Engines that use structure labels (KeyMorph: the head's pose) get the label network's labels
+of both images, as in a participant run (:func:`keyprep.pipeline.benchmark.structure_labels`,
+cached next to each image as ``*_synthseg.nii.gz`` with the labelling time in its ``.json``).
+In keyprep the labelling is a preprocessing step every image goes through whatever the
+engine, so its time is not registration time and is not in ``runtime_s``.
+
 Run ``python benchmarks/run_registration_benchmark.py --help`` for the options.
 """
 
@@ -268,8 +274,18 @@ def evaluate_rows(method: str, pair: Pair, fixed: Fixed, work: Path, *, resoluti
     if method == 'truth':
         return [guarded(row, run_dir, lambda: score(Path(pair.truth_fwd), pair.truth_kind,
                                                     run_dir))]
+    labels = None
+    if benchmark.uses_labels(method):  # as in a participant run: the label network's labels
+        try:
+            labels = {'fixed': benchmark.structure_labels(
+                fixed.t1, work / 'fixed' / 'colin27_synthseg.nii.gz', fixed.mask),
+                'moving': benchmark.structure_labels(
+                    pair.moving, pair.moving.parent / 'moving_synthseg.nii.gz')}
+        except Exception as exc:  # the engine then runs without them (and says so)
+            print(f'labelling failed ({type(exc).__name__}: {exc}); {method} runs without '
+                  'label maps', file=sys.stderr)
     return engine_rows(method, row, run_dir, fixed.t1, pair.moving, score, threads=threads,
-                       sloppy=sloppy, seed=seed)
+                       sloppy=sloppy, seed=seed, labels=labels)
 
 
 def evaluate(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,

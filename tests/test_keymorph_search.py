@@ -137,3 +137,98 @@ def test_pose_search_parameter_is_checked(small_brains, keymorph_weights, tmp_pa
     with pytest.raises(ValueError, match='pose_search'):
         run_engine('keymorphAffine', small_brains['fixed'], small_brains['moving'], tmp_path,
                    params={'weights': str(keymorph_weights), 'pose_search': 'sphere'})
+
+
+# ---------------------------------------------------------------------------- labels pose
+def _carried(labels: nb.Nifti1Image, world: np.ndarray) -> nb.Nifti1Image:
+    """``labels`` moved by the world map ``world`` (4x4), voxels unchanged."""
+    aff = world @ labels.affine
+    out = nb.Nifti1Image(np.asanyarray(labels.dataobj).astype(np.int16), aff)
+    out.set_qform(aff, 1)
+    out.set_sform(aff, 1)
+    return out
+
+
+@pytest.fixture(scope='module')
+def labelled_turn(small_brains, tmp_path_factory):
+    """The fixed test brain turned 120 degrees about x (no cube rotation is within the tiny
+    detector's 20-degree training range of it: the nearest, 90 degrees about x, is 30 off),
+    with FreeSurfer-numbered structure labels of Colin27 for both images, carried by the same
+    world rotation."""
+    from keyprep.pipeline.synth.anatomies import colin27_labels
+
+    fixed = nb.load(str(small_brains['fixed']))
+    moving = rotated_copy(fixed, 120.0, axis=0, shift=(4.0, -3.0, 5.0))
+    truth = moving.affine @ np.linalg.inv(fixed.affine)
+    root = tmp_path_factory.mktemp('labelled')
+    paths = {'moving': root / 'moving.nii.gz', 'fixed_labels': root / 'fixed_synthseg.nii.gz',
+             'moving_labels': root / 'moving_synthseg.nii.gz'}
+    moving.to_filename(paths['moving'])
+    labels = colin27_labels('output')
+    _carried(labels, np.eye(4)).to_filename(paths['fixed_labels'])
+    _carried(labels, truth).to_filename(paths['moving_labels'])
+    return paths, truth
+
+
+def test_label_pose_recovers_the_rotation(labelled_turn):
+    from keyprep.pipeline.keymorph.search import label_centroids, label_pose
+
+    paths, truth = labelled_turn
+    fixed_l, moving_l = nb.load(str(paths['fixed_labels'])), nb.load(str(paths['moving_labels']))
+    fit = label_pose(fixed_l, moving_l)
+    assert fit.plausible, fit.problem
+    assert 24 not in fit.structures and 0 not in fit.structures
+    assert len(fit.structures) >= 25
+    assert rotation_angle_deg(fit.rotation.T @ truth[:3, :3]) < 0.5
+    assert fit.scale == pytest.approx(1.0, abs=1e-3) and fit.residual_mm < 0.5
+    # a label map whose left and right structures are swapped is not a rigid motion
+    data = np.asanyarray(moving_l.dataobj).copy()
+    swapped = data.copy()
+    for left, right in ((2, 41), (3, 42), (4, 43), (7, 46), (8, 47), (10, 49), (11, 50),
+                        (12, 51), (13, 52), (17, 53), (18, 54), (26, 58), (28, 60)):
+        swapped[data == left], swapped[data == right] = right, left
+    bad = label_pose(fixed_l, nb.Nifti1Image(swapped, moving_l.affine))
+    assert bad.residual_mm > fit.residual_mm + 5
+    # too few shared structures
+    few = np.where(np.isin(data, (2, 41, 17)), data, 0).astype(np.int16)
+    assert not label_pose(fixed_l, nb.Nifti1Image(few, moving_l.affine)).plausible
+    assert set(label_centroids(nb.Nifti1Image(few, moving_l.affine))) == {2, 41, 17}
+
+
+def test_labels_pose_registers_with_one_forward_pass(small_brains, keymorph_weights,
+                                                     labelled_turn, tmp_path):
+    paths, truth = labelled_turn
+    labels = {'fixed': paths['fixed_labels'], 'moving': paths['moving_labels']}
+    found = run_engine('keymorphAffine', small_brains['fixed'], paths['moving'],
+                       tmp_path / 'labels', params={'weights': str(keymorph_weights)},
+                       labels=labels)
+    ex = found.extras
+    assert ex['pose_search'] == 'labels' and ex['pose_candidates'] == 1, ex
+    assert ex['pose_label_structures'] >= 25 and ex['pose_label_residual_mm'] < 0.5
+    assert ex['pose_angle_deg'] == pytest.approx(120.0, abs=0.5)
+    assert 'pose_labels_fallback' not in ex
+    assert _mean_error_mm(read_itk_affine(found.fwd_xfm), truth, small_brains['fixed']) < 4.0
+    # without label maps the default falls back to the cube search (24 candidates), and
+    # says why
+    cube = run_engine('keymorphAffine', small_brains['fixed'], paths['moving'],
+                      tmp_path / 'nolabels', params={'weights': str(keymorph_weights)})
+    assert cube.extras['pose_search'] == 'cube' and cube.extras['pose_candidates'] == 24
+    assert 'no label map' in cube.extras['pose_labels_fallback']
+    # an implausible fit (left/right swapped labels of the moving image) falls back too
+    mov = nb.load(str(paths['moving_labels']))
+    data = np.asanyarray(mov.dataobj).copy()
+    swapped = data.copy()
+    for left, right in ((2, 41), (3, 42), (4, 43), (7, 46), (8, 47), (10, 49), (11, 50),
+                        (12, 51), (13, 52), (17, 53), (18, 54), (26, 58), (28, 60)):
+        swapped[data == left], swapped[data == right] = right, left
+    nb.Nifti1Image(swapped, mov.affine).to_filename(tmp_path / 'swapped.nii.gz')
+    fell = run_engine('keymorphRigid', small_brains['fixed'], paths['moving'],
+                      tmp_path / 'swapped', params={'weights': str(keymorph_weights)},
+                      labels={'fixed': paths['fixed_labels'],
+                              'moving': tmp_path / 'swapped.nii.gz'})
+    assert fell.extras['pose_search'] == 'cube' and fell.extras['pose_candidates'] == 24
+    assert 'residual' in fell.extras['pose_labels_fallback']
+    # engines that do not use labels are not given them
+    ants = run_engine('antsRigid', small_brains['fixed'], small_brains['moving'],
+                      tmp_path / 'ants', labels=labels, sloppy=True)
+    assert 'pose_search' not in ants.extras

@@ -294,3 +294,42 @@ def test_qc_recovery_names_are_the_workflows_names(tmp_path, two_variant_engine,
     path = f'sub_01_ses_1_wf.reg_{key}_testTwoVariants_wf.testTwoVariantsB_wf.qc'
     wf.get_node(path).name = 'qc_rows'  # what a rename in the builder would do
     assert _missing_qc_names(wf, groups, methods, variants) == [f'{wf.name}.{path}']
+
+
+def test_keymorph_registration_gets_the_label_networks_labels(tmp_path):
+    """One pose estimate per image: the label network's (its own pose handling) labels of
+    the image and of the target reach the register node of every KeyMorph engine, whose
+    default pose mode takes the pose from them instead of searching it again; engines that
+    do not use labels are not given them."""
+    from keyprep.pipeline.engines import EngineOptions, get_engine
+
+    groups = _groups(tmp_path, suffixes=('T1w', 'T2w'))
+    methods = ['antsRigid', 'keymorphAffine', 'keymorphTPS']
+    graph = _expanded(_build(tmp_path, groups, methods))
+    nodes = {n.fullname: n for n in graph.nodes()}
+    labellers = [n for name, n in nodes.items() if name.endswith('.synthseg')]
+    assert len(labellers) == 4 + 1  # one per image and one for the target: one search each
+    target = next(n for n in labellers if '.target_wf.' in n.fullname)
+    registers = [n for name, n in nodes.items() if name.endswith('.register')]
+    assert len(registers) == 4 * len(methods)
+    seen = 0
+    for reg in registers:
+        engine = get_engine(reg.inputs.method)
+        fed = {}
+        for pred in graph.predecessors(reg):
+            for src, dst in graph.get_edge_data(pred, reg)['connect']:
+                fed[dst] = (pred, src)
+        if not engine.uses_labels:
+            assert 'fixed_labels' not in fed and 'moving_labels' not in fed
+            continue
+        seen += 1
+        assert engine.parameters(EngineOptions(params=dict(reg.inputs.params))
+                                 )['pose_search'] == 'labels'
+        assert fed['fixed_labels'][0] is target
+        moving_labeller = fed['moving_labels'][0]
+        assert moving_labeller in labellers and moving_labeller is not target
+        # the moving image's labeller labelled the image this node registers
+        image_wf = moving_labeller.fullname.rsplit('.', 1)[0]  # ...sub_01_wf.anat_T1w_wf
+        assert fed['moving'][0].fullname.rsplit('.', 1)[0] == image_wf
+        assert fed['fixed_labels'][1] == fed['moving_labels'][1]  # the same output field
+    assert seen == 4 * 2

@@ -196,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='pass the brain masks to the ANTs similarity metric (off by default: '
                         'on Colin27 moved by known rotations the masked metric failed from 30 '
                         'degrees, the unmasked one up to 90)')
-    g.add_argument('--keymorph-pose-search', choices=('cube', 'none'), default=None,
-                   help='cube (default): detect the moving keypoints in the 24 cube '
+    g.add_argument('--keymorph-pose-search', choices=('labels', 'cube', 'none'), default=None,
+                   help='labels (default): take the head\'s pose from the label network\'s '
+                        'structure labels of both images (a rigid fit to their centroids; one '
+                        'detection per image), or the cube search when that fit is '
+                        'implausible; cube: detect the moving keypoints in the 24 cube '
                         'orientations of the detector grid and keep the fit of highest '
                         'mutual information, so any starting orientation registers; none: '
                         'the axis-aligned grid only (one forward pass, faster; fails beyond '

@@ -34,6 +34,10 @@ class _RegisterInputSpec(ComputeInputSpec):
                                  'only hashed by Nipype')
     init_xfm = File(exists=True, desc="forward affine of the method this engine starts from")
     init_method = traits.Str(desc='the method init_xfm comes from')
+    fixed_labels = File(exists=True, desc="target's structure labels (label network; engines "
+                                          'that use them)')
+    moving_labels = File(exists=True, desc="moving image's structure labels (label network; "
+                                           'engines that use them)')
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -88,6 +92,10 @@ class Register(SimpleInterface):
             opt['init_transform'] = self.inputs.init_xfm
             opt['init_method'] = (self.inputs.init_method if isdefined(self.inputs.init_method)
                                   else '')
+        labels = {k: getattr(self.inputs, f'{k}_labels') for k in ('fixed', 'moving')
+                  if isdefined(getattr(self.inputs, f'{k}_labels'))}
+        if labels:
+            opt['labels'] = labels
         runs = run_engine_variants(self.inputs.method, self.inputs.fixed, self.inputs.moving,
                                    os.path.join(runtime.cwd, 'engine'),
                                    omp_nthreads=self.inputs.omp_nthreads,

@@ -5,7 +5,10 @@ the pipeline does and score its exported transform, with the results tables they
 that starts from another method's affine after that method, wall time and peak memory per
 variant) and scores each result with the caller's function; an engine that fails gives error
 rows (the traceback in ``error.txt``) instead of stopping the benchmark. :func:`warp_labels`
-and :func:`jacobian_scores` are the scores the benchmarks share; :func:`read_table`,
+and :func:`jacobian_scores` are the scores the benchmarks share; :func:`structure_labels`
+gives an engine that uses them (KeyMorph's pose) the label network's labels of each image,
+as a participant run does (cached per image; labelling is not registration time, so it is
+not in ``runtime_s``); :func:`read_table`,
 :func:`typed_frame`, :func:`add_time_ratios` and :func:`write_table` their TSV tables,
 :func:`machine_info` and :func:`fmt` their Markdown summaries.
 
@@ -26,8 +29,8 @@ import numpy as np
 
 __all__ = ['ROUNDING', 'TIME_REFERENCES', 'VARIANT_TIME_KEYS', 'add_time_ratios', 'engine_rows', 'fmt',
            'guarded', 'jacobian_scores', 'load_array', 'machine_info', 'read_table',
-           'record_error', 'register', 'typed_frame', 'variant_names', 'warp_labels',
-           'write_table']
+           'record_error', 'register', 'structure_labels', 'typed_frame', 'uses_labels',
+           'variant_names', 'warp_labels', 'write_table']
 
 
 #: Engines whose time on the same pair is the unit of the ``time_ratio_to_<engine>`` columns.
@@ -64,6 +67,50 @@ def jacobian_scores(fwd: Path, reference: Path, kind: str, mask: np.ndarray) -> 
     return {k: stats[k] for k in ('jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std')}
 
 
+def uses_labels(method: str) -> bool:
+    """Whether engine ``method`` uses the images' structure label maps (then the benchmark
+    gives it :func:`structure_labels` of both images, as the pipeline gives it the label
+    network's outputs)."""
+    from .engines import get_engine
+
+    return bool(get_engine(method).uses_labels)
+
+
+def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
+                     device: str = 'cpu') -> Path:
+    """The label network's structure labels of ``image`` (FreeSurfer numbering, on the image's
+    grid), as a participant run makes them (:class:`keyprep.pipeline.synth.labeller.
+    LabelNetwork`, header pose first and its own pose search when its self-check fails, with
+    ``mask`` (default: the image's non-zero voxels, for the benchmarks' brain-only images) as
+    the reference brain mask). Cached: ``out_file`` is reused when it exists; its sidecar
+    ``<out_file>.json`` holds the labelling time, the self-check and the pose used."""
+    import json
+
+    from .io import make_image
+    from .synth.labeller import LabelNetwork
+
+    out_file = Path(out_file)
+    if out_file.is_file():
+        return out_file
+    img = nb.load(str(image))
+    if mask is not None:
+        ref = nb.load(str(mask))
+    else:
+        data = np.asanyarray(img.dataobj)
+        while data.ndim > 3:
+            data = data[..., 0]
+        ref = make_image((data > 0).astype(np.uint8), img.affine)
+    result = LabelNetwork.cached(None, device).predict(img, reference_mask=ref)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.asanyarray(result.labels.dataobj).astype(np.int16)
+    make_image(labels, img.affine).to_filename(out_file)
+    meta = {'image': str(image), 'timings_s': {k: round(float(v), 3)
+                                                for k, v in result.timings.items()},
+            'check': result.check, 'pose': result.pose}
+    Path(str(out_file) + '.json').write_text(json.dumps(meta, indent=2, default=str))
+    return out_file
+
+
 def variant_names(method: str, sloppy: bool = False, params: dict | None = None) -> list[str]:
     """The result names one run of engine ``method`` gives (its variants, e.g. one per TPS
     λ; just the engine's name for most engines). Cheap: no registration, no torch."""
@@ -81,7 +128,7 @@ VARIANT_TIME_KEYS = ('refine_time_s', 'variant_time_s')
 
 def register(method: str, fixed: Path, moving: Path, run_dir: Path, *, threads: int,
              sloppy: bool, seed: int, contrasts: dict | None = None,
-             params: dict | None = None) -> list[dict]:
+             params: dict | None = None, labels: dict | None = None) -> list[dict]:
     """Register ``moving`` to ``fixed`` with a registered engine through
     :func:`keyprep.pipeline.registration.run_engine_variants` (one run, every variant).
 
@@ -91,7 +138,8 @@ def register(method: str, fixed: Path, moving: Path, run_dir: Path, *, threads: 
     for the *other* variants, so an unrefined result is not charged for the refinement of its
     sibling; equal to the run's time for engines without such variants), ``peak_mem_mb``
     (the process's peak resident memory during the run) and ``baseline_mem_mb`` (its
-    resident memory just before).
+    resident memory just before). ``labels`` (``{'fixed': path, 'moving': path}``, see
+    :func:`structure_labels`) go to the engines that use them, the starting method's too.
     """
     from .engines import EngineOptions, get_engine, variant_owner
     from .registration import run_engine_variants
@@ -105,12 +153,13 @@ def register(method: str, fixed: Path, moving: Path, run_dir: Path, *, threads: 
     if init:
         first = run_engine_variants(variant_owner(init, sloppy=sloppy), fixed, moving,
                                     Path(run_dir) / f'init_{init}', omp_nthreads=threads,
-                                    seed=seed, sloppy=sloppy, contrasts=contrasts)
+                                    seed=seed, sloppy=sloppy, contrasts=contrasts,
+                                    labels=labels)
         chosen = next(r for r in first if r.method == init)
         init_xfm, init_s = chosen.fwd_xfm, float(chosen.runtime_s)
     runs = run_engine_variants(method, fixed, moving, run_dir, omp_nthreads=threads, seed=seed,
                                sloppy=sloppy, contrasts=contrasts, params=params,
-                               init_transform=init_xfm, init_method=init)
+                               init_transform=init_xfm, init_method=init, labels=labels)
     own = {r.method: sum(float((r.extras or {}).get(k) or 0.0) for k in VARIANT_TIME_KEYS)
            for r in runs}
     total = sum(own.values())
@@ -144,14 +193,14 @@ def guarded(row: dict, run_dir: Path, score) -> dict:
 
 def engine_rows(method: str, row: dict, run_dir: Path, fixed: Path, moving: Path, score, *,
                 threads: int, sloppy: bool, seed: int, contrasts: dict | None = None,
-                params: dict | None = None) -> list[dict]:
+                params: dict | None = None, labels: dict | None = None) -> list[dict]:
     """Run engine ``method`` once and give one row per variant: a copy of ``row`` with the
     variant's name, the run's measures (those of :func:`register` that ``row`` has keys
     for) and ``score(fwd, kind, out_dir)``. If the engine fails, every variant gets an
     error row."""
     try:
         runs = register(method, fixed, moving, run_dir, threads=threads, sloppy=sloppy,
-                        seed=seed, contrasts=contrasts, params=params)
+                        seed=seed, contrasts=contrasts, params=params, labels=labels)
     except Exception as exc:
         try:
             names = variant_names(method, sloppy, params)

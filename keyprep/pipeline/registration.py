@@ -88,7 +88,7 @@ def run_engine(method: str, fixed: str | Path, moving: str | Path, out_dir: str 
                omp_nthreads: int = 1, device: str = 'cpu', seed: int = 0,
                sloppy: bool = False, params: dict | None = None,
                contrasts: dict | None = None, init_transform: str | Path | None = None,
-               init_method: str = '') -> EngineRun:
+               init_method: str = '', labels: dict | None = None) -> EngineRun:
     """Register ``moving`` to ``fixed`` with engine ``method`` and export its transforms.
 
     The measured wall time and peak memory cover the engine's own registration (not the
@@ -99,7 +99,7 @@ def run_engine(method: str, fixed: str | Path, moving: str | Path, out_dir: str 
                                moving_mask=moving_mask, omp_nthreads=omp_nthreads,
                                device=device, seed=seed, sloppy=sloppy, params=params,
                                contrasts=contrasts, init_transform=init_transform,
-                               init_method=init_method)
+                               init_method=init_method, labels=labels)
     if len(runs) != 1:
         raise ValueError(f'{method} gave {len(runs)} variants ({", ".join(r.method for r in runs)})'
                          ': use run_engine_variants')
@@ -113,13 +113,15 @@ def run_engine_variants(method: str, fixed: str | Path, moving: str | Path,
                         params: dict | None = None,
                         contrasts: dict | None = None,
                         init_transform: str | Path | None = None,
-                        init_method: str = '') -> list[EngineRun]:
+                        init_method: str = '', labels: dict | None = None) -> list[EngineRun]:
     """Run engine ``method`` once and export every variant it gives (in
     :meth:`~keyprep.pipeline.engines.Engine.variants` order).
 
     A single variant exports into ``out_dir`` (``xfm_fwd``, ``xfm_inv``), several into
     ``out_dir/<variant>/``. ``init_transform`` (the forward affine of method
     ``init_method``) is where an engine that starts from another's affine starts.
+    ``labels`` (``{'fixed': path, 'moving': path}``: the images' structure label maps) reach
+    engines that use them (:attr:`~keyprep.pipeline.engines.Engine.uses_labels`).
 
     A deformable variant returned without an inverse gets one here: every transform of its
     forward chain is inverted (affines exactly, displacement fields by fixed-point
@@ -133,7 +135,9 @@ def run_engine_variants(method: str, fixed: str | Path, moving: str | Path,
                             params=dict(params or {}),
                             contrasts=dict(contrasts or {}) if engine.uses_contrasts else {},
                             init_transform=str(init_transform) if init_transform else None,
-                            init_method=init_method if init_transform else '')
+                            init_method=init_method if init_transform else '',
+                            labels={k: str(v) for k, v in (labels or {}).items() if v}
+                            if engine.uses_labels else {})
     wanted = engine.init_method(options)
     if wanted and not init_transform:
         raise ValueError(f'{engine.name} starts from the affine of {wanted}: give its '

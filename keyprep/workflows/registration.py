@@ -137,6 +137,9 @@ def init_registration_wf(*, method: str, subject: str, session: str | None, sour
         for key in ('fixed', 'moving'):
             if contrasts.get(key):
                 setattr(register.inputs, f'{key}_contrast', contrasts[key])
+    if engine.uses_labels:  # the label network's labels: the one pose estimate per image
+        wf.connect(inputnode, 'target_synthseg', register, 'fixed_labels')
+        wf.connect(inputnode, 'moving_synthseg', register, 'moving_labels')
     before = pe.Node(ApplyTransforms(interpolation='linear', out_name='before.nii.gz'),
                      name='resample_before', mem_gb=1.0)
     wf.connect([

@@ -181,6 +181,10 @@ class EngineOptions:
     #: that engine's forward ITK affine (fixed -> moving points) and its name.
     init_transform: str | None = None
     init_method: str = ''
+    #: Structure label maps of the images (``{'fixed': path, 'moving': path}``, FreeSurfer
+    #: numbering, each on its image's own grid: the label network's ``synthseg`` outputs)
+    #: when the workflow has them; only set for engines with :attr:`Engine.uses_labels`.
+    labels: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -259,6 +263,9 @@ class Engine(abc.ABC):
     mem_gb: ClassVar[float] = 2.0
     #: Whether the engine wants the images' contrasts (:attr:`EngineOptions.contrasts`).
     uses_contrasts: ClassVar[bool] = False
+    #: Whether the engine uses the images' structure label maps (:attr:`EngineOptions.labels`;
+    #: KeyMorph takes the head's pose from them). Engines must work without them.
+    uses_labels: ClassVar[bool] = False
     #: The :class:`LearnedModel` (by name) whose weights the engine loads, or ``''``. Its
     #: weights file is ``params['weights']`` (from ``--<model>-weights``) or the default.
     model: ClassVar[str] = ''

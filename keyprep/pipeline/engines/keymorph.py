@@ -35,9 +35,15 @@ Parameters (``params``; the CLI's ``--keymorph-*`` options):
     Refinement mode (``none``, ``affine``, ``deformable``), its number of steps, and its
     similarity (``auto``: LNCC for the same contrast, MIND otherwise).
 ``pose_search``
-    ``cube`` (default): detect the moving keypoints on the 24 cube rotations of the detector
+    ``labels`` (default): the head's pose comes from the structure label maps that keyprep's
+    label network made of both images (:attr:`EngineOptions.labels`; the one pose estimate
+    per image of a run): a closed-form rigid fit to the centroids of their shared structures
+    turns the detector grid of the moving image, which is then detected ONCE; without both
+    label maps, or when the centroid fit is implausible, the ``cube`` search is used and the
+    reason recorded (``pose_labels_fallback``).
+    ``cube``: detect the moving keypoints on the 24 cube rotations of the detector
     grid and keep the fit with the best mutual information, so any starting orientation is
-    within the detector's trained rotation range (:mod:`keyprep.pipeline.keymorph.search`);
+    within 62.8 degrees of a candidate (:mod:`keyprep.pipeline.keymorph.search`);
     ``none``: the axis-aligned grid only (the papers' KeyMorph, faster).
 """
 
@@ -66,7 +72,7 @@ DEFAULT_LAMBDAS: tuple[float, ...] = (1.0,)
 #: Steps of the test-time refinement.
 DEFAULT_REFINE_STEPS = 40
 #: Pose search used when ``pose_search`` is not given.
-DEFAULT_POSE_SEARCH = 'cube'
+DEFAULT_POSE_SEARCH = 'labels'
 #: Refinement steps with ``--sloppy`` (tests).
 SLOPPY_REFINE_STEPS = 8
 _REFINED = 'Refined'
@@ -92,6 +98,7 @@ class _KeyMorphEngine(Engine):
     model = 'keymorph'
     uses_torch = True
     uses_contrasts = True
+    uses_labels = True
     citations = ('yu2022keymorph', 'wang2023keymorph')
     #: ``'rigid'``, ``'affine'`` or ``'tps'``.
     fit_kind: ClassVar[str] = ''
@@ -172,7 +179,13 @@ class _KeyMorphEngine(Engine):
             text += f' (lambda = {lams})'
         if params['n_keypoints']:
             text += f', {params["n_keypoints"]} keypoints'
-        if params['pose_search'] == 'cube':
+        if params['pose_search'] == 'labels':
+            text += (", with the moving keypoints detected on the detector grid turned by the "
+                     "rotation of a rigid fit to the centroids of the structures labelled in "
+                     "both images by keyprep's label network (one detection per image; the "
+                     "24-orientation cube search when labels are missing or the fit "
+                     "implausible)")
+        elif params['pose_search'] == 'cube':
             text += (', with the moving keypoints detected in the 24 cube orientations of the '
                      'detector grid and the fit of highest normalised mutual information kept '
                      '(any starting pose)')
@@ -201,7 +214,7 @@ class _KeyMorphEngine(Engine):
 
         from ..keymorph.keypoints import farthest_point_subset, write_keypoints
         from ..keymorph.network import Conformer, KeyMorphModel, pair_weights
-        from ..keymorph.search import search_pose
+        from ..keymorph.search import label_pose, pose_from_labels, search_pose
 
         params = self.parameters(options)
         variants = self.variants(options)
@@ -210,10 +223,12 @@ class _KeyMorphEngine(Engine):
         device = torch.device(options.device)
         t0 = time.perf_counter()
         model = KeyMorphModel.load(params['weights'], device)
+        t_load = time.perf_counter()
         fimg, mimg = nb.load(str(fixed)), nb.load(str(moving))
         fmask = nb.load(str(fixed_mask)) if fixed_mask else None
         mmask = nb.load(str(moving_mask)) if moving_mask else None
         fdet = model.detect_conformed(Conformer(fimg, model.cfg, fmask, device).grid())
+        t_fixed = time.perf_counter()
         pf, wf_ = fdet['points_mm'], fdet['weights']
         index = np.arange(pf.shape[0])
         wanted = params['n_keypoints']
@@ -223,9 +238,29 @@ class _KeyMorphEngine(Engine):
             if wanted > pf.shape[0]:
                 raise ValueError(f'{wanted} keypoints asked for; the model has {pf.shape[0]}')
             index = farthest_point_subset(pf, wanted)
-        pose = search_pose(model, fdet, Conformer(mimg, model.cfg, mmask, device),
-                           fit='rigid' if self.fit_kind == 'rigid' else 'affine',
-                           candidates=params['pose_search'], index=index)
+        mconf = Conformer(mimg, model.cfg, mmask, device)
+        t_mconf = time.perf_counter()
+        pose = None
+        mode = params['pose_search']
+        if mode == 'labels':
+            lfit, why = None, ''
+            given = options.labels or {}
+            if given.get('fixed') and given.get('moving'):
+                lfit = label_pose(nb.load(str(given['fixed'])), nb.load(str(given['moving'])))
+                if lfit.plausible:
+                    pose = pose_from_labels(model, mconf, lfit)
+                else:
+                    why = lfit.problem
+            else:
+                why = 'no label map of the ' + ' and '.join(
+                    k for k in ('fixed', 'moving') if not given.get(k)) + ' image'
+            mode = 'cube'
+        if pose is None:
+            pose = search_pose(model, fdet, mconf,
+                               fit='rigid' if self.fit_kind == 'rigid' else 'affine',
+                               candidates=mode, index=index)
+            if params['pose_search'] == 'labels':
+                pose.label_fit, pose.fallback = lfit, why
         mdet = pose.detection
         detect_s = time.perf_counter() - t0
         pm, wm_ = mdet['points_mm'], mdet['weights']
@@ -243,7 +278,11 @@ class _KeyMorphEngine(Engine):
         dst = torch.as_tensor(pm[index], dtype=torch.float64)
         shared = {'n_keypoints': int(index.size), 'detect_time_s': round(detect_s, 3),
                   'model_sha256': model.sha256, 'weighted_keypoints': weighted,
-                  'n_variants': len(variants), **pose.extras()}
+                  'n_variants': len(variants), **pose.extras(),
+                  # where detect_time_s goes (the pose step is pose_search_time_s)
+                  'model_load_time_s': round(t_load - t0, 3),
+                  'fixed_detect_time_s': round(t_fixed - t_load, 3),
+                  'moving_conform_time_s': round(t_mconf - t_fixed, 3)}
         from ..keymorph.refine import choose_similarity
 
         ctx = _Context(fixed=Path(fixed), moving=Path(moving), fimg=fimg, mimg=mimg,
@@ -254,6 +293,8 @@ class _KeyMorphEngine(Engine):
         for name, _ in variants:
             res = results[name]
             res.extras = {**shared, **res.extras}
+            if name in ctx.warp_times:
+                res.extras['warp_time_s'] = ctx.warp_times[name]
             res.files = dict(files)
             out[name] = res
         return out if len(out) > 1 else out[variants[0][0]]
@@ -268,6 +309,8 @@ class _Context:
     def __init__(self, **kw):
         self.__dict__.update(kw)
         self._refine_images = None
+        #: seconds spent warping the moving image, by variant
+        self.warp_times = {}
 
     def refine_images(self):
         """The pair on the refinement grid (prepared once per run)."""
@@ -282,8 +325,11 @@ class _Context:
     def warp(self, fwd: Path, name: str) -> Path:
         from ..transforms import apply_transforms
 
-        return apply_transforms(self.moving, self.fixed, [fwd],
-                                self.out_dir / f'{name}_warped.nii.gz')
+        t0 = time.perf_counter()
+        out = apply_transforms(self.moving, self.fixed, [fwd],
+                               self.out_dir / f'{name}_warped.nii.gz')
+        self.warp_times[name] = round(time.perf_counter() - t0, 3)
+        return out
 
 
 def _keypoint_residual(mapped, dst) -> float:

@@ -20,6 +20,14 @@ the detector was trained on:
 
 The candidates' forward passes are batched. With ``candidates='none'`` only the axis-aligned
 grid is used (the plain KeyMorph of the papers).
+
+``candidates='labels'`` (the engines' default when both images have structure labels): the
+head's pose has already been found once per image by keyprep's label network (its own pose
+handling and self-check), so it is not searched again. A rigid map is fitted in closed form
+to the centroids (world mm) of the structures both label maps share (:func:`label_pose`),
+and the moving keypoints are detected ONCE, on the detector grid turned by that rotation.
+When a label map is missing or the centroid fit is implausible (too few structures, large
+residual, a scale far from 1) the engine falls back to the cube search.
 """
 
 from __future__ import annotations
@@ -31,11 +39,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ['POSE_SEARCH', 'PoseSearch', 'cube_rotations', 'normalised_mutual_information',
-           'rotation_angle_deg', 'search_pose']
+__all__ = ['POSE_SEARCH', 'LabelPose', 'PoseSearch', 'cube_rotations', 'label_centroids',
+           'label_pose', 'normalised_mutual_information', 'rotation_angle_deg', 'search_pose']
 
 #: Values of the engines' ``pose_search`` parameter.
-POSE_SEARCH = ('none', 'cube')
+POSE_SEARCH = ('none', 'cube', 'labels')
+
+#: Structures not used by :func:`label_pose`: background and extra-cerebral CSF (its extent
+#: depends on the skull stripping, not on the head's pose).
+LABEL_POSE_IGNORE = (0, 24)
+#: A structure is used by :func:`label_pose` when it has at least this volume (mm^3) in both
+#: label maps (small or barely present structures have noisy centroids).
+LABEL_POSE_MIN_MM3 = 200.0
+#: The centroid fit is trusted with at least this many structures...
+LABEL_POSE_MIN_STRUCTURES = 8
+#: ... a mean residual (mm) of the similarity fit below this...
+LABEL_POSE_MAX_RESIDUAL_MM = 12.0
+#: ... and a similarity scale within this range.
+LABEL_POSE_SCALE_RANGE = (0.6, 1.6)
 
 
 def cube_rotations() -> np.ndarray:
@@ -95,19 +116,33 @@ class PoseSearch:
     scores: list[float] = field(default_factory=list)
     time_s: float = 0.0
 
+    #: ``'cube'``, ``'none'`` or ``'labels'``.
+    mode: str = ''
+    #: With ``mode='labels'``: the centroid fit (:class:`LabelPose`); with a fallback to the
+    #: cube: why the labels were not used.
+    label_fit: 'LabelPose | None' = None
+    fallback: str = ''
+
     @property
     def angle_deg(self) -> float:
         return rotation_angle_deg(self.rotation)
 
     def extras(self) -> dict:
         """Entries for a registration's QC extras."""
-        return {'pose_search': 'cube' if len(self.scores) > 1 else 'none',
-                'pose_candidates': len(self.scores),
-                'pose_candidate': int(self.index),
-                'pose_angle_deg': round(self.angle_deg, 1),
-                'pose_nmi': round(float(self.scores[self.index]), 5),
-                'pose_nmi_identity': round(float(self.scores[0]), 5),
-                'pose_search_time_s': round(self.time_s, 3)}
+        mode = self.mode or ('cube' if len(self.scores) > 1 else 'none')
+        out = {'pose_search': mode,
+               'pose_candidates': len(self.scores),
+               'pose_candidate': int(self.index),
+               'pose_angle_deg': round(self.angle_deg, 1)}
+        if mode == 'cube':
+            out.update({'pose_nmi': round(float(self.scores[self.index]), 5),
+                        'pose_nmi_identity': round(float(self.scores[0]), 5)})
+        if self.label_fit is not None:
+            out.update(self.label_fit.extras())
+        if self.fallback:
+            out['pose_labels_fallback'] = self.fallback
+        out['pose_search_time_s'] = round(self.time_s, 3)
+        return out
 
 
 def _warp_to(fixed_conf, moving_conf, mat: np.ndarray) -> torch.Tensor:
@@ -134,8 +169,9 @@ def search_pose(model, fixed_detection: dict, conformer, fit: str = 'affine',
     from .aligners import fit_affine, fit_rigid
     from .network import pair_weights
 
-    if candidates not in POSE_SEARCH:
-        raise ValueError(f'pose search must be one of {POSE_SEARCH}, not {candidates!r}')
+    if candidates not in ('none', 'cube'):
+        raise ValueError(f"pose search must be 'none' or 'cube' here, not {candidates!r} "
+                         '(labels: pose_from_labels)')
     t0 = time.perf_counter()
     rots = cube_rotations() if candidates == 'cube' else np.eye(3)[None]
     confs = [conformer.grid(None if i == 0 else r) for i, r in enumerate(rots)]
@@ -161,3 +197,110 @@ def search_pose(model, fixed_detection: dict, conformer, fit: str = 'affine',
         scores.append(normalised_mutual_information(fconf.tensor, warped, fmask | (warped > 0)))
     best = int(np.argmax(scores))
     return PoseSearch(dets[best], best, rots[best], scores, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------- labels
+def label_centroids(labels, min_mm3: float = LABEL_POSE_MIN_MM3,
+                    ignore=LABEL_POSE_IGNORE) -> dict[int, tuple[np.ndarray, float]]:
+    """``{label: (centroid in world mm [3], volume mm^3)}`` of the structures of a label map
+    (a nibabel image on any grid) with at least ``min_mm3``, less ``ignore``."""
+    from scipy import ndimage as ndi
+
+    data = np.asarray(labels.dataobj)
+    while data.ndim > 3:
+        data = data[..., 0]
+    data = np.rint(data).astype(np.int64)
+    aff = np.asarray(labels.affine, dtype=float)
+    voxel_mm3 = abs(float(np.linalg.det(aff[:3, :3])))
+    counts = np.bincount(data[data > 0].ravel()) if (data > 0).any() else np.zeros(1, int)
+    present = [int(v) for v in np.nonzero(counts)[0]
+               if int(v) not in ignore and counts[v] * voxel_mm3 >= min_mm3]
+    if not present:
+        return {}
+    centres = ndi.center_of_mass(np.ones(data.shape, np.float32), data, present)
+    out = {}
+    for lab, c in zip(present, centres):
+        out[lab] = (aff[:3, :3] @ np.asarray(c, dtype=float) + aff[:3, 3],
+                    float(counts[lab] * voxel_mm3))
+    return out
+
+
+@dataclass
+class LabelPose:
+    """A similarity map ``moving_mm = scale * R @ fixed_mm + t`` fitted to the centroids of
+    the structures shared by two label maps (:func:`label_pose`)."""
+
+    rotation: np.ndarray
+    scale: float
+    translation: np.ndarray
+    residual_mm: float
+    structures: list[int]
+    time_s: float = 0.0
+    #: Why the fit is not trusted (empty when it is).
+    problem: str = ''
+
+    @property
+    def plausible(self) -> bool:
+        return not self.problem
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``[3, 4]`` fixed mm -> moving mm."""
+        return np.concatenate([self.scale * self.rotation, self.translation[:, None]], axis=1)
+
+    def extras(self) -> dict:
+        return {'pose_label_residual_mm': round(float(self.residual_mm), 3),
+                'pose_label_structures': len(self.structures),
+                'pose_label_structure_list': ' '.join(str(v) for v in self.structures),
+                'pose_label_scale': round(float(self.scale), 4),
+                'pose_label_angle_deg': round(rotation_angle_deg(self.rotation), 1),
+                'pose_label_fit_time_s': round(self.time_s, 3)}
+
+
+def label_pose(fixed_labels, moving_labels, min_mm3: float = LABEL_POSE_MIN_MM3) -> LabelPose:
+    """Fit ``moving_mm ~ s R fixed_mm + t`` in closed form (weighted Procrustes with a scale,
+    :func:`~keyprep.pipeline.keymorph.aligners.fit_rigid` on the centroids) to the centroids
+    of the structures present in both label maps (nibabel images, FreeSurfer numbering; any
+    grids), each weighted by the cube root of its smaller volume (large structures have
+    steadier centroids). The fit's ``problem`` says why it is not to be trusted: fewer than
+    :data:`LABEL_POSE_MIN_STRUCTURES` shared structures, a mean residual above
+    :data:`LABEL_POSE_MAX_RESIDUAL_MM` or a scale outside :data:`LABEL_POSE_SCALE_RANGE`."""
+    from .aligners import fit_rigid
+
+    t0 = time.perf_counter()
+    fc, mc = label_centroids(fixed_labels, min_mm3), label_centroids(moving_labels, min_mm3)
+    shared = sorted(set(fc) & set(mc))
+    eye = np.eye(3)
+    if len(shared) < max(3, LABEL_POSE_MIN_STRUCTURES):
+        return LabelPose(eye, 1.0, np.zeros(3), float('nan'), shared,
+                         time.perf_counter() - t0,
+                         f'{len(shared)} structures shared by the two label maps '
+                         f'(at least {LABEL_POSE_MIN_STRUCTURES} needed)')
+    src = np.stack([fc[k][0] for k in shared])
+    dst = np.stack([mc[k][0] for k in shared])
+    w = np.cbrt(np.minimum([fc[k][1] for k in shared], [mc[k][1] for k in shared]))
+    w = w / w.sum()
+    mat = fit_rigid(torch.as_tensor(src), torch.as_tensor(dst), torch.as_tensor(w)).numpy()
+    rot = mat[:, :3]
+    sc, dc = w @ src, w @ dst
+    xs, xd = src - sc, dst - dc
+    scale = float((w * ((xs @ rot.T) * xd).sum(1)).sum() / max((w * (xs ** 2).sum(1)).sum(), 1e-9))
+    t = dc - scale * rot @ sc
+    resid = float(np.linalg.norm(scale * src @ rot.T + t - dst, axis=1) @ w)
+    problem = ''
+    lo, hi = LABEL_POSE_SCALE_RANGE
+    if not np.isfinite(resid) or resid > LABEL_POSE_MAX_RESIDUAL_MM:
+        problem = (f'centroid residual {resid:.1f} mm (at most {LABEL_POSE_MAX_RESIDUAL_MM:g} '
+                   'mm trusted)')
+    elif not lo <= scale <= hi:
+        problem = f'centroid scale {scale:.2f} outside {lo:g}-{hi:g}'
+    return LabelPose(rot, scale, t, resid, shared, time.perf_counter() - t0, problem)
+
+
+def pose_from_labels(model, conformer, fit: LabelPose) -> PoseSearch:
+    """The moving keypoints detected once, on the detector grid turned by the centroid fit's
+    rotation (see the module docstring): ``candidates=1``."""
+    t0 = time.perf_counter()
+    det = model.detect_batch([conformer.grid(fit.rotation)], 1)[0]
+    return PoseSearch(det, 0, np.asarray(fit.rotation, dtype=float), [float('nan')],
+                      time.perf_counter() - t0 + fit.time_s, mode='labels', label_fit=fit)
