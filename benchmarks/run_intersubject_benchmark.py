@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import sys
 import time
@@ -138,6 +139,24 @@ class Case:
     rotation: np.ndarray
     axes: str
     axis: np.ndarray
+
+
+def brain_mask(image: Path) -> Path:
+    """The brain mask of a synthetic image (its exact labels > 0, holes filled), written once
+    beside it: the reference a participant run has from skull stripping, which the label
+    network's self-check compares its labels with. (The image's non-zero voxels are not a
+    brain mask: the CSF shell and the background noise make them about twice the brain.)"""
+    out = image.with_name('brainmask.nii.gz')
+    if not out.exists():
+        from keyprep.pipeline.io import make_image
+        from keyprep.pipeline.masks import largest_component_filled
+
+        lab = nb.load(str(image.with_name('labels.nii.gz')))
+        mask = largest_component_filled(np.asanyarray(lab.dataobj) > 0)
+        tmp = out.with_name('brainmask.tmp.nii.gz')
+        make_image(mask.astype(np.uint8), lab.affine).to_filename(str(tmp))
+        os.replace(tmp, out)
+    return out
 
 
 class ImageCache:
@@ -289,7 +308,7 @@ def evaluate_rows(method: str, case: Case, work: Path, *, resolution: float, thr
         if bh.uses_labels(method):  # as in a participant run: the label network's labels
             try:
                 labels = {k: bh.structure_labels(p, p.with_name(p.name.replace(
-                    '.nii.gz', '') + '_netlabels.nii.gz'))
+                    '.nii.gz', '') + '_netlabels.nii.gz'), brain_mask(p))
                     for k, p in (('fixed', case.fixed), ('moving', case.moving))}
             except Exception as exc:  # the engine then runs without them (and says so)
                 print(f'labelling failed ({type(exc).__name__}: {exc}); {method} runs '
@@ -644,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=('none', 'affine', 'deformable'),
                         help='test-time refinement of the KeyMorph engines (adds a '
                              '<variant>Refined row per variant; default: the engine\'s)')
-    parser.add_argument('--keymorph-pose-search', default=None, choices=('cube', 'none'),
+    parser.add_argument('--keymorph-pose-search', default=None, choices=('labels', 'cube', 'none'),
                         help='pose search of the KeyMorph engines (default: the engine\'s)')
     parser.add_argument('--retry-errors', action='store_true',
                         help='run again the rows whose status is an error (default: an error '

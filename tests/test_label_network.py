@@ -79,6 +79,30 @@ def test_sliding_window_region_bounds_labels():
     assert info['skipped'] > 0
 
 
+def test_region_accepts_a_coarse_brain_mask_and_refuses_a_head_mask():
+    """The reference mask bounds where labels may be when its volume is a brain's: a large
+    brain's mask at a coarse resolution (2525 cm^3 measured on a 3 mm demo head, where the
+    earlier bound of 2500 left the whole field of view to the network) is accepted; a
+    whole-head mask and a speck are not."""
+    from keyprep.pipeline.synth.labeller import REGION_MASK_CM3, LabelNetwork
+
+    net = LabelNetwork.cached(None, 'cpu')
+    grid = np.stack(np.meshgrid(*[np.arange(112)] * 3, indexing='ij'))
+    dist_mm = np.sqrt(((grid - 55.5) ** 2).sum(0)) * net.res_mm
+    x = torch.zeros(1, 1, 112, 112, 112)
+
+    def ball(cm3):
+        radius = (3 * cm3 * 1000 / (4 * np.pi)) ** (1 / 3)
+        return dist_mm <= radius
+
+    for cm3, accepted in ((2525.0, True), (1200.0, True), (4500.0, False), (200.0, False)):
+        mask = ball(cm3)
+        region = net._region(x, mask)
+        assert (region is not None) == accepted, (cm3, REGION_MASK_CM3)
+        if accepted:
+            assert region.numpy()[mask].all() and not region.numpy().all()
+
+
 def test_sliding_window_pads_small_volumes():
     from keyprep.pipeline.synth.inference import sliding_window_probabilities
 

@@ -82,16 +82,24 @@ def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
     grid), as a participant run makes them (:class:`keyprep.pipeline.synth.labeller.
     LabelNetwork`, header pose first and its own pose search when its self-check fails, with
     ``mask`` (default: the image's non-zero voxels, for the benchmarks' brain-only images) as
-    the reference brain mask). Cached: ``out_file`` is reused when it exists; its sidecar
-    ``<out_file>.json`` holds the labelling time, the self-check and the pose used."""
+    the reference brain mask: give the image's real brain mask where the image has
+    non-brain voxels, or the self-check fails on every image and the pose search runs for
+    nothing). Cached: ``out_file`` is reused when it exists and its sidecar
+    ``<out_file>.json`` (labelling time, self-check, pose used) names the same reference mask."""
     import json
 
     from .io import make_image
     from .synth.labeller import LabelNetwork
 
     out_file = Path(out_file)
-    if out_file.is_file():
-        return out_file
+    sidecar = Path(str(out_file) + '.json')
+    reference = 'nonzero voxels' if mask is None else str(mask)
+    if out_file.is_file() and sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text()).get('reference_mask') == reference:
+                return out_file
+        except ValueError:
+            pass
     img = nb.load(str(image))
     if mask is not None:
         ref = nb.load(str(mask))
@@ -104,10 +112,10 @@ def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
     out_file.parent.mkdir(parents=True, exist_ok=True)
     labels = np.asanyarray(result.labels.dataobj).astype(np.int16)
     make_image(labels, img.affine).to_filename(out_file)
-    meta = {'image': str(image), 'timings_s': {k: round(float(v), 3)
+    meta = {'image': str(image), 'reference_mask': reference, 'timings_s': {k: round(float(v), 3)
                                                 for k, v in result.timings.items()},
             'check': result.check, 'pose': result.pose}
-    Path(str(out_file) + '.json').write_text(json.dumps(meta, indent=2, default=str))
+    sidecar.write_text(json.dumps(meta, indent=2, default=str))
     return out_file
 
 

@@ -135,6 +135,11 @@ def _rotation_deg(matrix: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
 
 
+#: Volumes (cm^3) of a reference brain mask that :meth:`LabelNetwork._region` accepts as a
+#: brain's: an adult intracranial volume is up to about 2100 cm^3, a whole-head mask 3500 or
+#: more.
+REGION_MASK_CM3 = (400.0, 3500.0)
+
 class LabelNetwork:
     """The trained U-Net with its geometry; ``weights=None`` uses the shipped model."""
 
@@ -397,7 +402,11 @@ class LabelNetwork:
     def _region(self, x: torch.Tensor, ref_grid: np.ndarray | None) -> torch.Tensor | None:
         """Where labels may be (network grid): within ``REGION_MARGIN_MM`` of the reference
         brain mask (deepbet's in a participant run) when one is given and its volume is that
-        of a brain (500-2500 cm^3); else everywhere (``None``). The network was trained on
+        could be a brain's (:data:`REGION_MASK_CM3`); else everywhere (``None``). The upper
+        bound is above the self-check's brain volume: a brain mask of a coarse image is
+        inflated by its boundary voxels (measured: Colin27's 1737 cm^3 brain scaled by 1.066
+        gave a deepbet mask of 2525 cm^3 at 3 mm, and with the earlier bound of 2500 the
+        network labelled 75 % of that head's field of view as brain). The network was trained on
         crops around the brain: the neck and face of a large field of view (SynthSeg's
         256^3) are outside its training distribution and would otherwise get brain labels.
         (An Otsu head mask without a reference was tried and cut into the brain of a
@@ -405,7 +414,8 @@ class LabelNetwork:
         from scipy import ndimage
 
         ref_cm3 = 0.0 if ref_grid is None else float(ref_grid.sum()) * self.res_mm ** 3 / 1000
-        if not 500.0 <= ref_cm3 <= 2500.0:  # no mask, or not a brain's (the mask is wrong)
+        low, high = REGION_MASK_CM3
+        if not low <= ref_cm3 <= high:  # no mask, or not a brain's (the mask is wrong)
             return None
         near = ndimage.binary_dilation(ref_grid, iterations=max(1, int(round(self.REGION_MARGIN_MM
                                                                               / self.res_mm))))
