@@ -193,6 +193,13 @@ def test_label_pose_recovers_the_rotation(labelled_turn):
     few = np.where(np.isin(data, (2, 41, 17)), data, 0).astype(np.int16)
     assert not label_pose(fixed_l, nb.Nifti1Image(few, moving_l.affine)).plausible
     assert set(label_centroids(nb.Nifti1Image(few, moving_l.affine))) == {2, 41, 17}
+    # a brain 0.7 times the size (the scale of the wrong poses measured on the benchmark)
+    # is not trusted, 0.9 times is
+    for factor, trusted in ((0.7, False), (0.9, True)):
+        zoomed = nb.Nifti1Image(data, np.diag([factor] * 3 + [1.0]) @ moving_l.affine)
+        scaled = label_pose(fixed_l, zoomed)
+        assert scaled.scale == pytest.approx(factor, abs=0.02)
+        assert scaled.plausible == trusted, scaled.problem
 
 
 def test_labels_pose_registers_with_one_forward_pass(small_brains, keymorph_weights,
