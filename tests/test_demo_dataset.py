@@ -101,7 +101,8 @@ def test_groundtruth_labels_aligned_with_the_image(dataset, sub):
 
 
 def test_same_seed_same_dataset(dataset, tmp_path):
-    again = demo.build_demo_dataset(tmp_path / 'bids', n_subjects=1, seed=42, resolution=4.0)
+    again = demo.build_demo_dataset(tmp_path / 'bids', n_subjects=1, seed=42, max_rotation=90.0,
+                                     resolution=4.0)
     a = nb.load(str(dataset / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'))
     b = nb.load(str(again / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'))
     assert np.array_equal(a.affine, b.affine)
