@@ -185,3 +185,22 @@ def test_keypoint_statistics():
     assert 0.3 < float(np.median(ka.aligned_spread(noisy))) < 3.0
     assert 'no KeyMorph weights' in ka.unavailable(Path('/nonexistent/weights.pt'))
     assert ka.summary_lines({'status': 'skipped: x'})[-1] == 'Not measured: skipped: x.'
+
+
+def test_brain_mask_is_the_labels_filled_not_the_nonzero_voxels(bench, tmp_path):
+    """The label network's reference mask in the benchmark: the image's exact labels > 0 with
+    holes filled, written once beside the image (the image's non-zero voxels, CSF shell and
+    background noise included, made every self-check fail)."""
+    labels = np.zeros((20, 20, 20), dtype=np.int16)
+    labels[4:16, 4:16, 4:16] = 2
+    labels[9:11, 9:11, 9:11] = 0  # a hole inside the brain
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nb.Nifti1Image(labels, affine).to_filename(tmp_path / 'labels.nii.gz')
+    image = np.random.default_rng(0).uniform(1, 5, labels.shape).astype(np.float32)
+    nb.Nifti1Image(image, affine).to_filename(tmp_path / 'image.nii.gz')
+    out = bench.brain_mask(tmp_path / 'image.nii.gz')
+    mask = np.asanyarray(nb.load(str(out)).dataobj)
+    assert out.name == 'brainmask.nii.gz' and mask.sum() == 12 ** 3
+    assert np.allclose(nb.load(str(out)).affine, affine)
+    mtime = out.stat().st_mtime_ns
+    assert bench.brain_mask(tmp_path / 'image.nii.gz') == out and out.stat().st_mtime_ns == mtime
