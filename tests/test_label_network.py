@@ -188,6 +188,26 @@ def _lia_head(deg_axis: tuple[str, float]):
     return nib.Nifti1Image(data, aff), nib.Nifti1Image(brain, aff), truth
 
 
+def test_intensity_fit_gates_and_counts_as_a_pose_check():
+    """Labels that follow the image's boundaries pass ``intensity_fit``; the same labels
+    turned by 90 degrees against the image fail it, and that failure starts the pose search."""
+    from keyprep.pipeline.synth.labeller import POSE_CHECKS
+    from keyprep.pipeline.synth.selfcheck import MIN_INTENSITY_FIT, check_labels
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((40, 40, 40), dtype=np.int16)
+    labels[5:35, 5:35, 5:35] = 2
+    labels[12:28, 8:20, 10:30] = 10
+    labels[12:28, 22:34, 10:30] = 17
+    means = {0: 0.0, 2: 1.0, 10: 0.6, 17: 0.3}
+    image = np.vectorize(means.get)(labels).astype(np.float32) + rng.normal(0, 0.05, labels.shape)
+    right = check_labels(labels, image=image)
+    turned = check_labels(np.rot90(labels, axes=(1, 2)).copy(), image=image)
+    assert right.values['intensity_fit'] > 0.9 and 'intensity_fit' not in right.failed
+    assert turned.values['intensity_fit'] < MIN_INTENSITY_FIT and 'intensity_fit' in turned.failed
+    assert 'intensity_fit' in POSE_CHECKS
+
+
 @pytest.mark.slow
 def test_self_check_catches_misaligned_pose():
     from keyprep.pipeline.synth.labeller import LabelNetwork

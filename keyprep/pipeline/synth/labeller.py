@@ -116,7 +116,8 @@ def load_weights_file(path: Path) -> dict:
 
 
 #: self-checks whose failure means a wrong pose (the others: wrong or poor labels)
-POSE_CHECKS = frozenset({'left_right', 'superior_inferior', 'anterior_posterior'})
+POSE_CHECKS = frozenset({'left_right', 'superior_inferior', 'anterior_posterior',
+                         'intensity_fit'})
 
 
 def _rotation_deg(matrix: np.ndarray) -> float:
@@ -255,7 +256,7 @@ class LabelNetwork:
         ``reference_mask``, a brain mask of the image such as deepbet's, when given, else
         from the intensities) and labels again on a grid aligned with it, trying the
         search's next candidates, up to ``max_attempts`` labellings. The first labelling that
-        passes is returned; if none does, the one with the fewest failed checks, with
+        passes is returned; if none does, the one with the fewest failed checks (then the highest ``intensity_fit``), with
         ``result.check['ok'] = False``. A 4x4 matrix (template world -> image world) labels
         at that pose, checked but without retries."""
         t0 = time.perf_counter()
@@ -328,8 +329,9 @@ class LabelNetwork:
         else:
             raise ValueError(f"pose must be 'header', 'auto' or a 4x4 matrix, not {pose!r}")
         best = next((a for a in attempts if a['check'].ok), None)
-        if best is None:
-            best = min(attempts, key=lambda a: len(a['check'].failed))
+        if best is None:  # fewest failed checks; among those, labels that fit the image best
+            best = min(attempts, key=lambda a: (len(a['check'].failed),
+                                                -a['check'].values.get('intensity_fit', 0.0)))
         if pose_info is not None and 'matrix' in best:
             pose_info['matrix'] = np.asarray(best['matrix']).round(6).tolist()
         elif pose_info is not None:  # the header's grid stays: say why
