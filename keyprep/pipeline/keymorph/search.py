@@ -209,24 +209,27 @@ def label_centroids(labels, min_mm3: float = LABEL_POSE_MIN_MM3,
                     ignore=LABEL_POSE_IGNORE) -> dict[int, tuple[np.ndarray, float]]:
     """``{label: (centroid in world mm [3], volume mm^3)}`` of the structures of a label map
     (a nibabel image on any grid) with at least ``min_mm3``, less ``ignore``."""
-    from scipy import ndimage as ndi
-
     data = np.asarray(labels.dataobj)
     while data.ndim > 3:
         data = data[..., 0]
-    data = np.rint(data).astype(np.int64)
+    if not np.issubdtype(data.dtype, np.integer):  # float label maps: NaN is background
+        data = np.rint(np.nan_to_num(data, nan=0.0))
     aff = np.asarray(labels.affine, dtype=float)
     voxel_mm3 = abs(float(np.linalg.det(aff[:3, :3])))
-    counts = np.bincount(data[data > 0].ravel()) if (data > 0).any() else np.zeros(1, int)
-    present = [int(v) for v in np.nonzero(counts)[0]
-               if int(v) not in ignore and counts[v] * voxel_mm3 >= min_mm3]
-    if not present:
+    ijk = np.nonzero(data > 0)  # labelled voxels only: a brain is a few % of a head's grid
+    if not ijk[0].size:
         return {}
-    centres = ndi.center_of_mass(np.ones(data.shape, np.float32), data, present)
+    lab = data[ijk].astype(np.int64)
+    counts = np.bincount(lab)
+    # voxel-index sums per label, then the centroid in world mm
+    sums = np.stack([np.bincount(lab, weights=i.astype(np.float64), minlength=counts.size)
+                     for i in ijk], axis=1)
     out = {}
-    for lab, c in zip(present, centres):
-        out[lab] = (aff[:3, :3] @ np.asarray(c, dtype=float) + aff[:3, 3],
-                    float(counts[lab] * voxel_mm3))
+    for v in np.nonzero(counts)[0]:
+        if int(v) in ignore or counts[v] * voxel_mm3 < min_mm3:
+            continue
+        c = sums[v] / counts[v]
+        out[int(v)] = (aff[:3, :3] @ c + aff[:3, 3], float(counts[v] * voxel_mm3))
     return out
 
 
