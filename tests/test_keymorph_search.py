@@ -235,6 +235,14 @@ def test_labels_pose_registers_with_one_forward_pass(small_brains, keymorph_weig
                               'moving': tmp_path / 'swapped.nii.gz'})
     assert fell.extras['pose_search'] == 'cube' and fell.extras['pose_candidates'] == 24
     assert 'residual' in fell.extras['pose_labels_fallback']
+    # an unreadable label map (not a NIfTI) is not a crash: the cube search, and why
+    (tmp_path / 'broken.nii.gz').write_bytes(b'not a label map')
+    broken = run_engine('keymorphRigid', small_brains['fixed'], paths['moving'],
+                        tmp_path / 'broken', params={'weights': str(keymorph_weights)},
+                        labels={'fixed': paths['fixed_labels'],
+                                'moving': tmp_path / 'broken.nii.gz'})
+    assert broken.extras['pose_search'] == 'cube'
+    assert 'unreadable' in broken.extras['pose_labels_fallback']
     # engines that do not use labels are not given them
     ants = run_engine('antsRigid', small_brains['fixed'], small_brains['moving'],
                       tmp_path / 'ants', labels=labels, sloppy=True)

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'degrees, the unmasked one up to 90)')
     g.add_argument('--keymorph-pose-search', choices=('labels', 'cube', 'none'), default=None,
                    help='labels (default): take the head\'s pose from the label network\'s '
-                        'structure labels of both images (a rigid fit to their centroids; one '
+                        'structure labels of both images (a similarity fit to their centroids; one '
                         'detection per image), or the cube search when that fit is '
                         'implausible; cube: detect the moving keypoints in the 24 cube '
                         'orientations of the detector grid and keep the fit of highest '

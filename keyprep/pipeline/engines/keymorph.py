@@ -37,8 +37,8 @@ Parameters (``params``; the CLI's ``--keymorph-*`` options):
 ``pose_search``
     ``labels`` (default): the head's pose comes from the structure label maps that keyprep's
     label network made of both images (:attr:`EngineOptions.labels`; the one pose estimate
-    per image of a run): a closed-form rigid fit to the centroids of their shared structures
-    turns the detector grid of the moving image, which is then detected ONCE; without both
+    per image of a run): the rotation of a closed-form similarity fit to the centroids of their
+    shared structures turns the detector grid of the moving image, which is then detected ONCE; without both
     label maps, or when the centroid fit is implausible, the ``cube`` search is used and the
     reason recorded (``pose_labels_fallback``).
     ``cube``: detect the moving keypoints on the 24 cube rotations of the detector
@@ -181,7 +181,7 @@ class _KeyMorphEngine(Engine):
             text += f', {params["n_keypoints"]} keypoints'
         if params['pose_search'] == 'labels':
             text += (", with the moving keypoints detected on the detector grid turned by the "
-                     "rotation of a rigid fit to the centroids of the structures labelled in "
+                     "rotation of a similarity fit to the centroids of the structures labelled in "
                      "both images by keyprep's label network (one detection per image; the "
                      "24-orientation cube search when labels are missing or the fit "
                      "implausible)")
@@ -246,11 +246,15 @@ class _KeyMorphEngine(Engine):
             lfit, why = None, ''
             given = options.labels or {}
             if given.get('fixed') and given.get('moving'):
-                lfit = label_pose(nb.load(str(given['fixed'])), nb.load(str(given['moving'])))
-                if lfit.plausible:
-                    pose = pose_from_labels(model, mconf, lfit)
+                try:
+                    lfit = label_pose(nb.load(str(given['fixed'])), nb.load(str(given['moving'])))
+                except Exception as exc:  # unreadable label maps: the cube search, and why
+                    why = f'label maps unreadable ({type(exc).__name__}: {exc})'
                 else:
-                    why = lfit.problem
+                    if lfit.plausible:
+                        pose = pose_from_labels(model, mconf, lfit)
+                    else:
+                        why = lfit.problem
             else:
                 why = 'no label map of the ' + ' and '.join(
                     k for k in ('fixed', 'moving') if not given.get(k)) + ' image'

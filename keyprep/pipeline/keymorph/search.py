@@ -23,7 +23,7 @@ grid is used (the plain KeyMorph of the papers).
 
 ``candidates='labels'`` (the engines' default when both images have structure labels): the
 head's pose has already been found once per image by keyprep's label network (its own pose
-handling and self-check), so it is not searched again. A rigid map is fitted in closed form
+handling and self-check), so it is not searched again. A similarity map is fitted in closed form
 to the centroids (world mm) of the structures both label maps share (:func:`label_pose`),
 and the moving keypoints are detected ONCE, on the detector grid turned by that rotation.
 When a label map is missing or the centroid fit is implausible (too few structures, large

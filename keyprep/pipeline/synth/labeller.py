@@ -141,6 +141,7 @@ def _rotation_deg(matrix: np.ndarray) -> float:
 #: more.
 REGION_MASK_CM3 = (400.0, 3500.0)
 
+
 class LabelNetwork:
     """The trained U-Net with its geometry; ``weights=None`` uses the shipped model."""
 
@@ -256,8 +257,8 @@ class LabelNetwork:
         ``reference_mask``, a brain mask of the image such as deepbet's, when given, else
         from the intensities) and labels again on a grid aligned with it, trying the
         search's next candidates, up to ``max_attempts`` labellings. The first labelling that
-        passes is returned; if none does, the one with the fewest failed checks (then the highest ``intensity_fit``), with
-        ``result.check['ok'] = False``. A 4x4 matrix (template world -> image world) labels
+        passes is returned; if none does, the one with the fewest failed checks (then the
+        highest ``intensity_fit``), with ``result.check['ok'] = False``. A 4x4 matrix (template world -> image world) labels
         at that pose, checked but without retries."""
         t0 = time.perf_counter()
         data = np.asarray(img.dataobj, dtype=np.float32)
