@@ -31,7 +31,8 @@ from keyprep.pipeline.synth.validation import heldout_volumes, structure_dice
 
 
 def rotated(img: nib.Nifti1Image, axis: str, deg: float) -> nib.Nifti1Image:
-    """The same voxels with the header rotated about a world axis through the brain centre."""
+    """The same voxels with the header rotated about a world axis through the origin (the
+    synthetic grid's centre)."""
     c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
     i, j = {'x': (1, 2), 'y': (2, 0), 'z': (0, 1)}[axis]
     rot = np.eye(4)
