@@ -668,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
                              '<variant>Refined row per variant; default: the engine\'s)')
     parser.add_argument('--keymorph-pose-search', default=None, choices=('labels', 'cube', 'none'),
                         help='pose search of the KeyMorph engines (default: the engine\'s)')
+    parser.add_argument('--keymorph-keypoint-source', default=None,
+                        choices=('detector', 'labels', 'both'),
+                        help='keypoints of the KeyMorph fits (default: the engine\'s)')
     parser.add_argument('--retry-errors', action='store_true',
                         help='run again the rows whose status is an error (default: an error '
                              'is a result and is kept)')
@@ -710,7 +713,8 @@ def engine_params(methods: list[str], args) -> dict[str, dict]:
         if engine.family == 'keymorph':
             options = {'weights': str(args.keymorph_weights) if args.keymorph_weights else None,
                        'refine': args.keymorph_refine, 'lambdas': args.keymorph_lambdas,
-                       'pose_search': args.keymorph_pose_search}
+                       'pose_search': args.keymorph_pose_search,
+                       'keypoint_source': args.keymorph_keypoint_source}
             for key, value in options.items():
                 if value is None:
                     continue

@@ -499,6 +499,9 @@ def test_cli_options(tmp_path, random_weights, capsys, monkeypatch):
     opts = parse_args([*base, '--methods', 'keymorphAffine', '--keymorph-pose-search', 'none'])
     assert opts.engine_params['keymorphAffine'] == {'pose_search': 'none'}
     assert run([*base, '--keymorph-pose-search', 'sphere']) == EXIT_USAGE
+    opts = parse_args([*base, '--methods', 'keymorphTPS', '--keymorph-keypoint-source', 'labels'])
+    assert opts.engine_params['keymorphTPS'] == {'keypoint_source': 'labels'}
+    assert run([*base, '--keymorph-keypoint-source', 'oracle']) == EXIT_USAGE
     assert parse_args(base).methods == ['antsRigid', 'antsAffine', 'antsSyN']
     assert parse_args(base).engine_params == {}
     assert run([*base, '--keymorph-lambdas', '-1']) == EXIT_USAGE
@@ -513,6 +516,7 @@ def test_cli_options(tmp_path, random_weights, capsys, monkeypatch):
     text = ' '.join(capsys.readouterr().out.split())
     for flag in ('--keymorph-weights', '--keymorph-lambdas', '--keymorph-refine ',
                  '--keymorph-refine-steps', '--keymorph-keypoints', '--keymorph-pose-search',
+                 '--keymorph-keypoint-source',
                  'groupwise'):
         assert flag in text
     assert 'keymorphAffineRefined' in text and 'keymorphTPSlam' in text

@@ -3,6 +3,8 @@ registration from an upside-down start."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nb
 import numpy as np
 import pytest
@@ -206,10 +208,13 @@ def test_labels_pose_registers_with_one_forward_pass(small_brains, keymorph_weig
                                                      labelled_turn, tmp_path):
     paths, truth = labelled_turn
     labels = {'fixed': paths['fixed_labels'], 'moving': paths['moving_labels']}
+    # the learned keypoints only: the label maps give the pose, the detector the fit
     found = run_engine('keymorphAffine', small_brains['fixed'], paths['moving'],
-                       tmp_path / 'labels', params={'weights': str(keymorph_weights)},
+                       tmp_path / 'labels', params={'weights': str(keymorph_weights),
+                                                    'keypoint_source': 'detector'},
                        labels=labels)
     ex = found.extras
+    assert ex['keypoint_source_used'] == 'detector' and ex['n_label_keypoints'] == 0
     assert ex['pose_search'] == 'labels' and ex['pose_candidates'] == 1, ex
     assert ex['pose_label_structures'] >= 25 and ex['pose_label_residual_mm'] < 0.5
     assert ex['pose_angle_deg'] == pytest.approx(120.0, abs=0.5)
@@ -247,3 +252,51 @@ def test_labels_pose_registers_with_one_forward_pass(small_brains, keymorph_weig
     ants = run_engine('antsRigid', small_brains['fixed'], small_brains['moving'],
                       tmp_path / 'ants', labels=labels, sloppy=True)
     assert 'pose_search' not in ants.extras
+
+
+def test_keypoint_sources(small_brains, keymorph_weights, labelled_turn, tmp_path):
+    """``keypoint_source``: the label maps' structure centroids as keypoints (exact here: the
+    moving label map is the fixed one carried by the true transform, so the fit is exact), the
+    union with the learned keypoints, and the fallback to the learned keypoints."""
+    from keyprep.pipeline.keymorph.keypoints import LABEL_INDEX_OFFSET, read_keypoints
+
+    paths, truth = labelled_turn
+    labels = {'fixed': paths['fixed_labels'], 'moving': paths['moving_labels']}
+    fixed = small_brains['fixed']
+    only = run_engine('keymorphAffine', fixed, paths['moving'], tmp_path / 'labels',
+                      params={'weights': str(keymorph_weights)}, labels=labels)  # the default
+    ex = only.extras
+    assert ex['keypoint_source'] == ex['keypoint_source_used'] == 'labels'
+    assert ex['model_sha256'] == ''
+    assert ex['n_keypoints'] == ex['n_label_keypoints'] == ex['pose_label_structures'] >= 25
+    assert _mean_error_mm(read_itk_affine(only.fwd_xfm), truth, fixed) < 0.05
+    assert ex['keypoint_residual_mm'] < 0.01
+    pts, _, index = read_keypoints(only.files['keypoints_moving'])
+    head = Path(only.files['keypoints_moving']).read_text().splitlines()[0].split('\t')
+    assert head[-1] == 'structure' and pts.shape[0] == ex['n_keypoints']
+    assert (index >= LABEL_INDEX_OFFSET).all()
+    rigid = run_engine('keymorphRigid', fixed, paths['moving'], tmp_path / 'rigid',
+                       params={'weights': str(keymorph_weights), 'keypoint_source': 'labels'},
+                       labels=labels)
+    assert _mean_error_mm(read_itk_affine(rigid.fwd_xfm), truth, fixed) < 0.05
+    # the union: the detector's keypoints plus the centroids, half the weight each
+    both = run_engine('keymorphAffine', fixed, paths['moving'], tmp_path / 'both',
+                      params={'weights': str(keymorph_weights), 'keypoint_source': 'both'},
+                      labels=labels)
+    bx = both.extras
+    assert bx['keypoint_source'] == 'both' and bx['keypoint_source_used'] == 'both'
+    assert bx['n_label_keypoints'] == ex['n_keypoints'] < bx['n_keypoints']
+    assert bx['model_sha256'] and bx['pose_candidates'] == 1
+    _, wts, index = read_keypoints(both.files['keypoints_fixed'])
+    learned = index < LABEL_INDEX_OFFSET
+    assert wts[learned].sum() == pytest.approx(wts[~learned].sum(), rel=1e-4)
+    assert _mean_error_mm(read_itk_affine(both.fwd_xfm), truth, fixed) < 4.0
+    # without label maps: the learned keypoints (after the cube search), and why
+    alone = run_engine('keymorphAffine', fixed, paths['moving'], tmp_path / 'alone',
+                       params={'weights': str(keymorph_weights), 'keypoint_source': 'labels'})
+    ax = alone.extras
+    assert ax['keypoint_source_used'] == 'detector' and ax['n_label_keypoints'] == 0
+    assert 'no label map' in ax['keypoint_source_fallback'] and ax['pose_candidates'] == 24
+    with pytest.raises(ValueError, match='keypoint_source'):
+        run_engine('keymorphAffine', fixed, paths['moving'], tmp_path / 'bad',
+                   params={'weights': str(keymorph_weights), 'keypoint_source': 'oracle'})

@@ -198,13 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
                         'degrees, the unmasked one up to 90)')
     g.add_argument('--keymorph-pose-search', choices=('labels', 'cube', 'none'), default=None,
                    help='labels (default): take the head\'s pose from the label network\'s '
-                        'structure labels of both images (a similarity fit to their centroids; one '
-                        'detection per image), or the cube search when that fit is '
+                        'structure labels of both images (a similarity fit to their centroids; '
+                        'one detection per image), or the cube search when that fit is '
                         'implausible; cube: detect the moving keypoints in the 24 cube '
                         'orientations of the detector grid and keep the fit of highest '
                         'mutual information, so any starting orientation registers; none: '
                         'the axis-aligned grid only (one forward pass, faster; fails beyond '
                         'the detector\'s trained rotation range of about 45 degrees)')
+    g.add_argument('--keymorph-keypoint-source', choices=('detector', 'labels', 'both'),
+                   default=None,
+                   help='corresponding points of the KeyMorph fits: labels (default) the '
+                        'centroids of the structures that keyprep\'s label network labelled in '
+                        'both images (the learned detector is not run); detector the learned '
+                        'keypoints only (the papers\' KeyMorph); both the two sets, each with '
+                        'half of the weight. Without usable label maps (missing, or a centroid '
+                        'fit that is implausible) the learned keypoints alone are used, and '
+                        'the sidecar says why')
     g.add_argument('--keymorph-keypoints', type=_positive_int, default=None, metavar='N',
                    help='use only N of the model\'s keypoints (at least 4), spread over the '
                         'brain by farthest-point sampling of the target\'s keypoints; '
@@ -263,6 +272,8 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         common['refine_steps'] = int(opts.keymorph_refine_steps)
     if getattr(opts, 'keymorph_pose_search', None):
         common['pose_search'] = opts.keymorph_pose_search
+    if getattr(opts, 'keymorph_keypoint_source', None):
+        common['keypoint_source'] = opts.keymorph_keypoint_source
     if getattr(opts, 'keymorph_keypoints', None):
         common['n_keypoints'] = int(opts.keymorph_keypoints)
     out = {}

@@ -85,18 +85,26 @@ def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
     the reference brain mask: give the image's real brain mask where the image has
     non-brain voxels, or the self-check fails on every image and the pose search runs for
     nothing). Cached: ``out_file`` is reused when it exists and its sidecar
-    ``<out_file>.json`` (labelling time, self-check, pose used) names the same reference mask."""
+    ``<out_file>.json`` (labelling time, self-check, pose used) names the same reference mask
+    and the same labeller (weights and self-check thresholds: a label map made before a change
+    of either is made again)."""
     import json
 
     from .io import make_image
-    from .synth.labeller import LabelNetwork
+    from .synth import selfcheck
+    from .synth.labeller import REGION_MASK_CM3, LabelNetwork
 
     out_file = Path(out_file)
     sidecar = Path(str(out_file) + '.json')
     reference = 'nonzero voxels' if mask is None else str(mask)
+    network = LabelNetwork.cached(None, device)
+    labeller = {'weights_sha256': network.sha256,
+                'min_intensity_fit': selfcheck.MIN_INTENSITY_FIT,
+                'region_mask_cm3': list(REGION_MASK_CM3)}
     if out_file.is_file() and sidecar.is_file():
         try:
-            if json.loads(sidecar.read_text()).get('reference_mask') == reference:
+            meta = json.loads(sidecar.read_text())
+            if meta.get('reference_mask') == reference and meta.get('labeller') == labeller:
                 return out_file
         except ValueError:
             pass
@@ -108,11 +116,12 @@ def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
         while data.ndim > 3:
             data = data[..., 0]
         ref = make_image((data > 0).astype(np.uint8), img.affine)
-    result = LabelNetwork.cached(None, device).predict(img, reference_mask=ref)
+    result = network.predict(img, reference_mask=ref)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     labels = np.asanyarray(result.labels.dataobj).astype(np.int16)
     make_image(labels, img.affine).to_filename(out_file)
-    meta = {'image': str(image), 'reference_mask': reference, 'timings_s': {k: round(float(v), 3)
+    meta = {'image': str(image), 'reference_mask': reference, 'labeller': labeller,
+            'timings_s': {k: round(float(v), 3)
                                                 for k, v in result.timings.items()},
             'check': result.check, 'pose': result.pose}
     sidecar.write_text(json.dumps(meta, indent=2, default=str))

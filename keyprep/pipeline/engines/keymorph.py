@@ -45,6 +45,18 @@ Parameters (``params``; the CLI's ``--keymorph-*`` options):
     grid and keep the fit with the best mutual information, so any starting orientation is
     within 62.8 degrees of a candidate (:mod:`keyprep.pipeline.keymorph.search`);
     ``none``: the axis-aligned grid only (the papers' KeyMorph, faster).
+``keypoint_source``
+    Which corresponding points the closed-form fit uses. ``detector``: the learned
+    detector's keypoints only (the papers' KeyMorph). ``labels`` (default): the centroids of
+    the structures that keyprep's label network labelled in both images (the points of the
+    label pose fit; the detector is not run). ``both``: the union, each source carrying half
+    of the fit's weight. When the label maps are missing or their centroid fit is
+    implausible (the same test as the label pose), the detector's keypoints alone are used and
+    the reason recorded (``keypoint_source_fallback``); the sidecar's ``keypoint_source_used``
+    says what was used. Measured on held-out synthetic pairs
+    (``benchmarks/results/intersubject-keypoint-source/``) and on the demo's real heads, the
+    centroids are the more accurate keypoints (the learned detector is still undertrained:
+    its model card says where it is bad), hence the default.
 """
 
 from __future__ import annotations
@@ -73,6 +85,10 @@ DEFAULT_LAMBDAS: tuple[float, ...] = (1.0,)
 DEFAULT_REFINE_STEPS = 40
 #: Pose search used when ``pose_search`` is not given.
 DEFAULT_POSE_SEARCH = 'labels'
+#: Values of ``keypoint_source``.
+KEYPOINT_SOURCES = ('detector', 'labels', 'both')
+#: Keypoints used when ``keypoint_source`` is not given.
+DEFAULT_KEYPOINT_SOURCE = 'labels'
 #: Refinement steps with ``--sloppy`` (tests).
 SLOPPY_REFINE_STEPS = 8
 _REFINED = 'Refined'
@@ -115,6 +131,7 @@ class _KeyMorphEngine(Engine):
             'similarity': str(p.get('similarity') or 'auto'),
             'refine_resolution_mm': float(p.get('refine_resolution_mm') or 2.0),
             'pose_search': str(p.get('pose_search') or DEFAULT_POSE_SEARCH),
+            'keypoint_source': str(p.get('keypoint_source') or DEFAULT_KEYPOINT_SOURCE),
         }
         if self.fit_kind == 'tps':
             lams = p.get('lambdas')
@@ -132,6 +149,9 @@ class _KeyMorphEngine(Engine):
         if params['pose_search'] not in POSE_SEARCH:
             raise ValueError(f'pose_search must be one of {POSE_SEARCH}, '
                              f'not {params["pose_search"]!r}')
+        if params['keypoint_source'] not in KEYPOINT_SOURCES:
+            raise ValueError(f'keypoint_source must be one of {KEYPOINT_SOURCES}, '
+                             f'not {params["keypoint_source"]!r}')
         if params['similarity'] not in SIMILARITIES:
             raise ValueError(f'similarity must be one of {SIMILARITIES}')
         if self.fit_kind == 'tps':
@@ -157,16 +177,19 @@ class _KeyMorphEngine(Engine):
         return [(name, {**vp, 'refined': False}) for name, vp in base] + refined
 
     def extra_outputs(self, options: EngineOptions) -> list[ExtraOutput]:
-        from ..keymorph.keypoints import KEYPOINT_COLUMNS
+        from ..keymorph.keypoints import KEYPOINT_COLUMNS, STRUCTURE_COLUMN
 
         ents = {'desc': 'keypoints', 'extension': '.tsv'}
+        columns = dict(KEYPOINT_COLUMNS)
+        if self.parameters(options)['keypoint_source'] != 'detector':
+            columns.update(STRUCTURE_COLUMN)
         return [
             ExtraOutput('keypoints_moving', 'moving', ents,
                         'KeyMorph keypoints of this image (world RAS mm of the image)',
-                        dict(KEYPOINT_COLUMNS)),
+                        dict(columns)),
             ExtraOutput('keypoints_fixed', 'fixed', ents,
                         'KeyMorph keypoints of the registration target, detected in the '
-                        "same run (world RAS mm of the target)", dict(KEYPOINT_COLUMNS)),
+                        "same run (world RAS mm of the target)", dict(columns)),
         ]
 
     def boilerplate(self, options: EngineOptions | None) -> str:
@@ -179,7 +202,18 @@ class _KeyMorphEngine(Engine):
             text += f' (lambda = {lams})'
         if params['n_keypoints']:
             text += f', {params["n_keypoints"]} keypoints'
-        if params['pose_search'] == 'labels':
+        if params['keypoint_source'] == 'detector':
+            text += ", the keypoints being those of keyprep's learned KeyMorph detector"
+        elif params['keypoint_source'] == 'labels':
+            text += (", the keypoints being the centroids of the structures labelled in both "
+                     "images by keyprep's label network (the learned detector's keypoints when "
+                     "the label maps are missing or their centroid fit is implausible)")
+        elif params['keypoint_source'] == 'both':
+            text += (", fitted to the learned keypoints together with the centroids of the "
+                     "structures labelled in both images by keyprep's label network (each set "
+                     "with half of the weight; the learned keypoints alone when the label maps "
+                     "are missing or their centroid fit is implausible)")
+        if params['pose_search'] == 'labels' and params['keypoint_source'] != 'labels':
             text += (", with the moving keypoints detected on the detector grid turned by the "
                      "rotation of a similarity fit to the centroids of the structures labelled in "
                      "both images by keyprep's label network (one detection per image; the "
@@ -212,9 +246,8 @@ class _KeyMorphEngine(Engine):
         import numpy as np
         import torch
 
-        from ..keymorph.keypoints import farthest_point_subset, write_keypoints
-        from ..keymorph.network import Conformer, KeyMorphModel, pair_weights
-        from ..keymorph.search import label_pose, pose_from_labels, search_pose
+        from ..keymorph.keypoints import LABEL_INDEX_OFFSET, write_keypoints
+        from ..keymorph.search import PoseSearch, label_pose
 
         params = self.parameters(options)
         variants = self.variants(options)
@@ -222,11 +255,107 @@ class _KeyMorphEngine(Engine):
         out_dir.mkdir(parents=True, exist_ok=True)
         device = torch.device(options.device)
         t0 = time.perf_counter()
-        model = KeyMorphModel.load(params['weights'], device)
-        t_load = time.perf_counter()
         fimg, mimg = nb.load(str(fixed)), nb.load(str(moving))
         fmask = nb.load(str(fixed_mask)) if fixed_mask else None
         mmask = nb.load(str(moving_mask)) if moving_mask else None
+        source = params['keypoint_source']
+        mode = params['pose_search']
+        # the label maps' centroid fit: the pose (pose_search 'labels') and the anatomical
+        # keypoints (keypoint_source 'labels'/'both'), computed once
+        lfit, why = None, ''
+        if mode == 'labels' or source != 'detector':
+            given = options.labels or {}
+            if given.get('fixed') and given.get('moving'):
+                try:
+                    lfit = label_pose(nb.load(str(given['fixed'])), nb.load(str(given['moving'])))
+                except Exception as exc:  # unreadable label maps: the detector, and why
+                    why = f'label maps unreadable ({type(exc).__name__}: {exc})'
+                else:
+                    if not lfit.plausible:
+                        why = lfit.problem
+            else:
+                why = 'no label map of the ' + ' and '.join(
+                    k for k in ('fixed', 'moving') if not given.get(k)) + ' image'
+        trusted = lfit is not None and lfit.plausible
+        use_labels = source != 'detector' and trusted
+        use_detector = source != 'labels' or not use_labels
+        shared: dict = {'keypoint_source': source,
+                        'keypoint_source_used': ('both' if use_labels and use_detector else
+                                                 'labels' if use_labels else 'detector')}
+        if source != 'detector' and not use_labels:
+            shared['keypoint_source_fallback'] = why
+        pts = {'fixed': [], 'moving': [], 'weights': [], 'index': [], 'structure': []}
+        if use_detector:
+            det = self._detect(params, fimg, mimg, fmask, mmask, device, lfit, why, options)
+            shared.update(det.pop('extras'))
+            pose = det['pose']
+            idx = det['index']
+            wpair = det['pair_weights']
+            pts['fixed'].append(det['pf'][idx])
+            pts['moving'].append(det['pm'][idx])
+            pts['weights'].append(wpair / wpair.sum())
+            pts['index'].append(idx)
+            pts['structure'].append(np.zeros(idx.size, dtype=int))
+        else:
+            pose = PoseSearch(None, 0, np.asarray(lfit.rotation, dtype=float), [float('nan')],
+                              lfit.time_s, mode='labels', label_fit=lfit)
+            shared['model_sha256'] = ''
+        if use_labels:
+            labs = np.asarray(lfit.structures, dtype=int)
+            pts['fixed'].append(np.asarray(lfit.fixed_points, dtype=float))
+            pts['moving'].append(np.asarray(lfit.moving_points, dtype=float))
+            pts['weights'].append(np.asarray(lfit.point_weights, dtype=float))
+            pts['index'].append(LABEL_INDEX_OFFSET + labs)
+            pts['structure'].append(labs)
+        shared.update(pose.extras())
+        cat = {k: np.concatenate(v) for k, v in pts.items()}
+        # each source carries half of the fit's weight in 'both' (the weights sum to 1 each)
+        weights = cat['weights'] / cat['weights'].sum()
+        detect_s = time.perf_counter() - t0
+        structure = cat['structure'] if source != 'detector' else None
+        files = {
+            'keypoints_fixed': str(write_keypoints(out_dir / 'keypoints_fixed.tsv', cat['fixed'],
+                                                   weights * weights.size, cat['index'],
+                                                   structure)),
+            'keypoints_moving': str(write_keypoints(out_dir / 'keypoints_moving.tsv',
+                                                    cat['moving'], weights * weights.size,
+                                                    cat['index'], structure)),
+        }
+        src = torch.as_tensor(cat['fixed'], dtype=torch.float64)
+        dst = torch.as_tensor(cat['moving'], dtype=torch.float64)
+        shared.update({'n_keypoints': int(src.shape[0]),
+                       'n_label_keypoints': int((cat['structure'] > 0).sum()),
+                       'detect_time_s': round(detect_s, 3), 'n_variants': len(variants)})
+        from ..keymorph.refine import choose_similarity
+
+        ctx = _Context(fixed=Path(fixed), moving=Path(moving), fimg=fimg, mimg=mimg,
+                       fmask=fmask, mmask=mmask, out_dir=out_dir, device=device, params=params,
+                       similarity=choose_similarity(params['similarity'], options.contrasts))
+        results = self._fit(ctx, src, dst, torch.as_tensor(weights * weights.size))
+        out = {}
+        for name, _ in variants:
+            res = results[name]
+            res.extras = {**shared, **res.extras}
+            if name in ctx.warp_times:
+                res.extras['warp_time_s'] = ctx.warp_times[name]
+            res.files = dict(files)
+            out[name] = res
+        return out if len(out) > 1 else out[variants[0][0]]
+
+    def _detect(self, params, fimg, mimg, fmask, mmask, device, lfit, why, options) -> dict:
+        """The learned detector's keypoints of both images, the moving ones on the pose grid
+        (the label fit's rotation when trusted and ``pose_search`` is ``labels``, else the
+        cube search or the axis-aligned grid)."""
+        import numpy as np
+        import torch
+
+        from ..keymorph.keypoints import farthest_point_subset
+        from ..keymorph.network import Conformer, KeyMorphModel, pair_weights
+        from ..keymorph.search import pose_from_labels, search_pose
+
+        t0 = time.perf_counter()
+        model = KeyMorphModel.load(params['weights'], device)
+        t_load = time.perf_counter()
         fdet = model.detect_conformed(Conformer(fimg, model.cfg, fmask, device).grid())
         t_fixed = time.perf_counter()
         pf, wf_ = fdet['points_mm'], fdet['weights']
@@ -240,24 +369,11 @@ class _KeyMorphEngine(Engine):
             index = farthest_point_subset(pf, wanted)
         mconf = Conformer(mimg, model.cfg, mmask, device)
         t_mconf = time.perf_counter()
-        pose = None
         mode = params['pose_search']
+        pose = None
         if mode == 'labels':
-            lfit, why = None, ''
-            given = options.labels or {}
-            if given.get('fixed') and given.get('moving'):
-                try:
-                    lfit = label_pose(nb.load(str(given['fixed'])), nb.load(str(given['moving'])))
-                except Exception as exc:  # unreadable label maps: the cube search, and why
-                    why = f'label maps unreadable ({type(exc).__name__}: {exc})'
-                else:
-                    if lfit.plausible:
-                        pose = pose_from_labels(model, mconf, lfit)
-                    else:
-                        why = lfit.problem
-            else:
-                why = 'no label map of the ' + ' and '.join(
-                    k for k in ('fixed', 'moving') if not given.get(k)) + ' image'
+            if lfit is not None and lfit.plausible:
+                pose = pose_from_labels(model, mconf, lfit)
             mode = 'cube'
         if pose is None:
             pose = search_pose(model, fdet, mconf,
@@ -265,43 +381,17 @@ class _KeyMorphEngine(Engine):
                                candidates=mode, index=index)
             if params['pose_search'] == 'labels':
                 pose.label_fit, pose.fallback = lfit, why
-        mdet = pose.detection
-        detect_s = time.perf_counter() - t0
-        pm, wm_ = mdet['points_mm'], mdet['weights']
-        files = {
-            'keypoints_fixed': str(write_keypoints(out_dir / 'keypoints_fixed.tsv', pf[index],
-                                                   wf_[index], index)),
-            'keypoints_moving': str(write_keypoints(out_dir / 'keypoints_moving.tsv',
-                                                    pm[index], wm_[index], index)),
-        }
+        pm, wm_ = pose.detection['points_mm'], pose.detection['weights']
         weighted = model.cfg.weighted != 'none'
-        fit_w = None
+        wpair = np.ones(index.size)
         if weighted:
-            fit_w = pair_weights(torch.as_tensor(wf_[index]), torch.as_tensor(wm_[index]))
-        src = torch.as_tensor(pf[index], dtype=torch.float64)
-        dst = torch.as_tensor(pm[index], dtype=torch.float64)
-        shared = {'n_keypoints': int(index.size), 'detect_time_s': round(detect_s, 3),
-                  'model_sha256': model.sha256, 'weighted_keypoints': weighted,
-                  'n_variants': len(variants), **pose.extras(),
-                  # where detect_time_s goes (the pose step is pose_search_time_s)
-                  'model_load_time_s': round(t_load - t0, 3),
-                  'fixed_detect_time_s': round(t_fixed - t_load, 3),
-                  'moving_conform_time_s': round(t_mconf - t_fixed, 3)}
-        from ..keymorph.refine import choose_similarity
-
-        ctx = _Context(fixed=Path(fixed), moving=Path(moving), fimg=fimg, mimg=mimg,
-                       fmask=fmask, mmask=mmask, out_dir=out_dir, device=device, params=params,
-                       similarity=choose_similarity(params['similarity'], options.contrasts))
-        results = self._fit(ctx, src, dst, fit_w)
-        out = {}
-        for name, _ in variants:
-            res = results[name]
-            res.extras = {**shared, **res.extras}
-            if name in ctx.warp_times:
-                res.extras['warp_time_s'] = ctx.warp_times[name]
-            res.files = dict(files)
-            out[name] = res
-        return out if len(out) > 1 else out[variants[0][0]]
+            wpair = pair_weights(torch.as_tensor(wf_[index]),
+                                 torch.as_tensor(wm_[index])).numpy().astype(float)
+        return {'pf': pf, 'pm': pm, 'index': index, 'pair_weights': wpair, 'pose': pose,
+                'extras': {'model_sha256': model.sha256, 'weighted_keypoints': weighted,
+                           'model_load_time_s': round(t_load - t0, 3),
+                           'fixed_detect_time_s': round(t_fixed - t_load, 3),
+                           'moving_conform_time_s': round(t_mconf - t_fixed, 3)}}
 
     def _fit(self, ctx, src, dst, weights) -> dict[str, RegistrationResult]:
         raise NotImplementedError
@@ -388,7 +478,7 @@ class _LinearKeyMorph(_KeyMorphEngine):
 class KeyMorphRigid(_LinearKeyMorph):
     name = 'keymorphRigid'
     fit_kind = 'rigid'
-    description = ('KeyMorph rigid registration: learned keypoints, weighted Procrustes fit '
+    description = ('KeyMorph rigid registration: corresponding keypoints, weighted Procrustes fit '
                    '(proper rotation and translation)')
     mem_gb = 1.5
 
@@ -397,7 +487,8 @@ class KeyMorphRigid(_LinearKeyMorph):
 class KeyMorphAffine(_LinearKeyMorph):
     name = 'keymorphAffine'
     fit_kind = 'affine'
-    description = 'KeyMorph affine registration: learned keypoints, least-squares affine fit'
+    description = ('KeyMorph affine registration: corresponding keypoints, least-squares affine '
+                   'fit')
     mem_gb = 1.5
 
 
@@ -406,7 +497,7 @@ class KeyMorphTPS(_KeyMorphEngine):
     name = 'keymorphTPS'
     fit_kind = 'tps'
     transform_kind = 'deformable'
-    description = ('KeyMorph thin-plate-spline registration: learned keypoints, regularised '
+    description = ('KeyMorph thin-plate-spline registration: corresponding keypoints, regularised '
                    'TPS (r^2 log r kernel) for each lambda from one detection')
     citations = ('yu2022keymorph', 'wang2023keymorph', 'bookstein1989')
     mem_gb = 3.0

@@ -3,7 +3,11 @@
 A keypoint table has one row per keypoint and the columns ``x``, ``y``, ``z`` (world RAS
 millimetres of the image it belongs to), ``weight`` (the detector's weight, 1 for an
 unweighted model) and ``index`` (the detector output channel: keypoint ``k`` of one image
-corresponds to keypoint ``k`` of any other image).
+corresponds to keypoint ``k`` of any other image). Tables of a run whose keypoints include
+anatomical ones (the KeyMorph engines' ``keypoint_source`` ``labels`` or ``both``) also have
+``structure``: 0 for a learned keypoint, else the FreeSurfer label of the structure whose
+centroid (in keyprep's label map of the image) the keypoint is; such keypoints have the index
+``LABEL_INDEX_OFFSET + structure``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ['KEYPOINT_COLUMNS', 'farthest_point_subset', 'read_keypoints', 'write_keypoints']
+__all__ = ['KEYPOINT_COLUMNS', 'LABEL_INDEX_OFFSET', 'STRUCTURE_COLUMN', 'farthest_point_subset',
+           'read_keypoints', 'write_keypoints']
 
 #: Column -> description, for the JSON sidecar of the tables.
 KEYPOINT_COLUMNS = {
@@ -24,10 +29,21 @@ KEYPOINT_COLUMNS = {
     'index': 'Keypoint index (detector channel): the same index is the same keypoint in '
              'every image',
 }
+#: Index of the centroid of structure ``s`` in a keypoint table: ``LABEL_INDEX_OFFSET + s``
+#: (detector channels are below it).
+LABEL_INDEX_OFFSET = 1000
+#: Extra column of tables with anatomical keypoints.
+STRUCTURE_COLUMN = {
+    'structure': '0: a keypoint of the learned detector; otherwise the FreeSurfer label of the '
+                 "structure whose centroid in keyprep's label map of this image is the keypoint "
+                 '(index = 1000 + label)',
+}
 
 
-def write_keypoints(path: str | os.PathLike, points_mm, weights=None, index=None) -> Path:
-    """Write a keypoint table (TSV) and return its path.
+def write_keypoints(path: str | os.PathLike, points_mm, weights=None, index=None,
+                    structure=None) -> Path:
+    """Write a keypoint table (TSV) and return its path; with ``structure`` (one FreeSurfer
+    label per keypoint, 0 for a learned one) the table has that column too.
 
     >>> import tempfile
     >>> p = write_keypoints(tempfile.mkdtemp() + '/k.tsv', [[1.0, 2.0, 3.0]], [0.5], [7])
@@ -41,6 +57,9 @@ def write_keypoints(path: str | os.PathLike, points_mm, weights=None, index=None
     lines = ['x\ty\tz\tweight\tindex']
     lines += [f'{p[0]:.4f}\t{p[1]:.4f}\t{p[2]:.4f}\t{wi:.6g}\t{int(k)}'
               for p, wi, k in zip(pts, w, idx)]
+    if structure is not None:
+        st = np.asarray(structure, dtype=int).reshape(n)
+        lines = [lines[0] + '\tstructure'] + [f'{ln}\t{int(v)}' for ln, v in zip(lines[1:], st)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('\n'.join(lines) + '\n')

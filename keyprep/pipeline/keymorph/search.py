@@ -246,6 +246,12 @@ class LabelPose:
     time_s: float = 0.0
     #: Why the fit is not trusted (empty when it is).
     problem: str = ''
+    #: The fitted centroids (world mm, ``[len(structures), 3]``) of the fixed and the moving
+    #: label map, and their normalised weights (cube root of the smaller volume, sum 1): the
+    #: anatomical keypoints of the KeyMorph engines' ``keypoint_source`` ``labels``/``both``.
+    fixed_points: np.ndarray | None = None
+    moving_points: np.ndarray | None = None
+    point_weights: np.ndarray | None = None
 
     @property
     def plausible(self) -> bool:
@@ -302,7 +308,8 @@ def label_pose(fixed_labels, moving_labels, min_mm3: float = LABEL_POSE_MIN_MM3)
                    'mm trusted)')
     elif not lo <= scale <= hi:
         problem = f'centroid scale {scale:.2f} outside {lo:g}-{hi:g}'
-    return LabelPose(rot, scale, t, resid, shared, time.perf_counter() - t0, problem)
+    return LabelPose(rot, scale, t, resid, shared, time.perf_counter() - t0, problem,
+                     src, dst, w)
 
 
 def pose_from_labels(model, conformer, fit: LabelPose) -> PoseSearch:
