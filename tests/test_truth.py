@@ -117,4 +117,7 @@ def test_demo_groundtruth_errors(tmp_path):
     assert df.loc['truth', 'aal_dice_mean'] > 0.6  # 4 mm labels carried back to 1 mm
     assert df.loc['wrong', 'error_mean_mm'] > 5.0
     assert df.loc['wrong', 'aal_dice_mean'] < df.loc['truth', 'aal_dice_mean'] - 0.1
+    assert df.loc['exact', 'brain_mask_dice'] == pytest.approx(df.loc['truth', 'brain_mask_dice'])
+    assert df.loc['truth', 'brain_mask_dice'] > 0.9
+    assert df.loc['wrong', 'brain_mask_dice'] < df.loc['truth', 'brain_mask_dice'] - 0.02
     assert (deriv / demo.TRUTH_TABLE).with_suffix('.json').is_file()

@@ -291,7 +291,8 @@ def groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike
     brain (``ch2bet``, every ``step``-th voxel) to the subject; the distance between the two
     images of each point is the error (mm, mean, median, 99th percentile, maximum). The
     subject's true AAL labels are carried onto Colin27 by the transform (nearest neighbour)
-    and compared with Colin27's AAL labels (mean and lowest Dice over the 116 regions). A row ``truth`` does
+    and compared with Colin27's AAL labels (mean and lowest Dice over the 116 regions), and
+    its true brain mask with Colin27's (``brain_mask_dice``). A row ``truth`` does
     the same with the true transform: 0 mm, and the Dice that resampling allows.
 
     Returns
@@ -299,7 +300,8 @@ def groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike
     pandas.DataFrame
         One row per subject and method (``participant_id, method, transform, rotation_deg,
         error_mean_mm, error_median_mm, error_p99_mm, error_max_mm, aal_dice_mean,
-        aal_dice_min, n_points``); empty when keyprep wrote no transform to ``space``.
+        aal_dice_min, brain_mask_dice, n_points``); empty when keyprep wrote no transform to
+        ``space``.
     """
     import tempfile
 
@@ -312,38 +314,55 @@ def groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike
     points = truth.mask_points(_colin('ch2bet.nii.gz'), step=step)
     aal = _colin('aal.nii.gz')
     rows = []
-    for gt_anat in sorted(gt.glob('sub-*/anat')):
-        sub = gt_anat.parent.name
-        true_xfm = gt_anat / f'{sub}_from-T1w_to-{space}_mode-image_xfm.txt'
-        labels = gt_anat / f'{sub}_atlas-AAL_dseg.nii.gz'
-        if not true_xfm.is_file():
-            continue
-        meta = json.loads(true_xfm.with_suffix('.json').read_text())
-        angle = meta.get('Motion', {}).get('angle_deg')
-        found = sorted((deriv_dir / sub / 'anat').glob(
-            f'{sub}_from-T1w_to-{space}_mode-image_desc-*_xfm.*'))
-        xfms = [('truth', true_xfm)] + [
-            (f.name.split('_desc-')[1].split('_xfm')[0], f) for f in found
-            if f.name.endswith(('.txt', '.nii.gz'))]
-        if len(xfms) == 1:
-            continue
-        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            for method, xfm in xfms:
-                err = truth.point_errors(xfm, true_xfm, points)
-                dice_mean, dice_min, _ = truth.label_dice(labels, xfm, aal, tmp)
-                rows.append({'participant_id': sub, 'method': method,
-                             'transform': 'linear' if xfm.name.endswith('.txt')
-                             else 'deformable',
-                             'rotation_deg': angle, **{k: v for k, v in err.items()
-                                                       if k != 'n_points'},
-                             'aal_dice_mean': dice_mean, 'aal_dice_min': dice_min,
-                             'n_points': err['n_points']})
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        # Colin27's brain mask (ch2bet > 0), the reference of the brain-mask overlap
+        bet = nb.load(str(_colin('ch2bet.nii.gz')))
+        colin_mask = Path(tmp) / 'colin27_brain_mask.nii.gz'
+        _int_image((np.asanyarray(bet.dataobj) > 0).astype(np.uint8),
+                   bet.affine).to_filename(colin_mask)
+        for gt_anat in sorted(gt.glob('sub-*/anat')):
+            rows += _truth_rows(gt_anat, deriv_dir, space, points, aal, colin_mask, tmp)
     df = pd.DataFrame(rows)
     if not df.empty:  # the truth first, then the engines in the order of the registry
         from .reports import _sort_methods
 
         df = _sort_methods(df, ['truth']).reset_index(drop=True)
     return df
+
+
+def _truth_rows(gt_anat: Path, deriv_dir: Path, space: str, points, aal: Path,
+                colin_mask: Path, tmp: str) -> list[dict]:
+    """The rows of :func:`groundtruth_errors` for one subject."""
+    from ..pipeline import truth
+
+    sub = gt_anat.parent.name
+    true_xfm = gt_anat / f'{sub}_from-T1w_to-{space}_mode-image_xfm.txt'
+    labels = gt_anat / f'{sub}_atlas-AAL_dseg.nii.gz'
+    mask = gt_anat / f'{sub}_desc-brain_mask.nii.gz'
+    if not true_xfm.is_file():
+        return []
+    meta = json.loads(true_xfm.with_suffix('.json').read_text())
+    angle = meta.get('Motion', {}).get('angle_deg')
+    found = sorted((deriv_dir / sub / 'anat').glob(
+        f'{sub}_from-T1w_to-{space}_mode-image_desc-*_xfm.*'))
+    xfms = [('truth', true_xfm)] + [
+        (f.name.split('_desc-')[1].split('_xfm')[0], f) for f in found
+        if f.name.endswith(('.txt', '.nii.gz'))]
+    if len(xfms) == 1:
+        return []
+    rows = []
+    for method, xfm in xfms:
+        err = truth.point_errors(xfm, true_xfm, points)
+        dice_mean, dice_min, _ = truth.label_dice(labels, xfm, aal, tmp)
+        mask_dice = (truth.label_dice(mask, xfm, colin_mask, tmp)[0] if mask.is_file()
+                     else float('nan'))
+        rows.append({'participant_id': sub, 'method': method,
+                     'transform': 'linear' if xfm.name.endswith('.txt') else 'deformable',
+                     'rotation_deg': angle, **{k: v for k, v in err.items()
+                                               if k != 'n_points'},
+                     'aal_dice_mean': dice_mean, 'aal_dice_min': dice_min,
+                     'brain_mask_dice': mask_dice, 'n_points': err['n_points']})
+    return rows
 
 
 def write_groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.PathLike,
@@ -369,6 +388,9 @@ def write_groundtruth_errors(bids_dir: str | os.PathLike, deriv_dir: str | os.Pa
                                          'true AAL labels carried onto Colin27 by the '
                                          'transform and Colin27\'s AAL labels'},
         'aal_dice_min': {'Description': 'lowest Dice over the AAL regions'},
+        'brain_mask_dice': {'Description': 'Dice between the subject\'s true brain mask carried '
+                                           'onto Colin27 by the transform (nearest neighbour) '
+                                           'and Colin27\'s brain mask (ch2bet)'},
         'rotation_deg': {'Description': 'angle of the true rotation of the subject',
                          'Units': 'degree'},
         'n_points': {'Description': 'points of the Colin27 brain compared'},

@@ -162,6 +162,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     'aal_dice_mean': ('AAL Dice', 'mean Dice over the 116 AAL regions: the image\'s true labels '
                                   'carried by the transform against the target\'s'),
     'aal_dice_min': ('AAL min', 'lowest Dice over the AAL regions'),
+    'brain_mask_dice': ('mask Dice', 'Dice of the image\'s true brain mask carried by the '
+                                     'transform against the target\'s brain mask'),
     'n_points': ('points', 'points of the target brain compared'),
 }
 #: Columns of free text, wrapped in a narrow cell.
