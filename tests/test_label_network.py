@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -301,3 +303,33 @@ def test_brain_mask_from_labels_excludes_extracerebral_csf():
     aniso = brain_mask_from_labels(labels[::2], (2.0, 1.0, 1.0))
     assert aniso.shape == labels[::2].shape and not aniso[r[::2] >= 13].any()
     assert not brain_mask_from_labels(np.full(shape, 24, np.int16)).any()
+
+
+def test_pose_candidates_take_each_search_best_first():
+    """After the header's pose: the mask search's best candidate, the intensity search's
+    best, then their alternatives in turn (the demo's 58-degree head needed the intensity
+    search's first candidate, which the mask search's alternatives had pushed past the
+    limit of labellings)."""
+    from keyprep.pipeline.io import conform
+    from keyprep.pipeline.synth.labeller import MAX_POSE_ATTEMPTS, LabelNetwork
+    from keyprep.pipeline.targets import mricron_file
+
+    ch2 = nib.load(str(mricron_file('ch2bet.nii.gz')))
+    data = np.asarray(ch2.dataobj, dtype=np.float32)[::3, ::3, ::3]
+    img = conform(nib.Nifti1Image(data, _rotation('x', 120.0) @ ch2.affine
+                                  @ np.diag([3.0, 3.0, 3.0, 1.0])))
+    mask = nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine)
+    info, timings = {}, {'pose_s': 0.0}
+    names = [n for n, _ in LabelNetwork._pose_candidates(None, img, mask, info, timings)]
+    assert names[:2] == ['mask-search', 'intensity-search'], names
+    rest = names[2:]
+    alts = {kind: sorted((n for n in rest if n.startswith(kind + '-')),
+                         key=lambda n: int(n.rsplit('-', 1)[1]))
+            for kind in ('mask-search', 'intensity-search')}
+    assert sorted(rest) == sorted(alts['mask-search'] + alts['intensity-search'])
+    expected = [n for pair in itertools.zip_longest(alts['mask-search'],
+                                                    alts['intensity-search'])
+                for n in pair if n is not None]
+    assert rest == expected and rest, names  # in turn, each search's second best first
+    assert set(info) >= {'mask_search', 'intensity_search'}
+    assert MAX_POSE_ATTEMPTS >= 3  # the header, then at least each search's best

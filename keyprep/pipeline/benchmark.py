@@ -86,13 +86,13 @@ def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
     non-brain voxels, or the self-check fails on every image and the pose search runs for
     nothing). Cached: ``out_file`` is reused when it exists and its sidecar
     ``<out_file>.json`` (labelling time, self-check, pose used) names the same reference mask
-    and the same labeller (weights and self-check thresholds: a label map made before a change
-    of either is made again)."""
+    and the same labeller (weights, self-check thresholds, pose attempts and their order: a
+    label map made before a change of any is made again)."""
     import json
 
     from .io import make_image
     from .synth import selfcheck
-    from .synth.labeller import REGION_MASK_CM3, LabelNetwork
+    from .synth.labeller import MAX_POSE_ATTEMPTS, REGION_MASK_CM3, LabelNetwork
 
     out_file = Path(out_file)
     sidecar = Path(str(out_file) + '.json')
@@ -100,7 +100,8 @@ def structure_labels(image: Path, out_file: Path, mask: Path | None = None,
     network = LabelNetwork.cached(None, device)
     labeller = {'weights_sha256': network.sha256,
                 'min_intensity_fit': selfcheck.MIN_INTENSITY_FIT,
-                'region_mask_cm3': list(REGION_MASK_CM3)}
+                'region_mask_cm3': list(REGION_MASK_CM3),
+                'pose_attempts': MAX_POSE_ATTEMPTS, 'pose_order': 'interleaved'}
     if out_file.is_file() and sidecar.is_file():
         try:
             meta = json.loads(sidecar.read_text())

@@ -140,6 +140,10 @@ def _rotation_deg(matrix: np.ndarray) -> float:
 #: brain's: an adult intracranial volume is up to about 2100 cm^3, a whole-head mask 3500 or
 #: more.
 REGION_MASK_CM3 = (400.0, 3500.0)
+#: Labellings ``LabelNetwork.predict(pose='auto')`` may make: the header's pose, then up to
+#: five searched poses (each costs one labelling, 30-60 s at 1 mm on 2 cores; only images
+#: whose header pose fails an orientation check pay for any).
+MAX_POSE_ATTEMPTS = 6
 
 
 class LabelNetwork:
@@ -248,7 +252,7 @@ class LabelNetwork:
     def predict(self, img: nib.spatialimages.SpatialImage, flip_tta: bool = True,
                 keep_probabilities: bool = False, pose='auto',
                 reference_mask: nib.spatialimages.SpatialImage | None = None,
-                max_attempts: int = 4) -> LabelResult:
+                max_attempts: int = MAX_POSE_ATTEMPTS) -> LabelResult:
         """Label ``img`` and check the result (:mod:`.selfcheck`).
 
         ``pose='header'`` trusts the image's orientation (as SynthSeg does). ``pose='auto'``
@@ -256,7 +260,8 @@ class LabelNetwork:
         orientation check of the self-check (:data:`POSE_CHECKS`), finds the head's pose (:func:`~.orient.estimate_pose`: from
         ``reference_mask``, a brain mask of the image such as deepbet's, when given, else
         from the intensities) and labels again on a grid aligned with it, trying the
-        search's next candidates, up to ``max_attempts`` labellings. The first labelling that
+        searches' next candidates (:meth:`_pose_candidates`), up to ``max_attempts`` labellings
+        (the header's included). The first labelling that
         passes is returned; if none does, the one with the fewest failed checks (then the
         highest ``intensity_fit``), with ``result.check['ok'] = False``. A 4x4 matrix (template world -> image world) labels
         at that pose, checked but without retries."""
@@ -360,11 +365,20 @@ class LabelNetwork:
                            network_affine=net_aff, pose=pose_info, check=check)
 
     def _pose_candidates(self, img, reference_mask, info: dict, timings: dict):
-        """Poses to try after the header's: the brain-mask search (with a reference mask),
-        then the intensity search, each best candidate first."""
+        """Poses to try after the header's: the best candidate of the brain-mask search (with
+        a reference mask), then the best of the intensity search, then the two searches'
+        next candidates in turn (mask-search-2, intensity-search-2, ...). The searches'
+        best candidates come before either's alternatives: on a real head rotated by 58
+        degrees (the demo's third head, 2026-12-03) the mask search's three candidates all
+        failed the self-check and the intensity search's first passed it with the right pose
+        (label centroids 1.0 mm from the target's under a similarity), but it came fifth,
+        after the limit of four labellings."""
+        from itertools import zip_longest
+
         from .orient import estimate_pose
 
         searches = ([('mask', reference_mask)] if reference_mask is not None else []) + [('intensity', None)]
+        later = []
         for kind, mask in searches:
             tp = time.perf_counter()
             try:
@@ -377,8 +391,12 @@ class LabelNetwork:
             info[f'{kind}_search'] = {'score': round(found.score, 4),
                                       'header_score': round(found.identity_score, 4)}
             yield f'{kind}-search', found.matrix
-            for k, alt in enumerate(found.alternatives):
-                yield f'{kind}-search-{k + 2}', alt
+            later.append([(f'{kind}-search-{k + 2}', alt)
+                          for k, alt in enumerate(found.alternatives)])
+        for group in zip_longest(*later):
+            for item in group:
+                if item is not None:
+                    yield item
 
     def _network_input(self, vol: torch.Tensor, affine: np.ndarray, shape, net_aff,
                        normalise: bool = True) -> torch.Tensor:
