@@ -109,3 +109,22 @@ def test_same_seed_same_dataset(dataset, tmp_path):
     assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
     assert demo._dataset_is_current(again, demo.demo_parameters(1, 42, 90.0, 4.0))
     assert not demo._dataset_is_current(again, demo.demo_parameters(1, 43, 90.0, 4.0))
+
+
+def test_rotation_sweep_has_the_asked_angles(tmp_path):
+    """``rotations``: one subject per angle, each rotated by exactly that angle (the truth's
+    sidecar and participants.tsv say so), recorded in the dataset's parameters."""
+    import pandas as pd
+
+    bids = demo.build_demo_dataset(tmp_path / 'bids', n_subjects=5, seed=1, resolution=4.0,
+                                   rotations=[0.0, 75.0, 180.0])
+    parts = pd.read_csv(bids / 'participants.tsv', sep='\t')
+    assert list(parts['participant_id']) == ['sub-01', 'sub-02', 'sub-03']
+    assert np.allclose(parts['rotation_deg'], [0.0, 75.0, 180.0], atol=0.01)
+    gt = bids / 'derivatives' / 'groundtruth' / 'sub-02' / 'anat'
+    meta = json.loads((gt / 'sub-02_from-T1w_to-colin27_mode-image_xfm.json').read_text())
+    assert meta['Motion']['angle_deg'] == pytest.approx(75.0, abs=1e-3)
+    params = demo.demo_parameters(3, 1, 180.0, 4.0, [0.0, 75.0, 180.0])
+    assert demo._dataset_is_current(bids, params)
+    assert not demo._dataset_is_current(bids, demo.demo_parameters(3, 1, 180.0, 4.0))
+    assert 'rotations' not in demo.demo_parameters(3, 1, 180.0, 4.0)  # old datasets stay current

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nb
@@ -65,20 +66,25 @@ def _subject_grid_spec(index: int, rng: np.random.Generator) -> dict:
 
 
 def demo_parameters(n_subjects: int = 3, seed: int = 42, max_rotation: float = 180.0,
-                    resolution: float | None = None) -> dict:
+                    resolution: float | None = None,
+                    rotations: Sequence[float] | None = None) -> dict:
     """The parameters that determine a demo dataset (recorded in ``code/keyprep_demo.json``).
 
     >>> demo_parameters(2, 1)['n_subjects']
     2
     """
-    return {'n_subjects': int(n_subjects), 'seed': int(seed),
-            'max_rotation': float(max_rotation),
-            'resolution': None if resolution is None else float(resolution),
-            'keyprep_version': __version__}
+    params = {'n_subjects': int(n_subjects), 'seed': int(seed),
+              'max_rotation': float(max_rotation),
+              'resolution': None if resolution is None else float(resolution),
+              'keyprep_version': __version__}
+    if rotations is not None:  # only then, so that earlier datasets stay current
+        params['rotations'] = [float(r) for r in rotations]
+    return params
 
 
 def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: int = 42,
-                       max_rotation: float = 180.0, resolution: float | None = None) -> Path:
+                       max_rotation: float = 180.0, resolution: float | None = None,
+                       rotations: Sequence[float] | None = None) -> Path:
     """Write the demo BIDS dataset (and its ground truth) to ``out_dir``.
 
     Parameters
@@ -95,6 +101,10 @@ def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: in
     resolution
         When given (mm), every subject's voxel sizes are multiplied by it, e.g. 3.0 for
         fast tests; by default the voxels are about 1 mm.
+    rotations
+        When given, subject ``i`` is rotated by exactly ``rotations[i]`` degrees (about a
+        random axis) and there are ``len(rotations)`` subjects (``n_subjects`` is ignored):
+        a rotation sweep with the same known-truth tables.
 
     Returns
     -------
@@ -105,12 +115,14 @@ def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: in
         (maps T1w points to Colin27 points: it resamples Colin27 onto the subject) and
         ``sub-XX_from-T1w_to-colin27_mode-image_xfm.txt`` (the inverse).
     """
+    if rotations is not None:
+        n_subjects = len(rotations)
     if n_subjects < 1:
         raise ValueError('n_subjects must be at least 1')
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     gt = root / 'derivatives' / 'groundtruth'
-    params = demo_parameters(n_subjects, seed, max_rotation, resolution)
+    params = demo_parameters(n_subjects, seed, max_rotation, resolution, rotations)
     marker = root / _PARAMS_FILE
     if marker.exists():
         marker.unlink()  # rewritten last: its presence means the dataset is complete
@@ -128,7 +140,9 @@ def build_demo_dataset(out_dir: str | os.PathLike, n_subjects: int = 3, seed: in
         sub = f'sub-{index + 1:02d}'
         rng = np.random.default_rng([int(seed), index])
         spec = _subject_grid_spec(index, rng)
-        motion = pt.random_similarity(rng, max_rotation, 15.0, (0.92, 1.08), center=center)
+        motion = pt.random_similarity(rng, max_rotation, 15.0, (0.92, 1.08), center=center,
+                                      angle_deg=None if rotations is None
+                                      else float(rotations[index]))
         xfm = pt.KnownTransform(motion)
         zooms = np.asarray(spec['voxel_size'], dtype=float) * (resolution or 1.0)
         oblique = (pt.rotation_about_axis(pt.random_axis(rng), spec['obliquity_deg'])
@@ -424,6 +438,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              'pose: with the default seed the three heads are rotated by 126, '
                              '114 and 58 degrees, beyond what ANTs recovers from its '
                              'centre-of-mass start for the first two)')
+    parser.add_argument('--rotations', type=float, nargs='+', default=None, metavar='DEG',
+                        help='exact rotation of each subject in degrees, about a random axis '
+                             '(one subject per value; replaces --n-subjects and '
+                             '--max-rotation): a rotation sweep, e.g. --rotations 0 30 60 90 '
+                             '120 150 180')
     parser.add_argument('--target', choices=('colin27', 'MNI152NLin2009aSym'),
                         default='colin27',
                         help='colin27 (default): the unmoved Colin27 head, so that every '
@@ -445,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     out = opts.out.expanduser().resolve()
     bids_dir, deriv, work = out / 'bids', out / 'derivatives' / 'keyprep', out / 'work'
     resolution = 2.0 if opts.quick else None
-    params = demo_parameters(opts.n_subjects, opts.seed, opts.max_rotation, resolution)
+    if opts.rotations is not None:
+        opts.n_subjects = len(opts.rotations)
+    params = demo_parameters(opts.n_subjects, opts.seed, opts.max_rotation, resolution,
+                             opts.rotations)
     if _dataset_is_current(bids_dir, params):
         print(f'keyprep-demo: reusing the dataset in {bids_dir}')
     else:
@@ -457,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _exit(64, argv)
             shutil.rmtree(bids_dir)
         print(f'keyprep-demo: building {opts.n_subjects} subject(s) in {bids_dir} ...')
-        build_demo_dataset(bids_dir, opts.n_subjects, opts.seed, opts.max_rotation, resolution)
+        build_demo_dataset(bids_dir, opts.n_subjects, opts.seed, opts.max_rotation, resolution,
+                           opts.rotations)
 
     from .run import run
 
