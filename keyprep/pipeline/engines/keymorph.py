@@ -29,8 +29,9 @@ Parameters (``params``; the CLI's ``--keymorph-*`` options):
 ``lambdas``
     TPS regularisation weights, in the paper's normalised frame (default ``[1.0]``).
 ``n_keypoints``
-    Use only this many keypoints (spread over the brain by farthest-point sampling of the
-    fixed keypoints); default: all.
+    Use only this many of the detector's keypoints (spread over the brain by farthest-point
+    sampling of the fixed keypoints); default: all. The structure centroids
+    (``keypoint_source`` ``labels``/``both``) are always all used.
 ``refine``, ``refine_steps``, ``similarity``
     Refinement mode (``none``, ``affine``, ``deformable``), its number of steps, and its
     similarity (``auto``: LNCC for the same contrast, MIND otherwise).
