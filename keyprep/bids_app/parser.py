@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--keymorph-lambdas', nargs='+', type=_non_negative_float, default=None,
                    metavar='LAMBDA',
                    help='thin-plate-spline regularisation weights of keymorphTPS, in the '
-                        "paper's normalised frame (0 interpolates the keypoints; 10 is close "
-                        'to affine); default 1. Several values give one result per value from '
+                        "paper's normalised frame (0 interpolates the keypoints, which with the "
+                        'default ~31 structure centroids distorts the brain between them; 10 is '
+                        'close to affine); default 1. Several values give one result per value from '
                         'ONE keypoint detection, each written as its own method '
                         'keymorphTPSlam<value> (0.1 -> lam0p1) with its own derivatives, QC '
                         'rows and figures, and a figure of all of them side by side')
