@@ -320,7 +320,7 @@ def test_pose_candidates_take_each_search_best_first():
                                   @ np.diag([3.0, 3.0, 3.0, 1.0])))
     mask = nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine)
     info, timings = {}, {'pose_s': 0.0}
-    names = [n for n, _ in LabelNetwork._pose_candidates(None, img, mask, info, timings)]
+    names = [n for n, _ in LabelNetwork._pose_candidates(img, mask, info, timings)]
     assert names[:2] == ['mask-search', 'intensity-search'], names
     rest = names[2:]
     alts = {kind: sorted((n for n in rest if n.startswith(kind + '-')),

@@ -287,7 +287,7 @@ class _KeyMorphEngine(Engine):
             shared['keypoint_source_fallback'] = why
         pts = {'fixed': [], 'moving': [], 'weights': [], 'index': [], 'structure': []}
         if use_detector:
-            det = self._detect(params, fimg, mimg, fmask, mmask, device, lfit, why, options)
+            det = self._detect(params, fimg, mimg, fmask, mmask, device, lfit, why)
             shared.update(det.pop('extras'))
             pose = det['pose']
             idx = det['index']
@@ -343,7 +343,7 @@ class _KeyMorphEngine(Engine):
             out[name] = res
         return out if len(out) > 1 else out[variants[0][0]]
 
-    def _detect(self, params, fimg, mimg, fmask, mmask, device, lfit, why, options) -> dict:
+    def _detect(self, params, fimg, mimg, fmask, mmask, device, lfit, why) -> dict:
         """The learned detector's keypoints of both images, the moving ones on the pose grid
         (the label fit's rotation when trusted and ``pose_search`` is ``labels``, else the
         cube search or the axis-aligned grid)."""

@@ -1,7 +1,8 @@
 """Keypoint tables (``desc-keypoints`` TSV derivatives) and keypoint subsets; numpy only.
 
 A keypoint table has one row per keypoint and the columns ``x``, ``y``, ``z`` (world RAS
-millimetres of the image it belongs to), ``weight`` (the detector's weight, 1 for an
+millimetres of the image it belongs to), ``weight`` (in a registration's tables the
+keypoint's weight in the closed-form fit, mean 1; elsewhere the detector's weight, 1 for an
 unweighted model) and ``index`` (the detector output channel: keypoint ``k`` of one image
 corresponds to keypoint ``k`` of any other image). Tables of a run whose keypoints include
 anatomical ones (the KeyMorph engines' ``keypoint_source`` ``labels`` or ``both``) also have
@@ -25,7 +26,9 @@ KEYPOINT_COLUMNS = {
     'x': 'Keypoint position, RAS x (mm, world coordinates of the image)',
     'y': 'Keypoint position, RAS y (mm)',
     'z': 'Keypoint position, RAS z (mm)',
-    'weight': "Detector's weight of the keypoint (1 for an unweighted model)",
+    'weight': "Weight of the keypoint: in a registration's tables its weight in the "
+              'closed-form fit (mean 1 over the table; 1 for every keypoint of an unweighted '
+              "detector), elsewhere the detector's weight",
     'index': 'Keypoint index (detector channel): the same index is the same keypoint in '
              'every image',
 }

@@ -364,7 +364,8 @@ class LabelNetwork:
                            probabilities=probs[0].cpu().numpy() if keep_probabilities else None,
                            network_affine=net_aff, pose=pose_info, check=check)
 
-    def _pose_candidates(self, img, reference_mask, info: dict, timings: dict):
+    @staticmethod
+    def _pose_candidates(img, reference_mask, info: dict, timings: dict):
         """Poses to try after the header's: the best candidate of the brain-mask search (with
         a reference mask), then the best of the intensity search, then the two searches'
         next candidates in turn (mask-search-2, intensity-search-2, ...). The searches'
