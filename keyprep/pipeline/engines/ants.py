@@ -26,7 +26,8 @@ from typing import ClassVar
 
 from .base import Engine, EngineOptions, RegistrationResult, register_engine
 
-__all__ = ['AntsAffine', 'AntsRigid', 'AntsSyN', 'ANTS_PRESETS', 'DEFAULT_ANTS_PRESET']
+__all__ = ['AntsAffine', 'AntsRigid', 'AntsSyN', 'ANTS_PRESETS', 'DEFAULT_ANTS_PRESET',
+           'ants_random_seed']
 
 #: Recipes of the ANTs engines, by name: the ANTsPy ``type_of_transform`` of each engine.
 ANTS_PRESETS: dict[str, dict[str, str]] = {
@@ -37,6 +38,16 @@ ANTS_PRESETS: dict[str, dict[str, str]] = {
     'antspy': {'rigid': 'Rigid', 'affine': 'Affine', 'syn': 'SyN'},
 }
 DEFAULT_ANTS_PRESET = 'synquick'
+
+
+def ants_random_seed(seed: int) -> int:
+    """antsRegistration's ``--random-seed`` for keyprep's seed.
+
+    antsRegistration reads a seed of 0 as "seed from the clock" (its metric sampling then
+    differs from run to run), so keyprep's seed ``s`` is passed as ``s + 1`` (kept in the
+    positive 31-bit range): every seed, 0 included, gives a reproducible registration.
+    """
+    return int(seed) % (2 ** 31 - 2) + 1
 
 
 class _AntsEngine(Engine):
@@ -76,8 +87,9 @@ class _AntsEngine(Engine):
         from ..antsutils import import_ants
 
         ants = import_ants(options.omp_nthreads)
+        seed = ants_random_seed(options.seed)
         if hasattr(ants, 'config') and hasattr(ants.config, '_random_seed'):
-            ants.config._random_seed = int(options.seed)  # passed as --random-seed
+            ants.config._random_seed = seed  # passed as --random-seed
         params = self.parameters(options)
         kwargs = {k: v for k, v in params.items() if k not in ('type_of_transform', 'preset', 'masks')}
         for key in ('aff_iterations', 'aff_shrink_factors', 'aff_smoothing_sigmas',
@@ -104,7 +116,8 @@ class _AntsEngine(Engine):
                                   warped=str(warped),
                                   extras={'ants_preset': params['preset'],
                                           'ants_type_of_transform': params['type_of_transform'],
-                                          'metric_masks': bool(params['masks'])})
+                                          'metric_masks': bool(params['masks']),
+                                          'ants_random_seed': seed})
 
 
 @register_engine
