@@ -250,6 +250,63 @@ def test_svf_refinement_is_invertible_and_improves(small_brains, refine_images):
     assert np.linalg.det(jac).min() > 0
 
 
+
+def test_svf_integration_on_the_control_grid_matches_the_fine_grid(refine_images):
+    """The default (scaling and squaring on the 8 mm control grid, then upsampled) gives the
+    same correction as integrating on the refinement grid, to a small fraction of a voxel."""
+    torch.manual_seed(0)
+    shape = refine_images.shape
+    factor = 4  # 8 mm control spacing on the 2 mm grid
+    cshape = tuple(max(2, -(-(s - 1) // factor) + 1) for s in shape)
+    vel = 3.0 * torch.randn((1, 3) + cshape)  # mm, a few mm of smooth motion
+    vel = torch.nn.functional.avg_pool3d(vel, 3, stride=1, padding=1, count_include_pad=False)
+    res = refine_images.res_mm
+    from keyprep.pipeline.synth.generator import integrate_svf
+
+    fine = torch.nn.functional.interpolate(vel, size=shape, mode='trilinear', align_corners=True)
+    ref = integrate_svf(fine / res, 7) * res
+    spacing = torch.tensor([res * (s - 1) / (c - 1) for s, c in zip(shape, cshape)]).view(
+        1, 3, 1, 1, 1)
+    coarse = torch.nn.functional.interpolate(integrate_svf(vel / spacing, 7) * spacing,
+                                             size=shape, mode='trilinear', align_corners=True)
+    err = (coarse - ref).norm(dim=1)
+    assert float(ref.norm(dim=1).max()) > 2.0  # the field is not trivial
+    assert float(err.mean()) < 0.05 * res and float(err.max()) < 0.25 * res
+    with pytest.raises(ValueError, match='integrate_on'):
+        R.refine_svf(refine_images, torch.zeros((1, 3) + shape), steps=1, integrate_on='x')
+
+
+def test_refinement_adam_is_torch_adam():
+    """The refinements' own Adam (no torch.optim: its import costs 1.6 s) is torch's."""
+    torch.manual_seed(0)
+    a = torch.randn(7, requires_grad=True)
+    start = a.detach().clone()
+    b = a.detach().clone().requires_grad_(True)
+    ta, mine = torch.optim.Adam([a], lr=0.1), R._Adam([b], lr=0.1)
+    for step in range(25):
+        for p, opt in ((a, ta), (b, mine)):
+            opt.zero_grad()
+            ((p - 3) ** 4 + p.sin()).sum().backward()
+            opt.step()
+    assert float((a - b).detach().abs().max()) < 1e-5
+    assert float((b.detach() - start).abs().min()) > 0.5  # it moved: not a trivial match
+
+
+def test_deformable_refinement_defaults():
+    from keyprep.pipeline.engines.keymorph import (
+        DEFAULT_REFINE_STEPS,
+        DEFAULT_SVF_REFINE_RES_MM,
+        DEFAULT_SVF_REFINE_STEPS,
+    )
+
+    opts = EngineOptions(params={'refine': 'deformable'})
+    tps = get_engine('keymorphTPS').parameters(opts)
+    assert tps['refine_steps'] == DEFAULT_SVF_REFINE_STEPS == 20
+    assert tps['refine_resolution_mm'] == DEFAULT_SVF_REFINE_RES_MM == 4.0
+    aff = get_engine('keymorphAffine').parameters(opts)
+    assert aff['refine_steps'] == DEFAULT_REFINE_STEPS and aff['refine_resolution_mm'] == 2.0
+    assert '4 mm grid for 20 steps' in get_engine('keymorphTPS').boilerplate(opts)
+
 def test_engine_refined_variants(small_brains, masks, random_weights, tmp_path):
     params = {'weights': str(random_weights), 'refine': 'deformable', 'refine_steps': 2}
     rigid = run_engine_variants('keymorphRigid', small_brains['fixed'], small_brains['moving'],

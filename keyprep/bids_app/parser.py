@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'keymorphAffineRefined), next to the unrefined ones, which keep '
                         'their names; default: none')
     g.add_argument('--keymorph-refine-steps', type=_positive_int, default=None, metavar='N',
-                   help='optimisation steps of the refinement (default 40; 8 with --sloppy)')
+                   help='optimisation steps of the refinement (default 40 for the linear '
+                        'corrections, 20 for the deformable one; 8 with --sloppy)')
     g.add_argument('--ants-preset', choices=('synquick', 'syn', 'antspy'), default=None,
                    help='recipe of the ANTs baselines: synquick (default) runs '
                         'antsRegistrationSyNQuick.sh\'s rigid/affine/SyN stage lists (rigid, '

@@ -82,8 +82,14 @@ __all__ = ['DEFAULT_LAMBDAS', 'DEFAULT_REFINE_STEPS', 'KeyMorphAffine', 'KeyMorp
 
 #: TPS regularisation used when ``lambdas`` is not given.
 DEFAULT_LAMBDAS: tuple[float, ...] = (1.0,)
-#: Steps of the test-time refinement.
+#: Steps of the test-time refinement (linear corrections, on a 2 mm grid).
 DEFAULT_REFINE_STEPS = 40
+#: Steps, grid (mm) and Adam rate (mm) of the deformable (SVF) refinement of keymorphTPS:
+#: chosen on 6 held-out pairs (2 mm, T1/T2 to T1, 0 deg) against 40 steps at 2 mm, which
+#: cost 36 s per refinement for about 1 Dice point more (``keyprep/models/keymorph``'s card)
+DEFAULT_SVF_REFINE_STEPS = 20
+DEFAULT_SVF_REFINE_RES_MM = 4.0
+SVF_REFINE_LR = 0.5
 #: Pose search used when ``pose_search`` is not given.
 DEFAULT_POSE_SEARCH = 'labels'
 #: Values of ``keypoint_source``.
@@ -128,9 +134,11 @@ class _KeyMorphEngine(Engine):
             'n_keypoints': int(p['n_keypoints']) if p.get('n_keypoints') else None,
             'refine': str(p.get('refine') or 'none'),
             'refine_steps': int(p['refine_steps']) if p.get('refine_steps') is not None
-            else (SLOPPY_REFINE_STEPS if options.sloppy else DEFAULT_REFINE_STEPS),
+            else (SLOPPY_REFINE_STEPS if options.sloppy else
+                  DEFAULT_SVF_REFINE_STEPS if self.fit_kind == 'tps' else DEFAULT_REFINE_STEPS),
             'similarity': str(p.get('similarity') or 'auto'),
-            'refine_resolution_mm': float(p.get('refine_resolution_mm') or 2.0),
+            'refine_resolution_mm': float(p.get('refine_resolution_mm') or (
+                DEFAULT_SVF_REFINE_RES_MM if self.fit_kind == 'tps' else 2.0)),
             'pose_search': str(p.get('pose_search') or DEFAULT_POSE_SEARCH),
             'keypoint_source': str(p.get('keypoint_source') or DEFAULT_KEYPOINT_SOURCE),
         }
@@ -229,7 +237,8 @@ class _KeyMorphEngine(Engine):
                     else 'a rigid correction' if self.fit_kind == 'rigid'
                     else 'an affine correction')
             text += (f', and the same refined at test time by {kind} optimising LNCC (same '
-                     'contrast) or MIND (different contrasts) on a 2 mm grid for '
+                     'contrast) or MIND (different contrasts) on a '
+                     f'{params["refine_resolution_mm"]:g} mm grid for '
                      f'{params["refine_steps"]} steps (results named {self.name}...Refined)')
         return text
 
@@ -558,7 +567,7 @@ class KeyMorphTPS(_KeyMorphEngine):
             base = displacement_grid(fit, images.grid_affine, images.shape, i,
                                      device=ctx.device).permute(3, 0, 1, 2)[None]
             corr = refine_svf(images, base, steps=ctx.params['refine_steps'],
-                              similarity=ctx.similarity)
+                              similarity=ctx.similarity, lr=SVF_REFINE_LR)
             one = fit.select(i)
             total = int(np.prod(fshape))
             ufield = torch.empty(total, 3, dtype=torch.float32)

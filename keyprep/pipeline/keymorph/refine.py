@@ -314,6 +314,39 @@ class LinearRefinement:
     similarity: str = ''
 
 
+
+class _Adam:
+    """Adam (Kingma and Ba 2015; torch's defaults: betas 0.9/0.999, eps 1e-8, no weight
+    decay) for the few tensors of a refinement.
+
+    ``torch.optim.Adam`` would do the same, but constructing any ``torch.optim`` optimiser
+    imports ``torch._dynamo`` (1.6 s measured here in a fresh process: a quarter of a
+    refinement's budget, paid by every pipeline node).
+    """
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2 = self.betas
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 def _skew(w: torch.Tensor) -> torch.Tensor:
     z = torch.zeros((), dtype=w.dtype, device=w.device)
     return torch.stack([torch.stack([z, -w[2], w[1]]), torch.stack([w[2], z, -w[0]]),
@@ -345,7 +378,7 @@ def refine_linear(images: RefineImages, init: np.ndarray, *, rigid: bool, steps:
     rel = pts - c.view(3, 1, 1, 1)
     lin = torch.zeros(3 if rigid else 9, device=dev, requires_grad=True)
     trans = torch.zeros(3, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([lin, trans], lr=lr)
+    opt = _Adam([lin, trans], lr=lr)
     eye = torch.eye(3, device=dev)
     sim_loss = make_similarity(similarity, images.fixed, images.mask)
 
@@ -365,8 +398,7 @@ def refine_linear(images: RefineImages, init: np.ndarray, *, rigid: bool, steps:
     best = (float('inf'), init.copy())
     losses = []
     for step in range(steps + 1):
-        for g in opt.param_groups:
-            g['lr'] = _cosine_lr(step, steps, lr)
+        opt.lr = _cosine_lr(step, steps, lr)
         opt.zero_grad()
         loss = loss_of()
         value = float(loss.detach())
@@ -427,9 +459,22 @@ def _diffusion(v: torch.Tensor, spacing_mm: float) -> torch.Tensor:
     return (dz ** 2).mean() + (dy ** 2).mean() + (dx ** 2).mean()
 
 
+def _diffusion_aniso(v: torch.Tensor, spacing_mm: torch.Tensor) -> torch.Tensor:
+    """:func:`_diffusion` on a grid of per-axis spacings ``spacing_mm [3]``."""
+    dz = (v[:, :, 1:] - v[:, :, :-1]) / spacing_mm[0]
+    dy = (v[:, :, :, 1:] - v[:, :, :, :-1]) / spacing_mm[1]
+    dx = (v[..., 1:] - v[..., :-1]) / spacing_mm[2]
+    return (dz ** 2).mean() + (dy ** 2).mean() + (dx ** 2).mean()
+
+
+#: Where :func:`refine_svf` integrates the velocity field.
+INTEGRATION_GRIDS = ('control', 'fine')
+
+
 def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 40,
                similarity: str = 'lncc', control_mm: float = 8.0, smooth_weight: float = 1.0,
-               lr: float = 0.25, int_steps: int = 7) -> SVFCorrection:
+               lr: float = 0.25, int_steps: int = 7,
+               integrate_on: str = 'control') -> SVFCorrection:
     """Optimise ``psi = exp(v)`` so that the moving image sampled at ``T(psi(x))`` matches the
     fixed image, where ``T(z) = z + base(z)``.
 
@@ -449,6 +494,10 @@ def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 4
         Adam's learning rate (mm per step, cosine decay) and number of steps.
     int_steps
         Scaling-and-squaring steps.
+    integrate_on
+        ``'control'`` (default): scaling and squaring on the control grid, the displacement
+        then upsampled trilinearly (measured: the same Dice as ``'fine'`` at a fraction of the
+        time); ``'fine'``: on the refinement grid itself.
 
     Returns
     -------
@@ -456,19 +505,32 @@ def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 4
     """
     from ..synth.generator import integrate_svf, sample_field
 
+    if integrate_on not in INTEGRATION_GRIDS:
+        raise ValueError(f'integrate_on must be one of {INTEGRATION_GRIDS}, not {integrate_on!r}')
     dev = images.device
     shape = images.shape
     res = images.res_mm
     factor = max(1, int(round(control_mm / res)))
     cshape = tuple(max(2, int(math.ceil((s - 1) / factor)) + 1) for s in shape)
     v = torch.zeros((1, 3) + cshape, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([v], lr=lr)
+    opt = _Adam([v], lr=lr)
     pts = images.grid_points()[None]  # [1, 3, D, H, W] mm
     inv = torch.as_tensor(np.linalg.inv(images.grid_affine), dtype=torch.float32, device=dev)
     base = base_field.to(dev, torch.float32)
     sim_loss = make_similarity(similarity, images.fixed, images.mask)
 
+    # spacing (mm) of the control grid along each axis (align_corners upsampling)
+    cspacing = torch.tensor([res * (s - 1) / max(c - 1, 1) for s, c in zip(shape, cshape)],
+                            device=dev).view(1, 3, 1, 1, 1)
+
     def fields(vel):
+        if integrate_on == 'control':
+            # exp(v) by scaling and squaring on the control grid itself (v is trilinear
+            # between control points, so its flow is smooth at that scale), then the
+            # displacement upsampled: about factor^3 fewer samples per squaring step
+            disp_mm = integrate_svf(vel / cspacing, int_steps) * cspacing
+            disp = F.interpolate(disp_mm, size=shape, mode='trilinear', align_corners=True)
+            return disp, vel
         fine = F.interpolate(vel, size=shape, mode='trilinear', align_corners=True)
         disp_vox = integrate_svf(fine / res, int_steps)  # grid is isotropic, axis-aligned
         return disp_vox * res, fine
@@ -479,14 +541,21 @@ def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 4
         vox = torch.einsum('ab,nbijk->naijk', inv[:3, :3], moved) + inv[:3, 3].view(1, 3, 1, 1, 1)
         mapped = moved + sample_field(base, vox, padding_mode='border')  # T(psi(x))
         sim = sim_loss(images.sample_moving(mapped[0]))
-        reg = _diffusion(fine, res) if fine.shape[2] > 1 else fine.new_zeros(())
+        if fine.shape[2] <= 1:
+            reg = fine.new_zeros(())
+        elif integrate_on == 'control':
+            # the gradient of the trilinearly upsampled v is made of the control grid's
+            # finite differences (interpolated across the other axes): the same penalty up
+            # to that interpolation, without upsampling
+            reg = _diffusion_aniso(fine, cspacing.flatten())
+        else:
+            reg = _diffusion(fine, res)
         return sim + smooth_weight * reg, sim
 
     best_value, best_v = float('inf'), v.detach().clone()
     losses = []
     for step in range(steps + 1):
-        for g in opt.param_groups:
-            g['lr'] = _cosine_lr(step, steps, lr)
+        opt.lr = _cosine_lr(step, steps, lr)
         opt.zero_grad()
         total, sim = loss_of()
         value = float(total.detach())
