@@ -32,9 +32,11 @@ Parameters (``params``; the CLI's ``--keymorph-*`` options):
     Use only this many of the detector's keypoints (spread over the brain by farthest-point
     sampling of the fixed keypoints); default: all. The structure centroids
     (``keypoint_source`` ``labels``/``both``) are always all used.
-``refine``, ``refine_steps``, ``similarity``
-    Refinement mode (``none``, ``affine``, ``deformable``), its number of steps, and its
-    similarity (``auto``: LNCC for the same contrast, MIND otherwise).
+``refine``, ``refine_steps``, ``similarity``, ``refine_resolution_mm``
+    Refinement mode (``none``, ``affine``, ``deformable``), its number of steps, its
+    similarity (``auto``: LNCC for the same contrast, MIND otherwise) and its grid. Defaults:
+    40 steps on a 2 mm grid for the linear corrections, 20 steps on a 4 mm grid for the
+    deformable (SVF) correction of keymorphTPS.
 ``pose_search``
     ``labels`` (default): the head's pose comes from the structure label maps that keyprep's
     label network made of both images (:attr:`EngineOptions.labels`; the one pose estimate
