@@ -252,8 +252,11 @@ def test_svf_refinement_is_invertible_and_improves(small_brains, refine_images):
 
 
 def test_svf_integration_on_the_control_grid_matches_the_fine_grid(refine_images):
-    """The default (scaling and squaring on the 8 mm control grid, then upsampled) gives the
-    same correction as integrating on the refinement grid, to a small fraction of a voxel."""
+    """refine_svf's exp(v) (scaling and squaring on the 8 mm control grid, then upsampled)
+    against integrating the upsampled velocity on the refinement grid: a small fraction of a
+    voxel apart."""
+    from keyprep.pipeline.synth.generator import integrate_svf
+
     torch.manual_seed(0)
     shape = refine_images.shape
     factor = 4  # 8 mm control spacing on the 2 mm grid
@@ -261,28 +264,26 @@ def test_svf_integration_on_the_control_grid_matches_the_fine_grid(refine_images
     vel = 3.0 * torch.randn((1, 3) + cshape)  # mm, a few mm of smooth motion
     vel = torch.nn.functional.avg_pool3d(vel, 3, stride=1, padding=1, count_include_pad=False)
     res = refine_images.res_mm
-    from keyprep.pipeline.synth.generator import integrate_svf
-
     fine = torch.nn.functional.interpolate(vel, size=shape, mode='trilinear', align_corners=True)
     ref = integrate_svf(fine / res, 7) * res
-    spacing = torch.tensor([res * (s - 1) / (c - 1) for s, c in zip(shape, cshape)]).view(
-        1, 3, 1, 1, 1)
-    coarse = torch.nn.functional.interpolate(integrate_svf(vel / spacing, 7) * spacing,
-                                             size=shape, mode='trilinear', align_corners=True)
+    coarse = R.svf_displacement(vel, shape, res, 7)
     err = (coarse - ref).norm(dim=1)
     assert float(ref.norm(dim=1).max()) > 2.0  # the field is not trivial
     assert float(err.mean()) < 0.05 * res and float(err.max()) < 0.25 * res
-    with pytest.raises(ValueError, match='integrate_on'):
-        R.refine_svf(refine_images, torch.zeros((1, 3) + shape), steps=1, integrate_on='x')
+    # a degenerate axis (one voxel) gives a finite field, not a division by zero
+    flat = R.svf_displacement(torch.ones(1, 3, 2, 2, 2), (1, 5, 5), res)
+    assert flat.shape == (1, 3, 1, 5, 5) and bool(torch.isfinite(flat).all())
 
 
 def test_refinement_adam_is_torch_adam():
-    """The refinements' own Adam (no torch.optim: its import costs 1.6 s) is torch's."""
+    """keyprep's test-time Adam (no torch.optim: its import costs 1.6 s) is torch's."""
+    from keyprep.pipeline.optim import Adam
+
     torch.manual_seed(0)
     a = torch.randn(7, requires_grad=True)
     start = a.detach().clone()
     b = a.detach().clone().requires_grad_(True)
-    ta, mine = torch.optim.Adam([a], lr=0.1), R._Adam([b], lr=0.1)
+    ta, mine = torch.optim.Adam([a], lr=0.1), Adam([b], lr=0.1)
     for step in range(25):
         for p, opt in ((a, ta), (b, mine)):
             opt.zero_grad()

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from ..optim import Adam
 from ..synth.generator import gaussian_blur, identity_grid
 
 __all__ = ['SolverConfig', 'REPRESENTATIONS', 'solve', 'warp', 'sample', 'integrate_velocity',
@@ -273,7 +274,7 @@ def _dense_level(rep: str, f_fix: torch.Tensor, f_mov: torch.Tensor, init: torch
 def _affine_level(f_fix, f_mov, init: torch.Tensor, iters: int, cfg: SolverConfig, scale: int,
                   res_mm: float, level: int) -> LevelResult:
     mat = init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([mat], lr=cfg.lr_affine * 0.5 ** level, betas=cfg.betas)
+    opt = Adam([mat], lr=cfg.lr_affine * 0.5 ** level, betas=cfg.betas)
     n_vox = f_fix[0, 0].numel()
     losses: list[float] = []
     shape = f_fix.shape[2:]

@@ -86,9 +86,9 @@ __all__ = ['DEFAULT_LAMBDAS', 'DEFAULT_REFINE_STEPS', 'KeyMorphAffine', 'KeyMorp
 DEFAULT_LAMBDAS: tuple[float, ...] = (1.0,)
 #: Steps of the test-time refinement (linear corrections, on a 2 mm grid).
 DEFAULT_REFINE_STEPS = 40
-#: Steps, grid (mm) and Adam rate (mm) of the deformable (SVF) refinement of keymorphTPS:
-#: chosen on 6 held-out pairs (2 mm, T1/T2 to T1, 0 deg) against 40 steps at 2 mm, which
-#: cost 36 s per refinement for about 1 Dice point more (``keyprep/models/keymorph``'s card)
+#: Steps, grid (mm) and Adam rate (mm) of the deformable (SVF) refinement of keymorphTPS,
+#: chosen on 6 held-out pairs (the sweep in ``benchmarks/results/intersubject-same-run/``):
+#: 40 steps at 2 mm cost 36 s per refinement for about 1 Dice point more
 DEFAULT_SVF_REFINE_STEPS = 20
 DEFAULT_SVF_REFINE_RES_MM = 4.0
 SVF_REFINE_LR = 0.5

@@ -10,8 +10,9 @@ accuracy come together:
   vector and translation about the fixed brain's centre: the result stays rigid) and affine
   for an affine one (:func:`refine_linear`);
 * thin-plate splines: a smooth diffeomorphic correction ``psi = exp(v)`` of a stationary
-  velocity field ``v`` on a coarse control grid (upsampled trilinearly, integrated by scaling
-  and squaring), with a diffusion penalty on ``v``, composed as ``T o psi``
+  velocity field ``v`` on a coarse control grid (integrated there by scaling and squaring,
+  the displacement then upsampled trilinearly), with a diffusion penalty on ``v``, composed
+  as ``T o psi``
   (:func:`refine_svf`). Its inverse is ``exp(-v)``, so the composed map is inverted as
   ``psi^-1 o T^-1`` without another iteration.
 
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..optim import Adam
+
 __all__ = [
     'REFINE_MODES',
     'SIMILARITIES',
@@ -48,6 +51,7 @@ __all__ = [
     'refine_linear',
     'refine_svf',
     'similarity_loss',
+    'svf_displacement',
 ]
 
 #: Values of ``--keymorph-refine``.
@@ -315,37 +319,6 @@ class LinearRefinement:
 
 
 
-class _Adam:
-    """Adam (Kingma and Ba 2015; torch's defaults: betas 0.9/0.999, eps 1e-8, no weight
-    decay) for the few tensors of a refinement.
-
-    ``torch.optim.Adam`` would do the same, but constructing any ``torch.optim`` optimiser
-    imports ``torch._dynamo`` (1.6 s measured here in a fresh process: a quarter of a
-    refinement's budget, paid by every pipeline node).
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params = list(params)
-        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        b1, b2 = self.betas
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
-                continue
-            m.mul_(b1).add_(p.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            denom = (v / (1 - b2 ** self.t)).sqrt_().add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / (1 - b1 ** self.t))
-
 
 def _skew(w: torch.Tensor) -> torch.Tensor:
     z = torch.zeros((), dtype=w.dtype, device=w.device)
@@ -378,7 +351,7 @@ def refine_linear(images: RefineImages, init: np.ndarray, *, rigid: bool, steps:
     rel = pts - c.view(3, 1, 1, 1)
     lin = torch.zeros(3 if rigid else 9, device=dev, requires_grad=True)
     trans = torch.zeros(3, device=dev, requires_grad=True)
-    opt = _Adam([lin, trans], lr=lr)
+    opt = Adam([lin, trans], lr=lr)
     eye = torch.eye(3, device=dev)
     sim_loss = make_similarity(similarity, images.fixed, images.mask)
 
@@ -451,30 +424,44 @@ class SVFCorrection:
         return points_mm + self.displacement_at(points_mm, inverse)
 
 
-def _diffusion(v: torch.Tensor, spacing_mm: float) -> torch.Tensor:
-    """Mean squared forward-difference gradient of ``v [1, 3, d, h, w]`` (mm per mm)."""
-    dz = (v[:, :, 1:] - v[:, :, :-1]) / spacing_mm
-    dy = (v[:, :, :, 1:] - v[:, :, :, :-1]) / spacing_mm
-    dx = (v[..., 1:] - v[..., :-1]) / spacing_mm
+def _diffusion(v: torch.Tensor, spacing_mm) -> torch.Tensor:
+    """Mean squared forward-difference gradient of ``v [1, 3, d, h, w]`` (mm per mm);
+    ``spacing_mm``: the grid's spacing, one value or one per axis."""
+    sz, sy, sx = (spacing_mm,) * 3 if isinstance(spacing_mm, (int, float)) else spacing_mm
+    dz = (v[:, :, 1:] - v[:, :, :-1]) / sz
+    dy = (v[:, :, :, 1:] - v[:, :, :, :-1]) / sy
+    dx = (v[..., 1:] - v[..., :-1]) / sx
     return (dz ** 2).mean() + (dy ** 2).mean() + (dx ** 2).mean()
 
 
-def _diffusion_aniso(v: torch.Tensor, spacing_mm: torch.Tensor) -> torch.Tensor:
-    """:func:`_diffusion` on a grid of per-axis spacings ``spacing_mm [3]``."""
-    dz = (v[:, :, 1:] - v[:, :, :-1]) / spacing_mm[0]
-    dy = (v[:, :, :, 1:] - v[:, :, :, :-1]) / spacing_mm[1]
-    dx = (v[..., 1:] - v[..., :-1]) / spacing_mm[2]
-    return (dz ** 2).mean() + (dy ** 2).mean() + (dx ** 2).mean()
+def control_spacing(shape, cshape, res_mm: float) -> list[float]:
+    """Spacing (mm) along each axis of a control grid ``cshape`` spanning a grid ``shape`` of
+    voxel size ``res_mm`` (corner-aligned, as ``F.interpolate(..., align_corners=True)``)."""
+    return [res_mm * max(s - 1, 1) / max(c - 1, 1) for s, c in zip(shape, cshape)]
 
 
-#: Where :func:`refine_svf` integrates the velocity field.
-INTEGRATION_GRIDS = ('control', 'fine')
+def svf_displacement(vel: torch.Tensor, shape, res_mm: float, int_steps: int = 7
+                     ) -> torch.Tensor:
+    """Displacement (mm) of ``exp(v)`` on a grid ``shape`` of voxel size ``res_mm`` for a
+    velocity ``vel [1, 3, *cshape]`` (mm) on a control grid spanning it.
+
+    Scaling and squaring runs on the control grid itself (the velocity is trilinear between
+    control points, so its flow is smooth at that scale) and the displacement is then
+    upsampled trilinearly: (control spacing / voxel)^3 fewer samples per squaring step than
+    integrating the upsampled velocity, for a difference below a twentieth of a voxel on
+    average (``tests/test_keymorph_engine.py``).
+    """
+    from ..synth.generator import integrate_svf
+
+    sp = torch.tensor(control_spacing(shape, vel.shape[2:], res_mm), dtype=vel.dtype,
+                      device=vel.device).view(1, 3, 1, 1, 1)
+    disp = integrate_svf(vel / sp, int_steps) * sp
+    return F.interpolate(disp, size=tuple(shape), mode='trilinear', align_corners=True)
 
 
 def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 40,
                similarity: str = 'lncc', control_mm: float = 8.0, smooth_weight: float = 1.0,
-               lr: float = 0.25, int_steps: int = 7,
-               integrate_on: str = 'control') -> SVFCorrection:
+               lr: float = 0.25, int_steps: int = 7) -> SVFCorrection:
     """Optimise ``psi = exp(v)`` so that the moving image sampled at ``T(psi(x))`` matches the
     fixed image, where ``T(z) = z + base(z)``.
 
@@ -493,63 +480,37 @@ def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 4
     lr, steps
         Adam's learning rate (mm per step, cosine decay) and number of steps.
     int_steps
-        Scaling-and-squaring steps.
-    integrate_on
-        ``'control'`` (default): scaling and squaring on the control grid, the displacement
-        then upsampled trilinearly (measured: the same Dice as ``'fine'`` at a fraction of the
-        time); ``'fine'``: on the refinement grid itself.
+        Scaling-and-squaring steps (on the control grid: :func:`svf_displacement`).
 
     Returns
     -------
     :class:`SVFCorrection` of the best iterate (with ``steps = 0``: the identity).
     """
-    from ..synth.generator import integrate_svf, sample_field
+    from ..synth.generator import sample_field
 
-    if integrate_on not in INTEGRATION_GRIDS:
-        raise ValueError(f'integrate_on must be one of {INTEGRATION_GRIDS}, not {integrate_on!r}')
     dev = images.device
     shape = images.shape
     res = images.res_mm
     factor = max(1, int(round(control_mm / res)))
     cshape = tuple(max(2, int(math.ceil((s - 1) / factor)) + 1) for s in shape)
     v = torch.zeros((1, 3) + cshape, device=dev, requires_grad=True)
-    opt = _Adam([v], lr=lr)
+    opt = Adam([v], lr=lr)
     pts = images.grid_points()[None]  # [1, 3, D, H, W] mm
     inv = torch.as_tensor(np.linalg.inv(images.grid_affine), dtype=torch.float32, device=dev)
     base = base_field.to(dev, torch.float32)
     sim_loss = make_similarity(similarity, images.fixed, images.mask)
 
-    # spacing (mm) of the control grid along each axis (align_corners upsampling)
-    cspacing = torch.tensor([res * (s - 1) / max(c - 1, 1) for s, c in zip(shape, cshape)],
-                            device=dev).view(1, 3, 1, 1, 1)
-
-    def fields(vel):
-        if integrate_on == 'control':
-            # exp(v) by scaling and squaring on the control grid itself (v is trilinear
-            # between control points, so its flow is smooth at that scale), then the
-            # displacement upsampled: about factor^3 fewer samples per squaring step
-            disp_mm = integrate_svf(vel / cspacing, int_steps) * cspacing
-            disp = F.interpolate(disp_mm, size=shape, mode='trilinear', align_corners=True)
-            return disp, vel
-        fine = F.interpolate(vel, size=shape, mode='trilinear', align_corners=True)
-        disp_vox = integrate_svf(fine / res, int_steps)  # grid is isotropic, axis-aligned
-        return disp_vox * res, fine
+    cspacing = control_spacing(shape, cshape, res)
 
     def loss_of():
-        disp, fine = fields(v)
+        disp = svf_displacement(v, shape, res, int_steps)
         moved = pts + disp  # psi(x), mm
         vox = torch.einsum('ab,nbijk->naijk', inv[:3, :3], moved) + inv[:3, 3].view(1, 3, 1, 1, 1)
         mapped = moved + sample_field(base, vox, padding_mode='border')  # T(psi(x))
         sim = sim_loss(images.sample_moving(mapped[0]))
-        if fine.shape[2] <= 1:
-            reg = fine.new_zeros(())
-        elif integrate_on == 'control':
-            # the gradient of the trilinearly upsampled v is made of the control grid's
-            # finite differences (interpolated across the other axes): the same penalty up
-            # to that interpolation, without upsampling
-            reg = _diffusion_aniso(fine, cspacing.flatten())
-        else:
-            reg = _diffusion(fine, res)
+        # on the control grid: the gradient of the trilinearly upsampled v is made of these
+        # finite differences (interpolated across the other axes)
+        reg = _diffusion(v, cspacing)
         return sim + smooth_weight * reg, sim
 
     best_value, best_v = float('inf'), v.detach().clone()
@@ -567,8 +528,8 @@ def refine_svf(images: RefineImages, base_field: torch.Tensor, *, steps: int = 4
         total.backward()
         opt.step()
     with torch.no_grad():
-        fwd, _ = fields(best_v)
-        back, _ = fields(-best_v)
+        fwd = svf_displacement(best_v, shape, res, int_steps)
+        back = svf_displacement(-best_v, shape, res, int_steps)
     return SVFCorrection(forward=fwd, inverse=back, grid_affine=images.grid_affine,
                          losses=losses, similarity=similarity,
                          max_displacement_mm=float(fwd.norm(dim=1).max()))
