@@ -26,9 +26,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 START = REPO / 'scripts' / 'start_local_slurm.sh'
 BIN = Path(sys.executable).parent
-#: The demo at 2 mm (as ``keyprep-demo --quick``) with one engine: about 1-2 min a task.
-KEYPREP_ARGS = ['--methods', 'antsRigid', '--sloppy', '--target', 'MNI152NLin2009aSym:res-2',
+#: The demo at 4 mm with one engine, the target at 4 mm: about a minute a task. What is
+#: checked here is SLURM's side (exit codes, kill and resume, the group job), not accuracy.
+KEYPREP_ARGS = ['--methods', 'antsRigid', '--sloppy', '--target', 'MNI152NLin2009aSym:res-4',
                 '--omp-nthreads', '1']
+#: Heads turned by 10 and 20 degrees: within the label network's training poses, so it labels
+#: each at the header's pose (the demo's default rotations, up to 180 degrees, cost each
+#: labelling a pose search and a second pass: half of a task's time at 2 mm). With seed 3 the
+#: two heads' fields of view take 27 and 48 network tiles (seed 42's second head: 80).
+ROTATIONS, SEED = (10.0, 20.0), 3
 TIMEOUT_S = 1500
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -96,9 +102,10 @@ def runs(cluster, tmp_path_factory):
     from keyprep.bids_app.demo import build_demo_dataset
 
     root = tmp_path_factory.mktemp('slurm_run')
-    bids = build_demo_dataset(root / 'bids', n_subjects=2, resolution=2.0)
+    bids = build_demo_dataset(root / 'bids', seed=SEED, resolution=4.0,
+                              rotations=ROTATIONS)
     out = root / 'out'
-    argv = [str(bids), str(out), 'participant', '--cpus-per-task', '1', '--mem', '3G',
+    argv = [str(bids), str(out), 'participant', '--cpus-per-task', '1', '--mem', '4G',
             '--time', '00:30:00', '--job-name', 'kptest', *KEYPREP_ARGS]
     t0 = time.time()
     array1, group1 = _submit(cluster, argv)
