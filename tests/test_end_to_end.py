@@ -278,7 +278,11 @@ def test_report_renders_in_headless_chromium(e2e, tmp_path):
     assert pixels.std() > 20  # a rendered page with figures, not a blank one
 
 
-def test_failed_node_gives_crash_file_exit_code_and_report(tmp_path):
+def test_failed_node_gives_crash_file_exit_code_and_report(e2e, tmp_path):
+    """An engine that raises, next to antsRigid, in a run of sub-01 that resumes from a copy
+    of the module's work folder (same image, target and seed: the anatomical nodes, the
+    target's and antsRigid's come from Nipype's cache, so only the new engine's nodes and
+    what follows them run, instead of a second whole participant run)."""
     from keyprep.pipeline.engines import base as engine_base
     from keyprep.pipeline.engines.base import Engine, register_engine
 
@@ -293,12 +297,14 @@ def test_failed_node_gives_crash_file_exit_code_and_report(tmp_path):
 
     register_engine(Broken)
     try:
-        brain = coarse(CH2, 6.0)
-        bids = write_bids(tmp_path / 'ds', {'01': brain})
-        out = tmp_path / 'out'
-        code = run([str(bids), str(out), 'participant', '-w', str(tmp_path / 'work'),
-                    '--nprocs', '2', '--methods', 'antsRigid', 'testBroken', '--sloppy',
-                    '--target', 'MNI152NLin2009aSym:res-6'])
+        work, out = tmp_path / 'work', tmp_path / 'out'
+        shutil.copytree(e2e['work'], work, symlinks=True)
+        args = list(e2e['args'])
+        args[args.index(str(e2e['out']))] = str(out)
+        args[args.index(str(e2e['work']))] = str(work)
+        methods = args.index('--methods')
+        args[methods + 1:methods + 3] = ['antsRigid', 'testBroken']
+        code = run(args + ['--participant-label', '01'])
     finally:
         engine_base._REGISTRY.pop('testBroken', None)
     assert code == E.EXIT_FAILED_NODES
