@@ -75,20 +75,34 @@ def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp('determinism')
     head = rotated_copy(coarse(CH2, 6.0), 10.0, axis=0, shift=(3.0, 0.0, -2.0))
     bids = write_bids(root / 'ds', {'01': head})
-    codes = {}
+    procs = {}
     for nprocs in ('1', '2'):
         # Each run in its own process, as a user runs keyprep: ITK fixes its thread count at
         # its first use in a process, and with --nprocs 1 (Linear) the nodes run in the
         # process of the command, which must not be this test process (other tests have
-        # used ANTs in it with the machine's default thread count).
-        proc = subprocess.run([
-            KEYPREP, str(bids), str(root / f'out{nprocs}'), 'participant',
-            '-w', str(root / f'work{nprocs}'),
-            '--nprocs', nprocs, '--omp-nthreads', '1', '--sloppy', '--random-seed', '3',
-            '--methods', 'antsRigid', 'keymorphAffine', '--target', 'MNI152NLin2009aSym:res-6'],
-            capture_output=True, text=True, check=False, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        codes[nprocs] = proc.returncode
+        # used ANTs in it with the machine's default thread count). The two runs go at the
+        # same time (their own work and output folders, one thread a node): the Linear run
+        # keeps one core busy, so one after the other left the second core idle for half
+        # of the test.
+        with (root / f'stderr{nprocs}.txt').open('w') as err:
+            procs[nprocs] = subprocess.Popen([
+                KEYPREP, str(bids), str(root / f'out{nprocs}'), 'participant',
+                '-w', str(root / f'work{nprocs}'),
+                '--nprocs', nprocs, '--omp-nthreads', '1', '--sloppy', '--random-seed', '3',
+                '--methods', 'antsRigid', 'keymorphAffine',
+                '--target', 'MNI152NLin2009aSym:res-6'], stdout=subprocess.DEVNULL, stderr=err)
+    codes = {}
+    try:
+        for nprocs, proc in procs.items():
+            proc.wait(timeout=1200)
+            err = (root / f'stderr{nprocs}.txt').read_text()
+            assert proc.returncode == 0, err[-3000:]
+            codes[nprocs] = proc.returncode
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return root, codes
 
 
