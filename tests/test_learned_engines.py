@@ -119,6 +119,53 @@ def test_dio_engine_representations(small_brains, dio_weights, start, tmp_path):
     assert [r.method for r in only] == ['dio']
 
 
+def _intensity_labels(path: Path, out: Path) -> Path:
+    """Three 'structures' from the image's intensity tertiles inside the brain (labels
+    move with the image, as a label network's would)."""
+    img = nb.load(str(path))
+    data = img.get_fdata()
+    brain = data > 0
+    cuts = np.quantile(data[brain], [1 / 3, 2 / 3])
+    lab = np.where(brain, 2 + np.digitize(data, cuts), 0).astype(np.int16)
+    nb.Nifti1Image(lab, img.affine).to_filename(out)
+    return out
+
+
+def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
+    from keyprep.pipeline.engines import EngineOptions, get_engine
+    from keyprep.pipeline.registration import run_engine_variants
+
+    labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
+              for k in ('fixed', 'moving')}
+    kw = dict(fixed_mask=start['mask'], init_transform=start['xfm'],
+              init_method='keymorphAffine')
+    params = {'weights': str(dio_weights), 'representations': ['diffeo'], 'label_weight': 2.0}
+    run, = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
+                               tmp_path / 'prompted', labels=labels, params=params, **kw)
+    assert run.method == 'dioDiffeo'
+    assert run.extras['label_prompt'] == {'weight': 2.0, 'used': True, 'structures': 3}
+    _same_as_exported(run, small_brains, tmp_path)
+    # without the moving image's labels the engine runs on its features and says why
+    run, = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
+                               tmp_path / 'unprompted', labels={'fixed': labels['fixed']},
+                               params=params, **kw)
+    assert run.extras['label_prompt']['used'] is False
+    assert 'moving' in run.extras['label_prompt']['why']
+    engine = get_engine('dio')
+    text = engine.boilerplate(EngineOptions(params=params))
+    assert 'label prompting (weight 2)' in text
+    with pytest.raises(ValueError):
+        engine.parameters(EngineOptions(params={'label_weight': -1}))
+    # the command line's --dio-label-weight reaches the engine
+    from keyprep.bids_app.parser import build_parser, engine_params
+
+    opts = build_parser().parse_args([str(tmp_path), str(tmp_path / 'out'), 'participant',
+                                      '--dio-label-weight', '2'])
+    assert engine_params(opts)['dio']['label_weight'] == 2.0
+    assert 'dio' not in engine_params(build_parser().parse_args(
+        [str(tmp_path), str(tmp_path / 'out'), 'participant']))
+
+
 def test_cli_brings_the_starting_affine(tmp_path, carl_weights, dio_weights):
     from keyprep.bids_app.parser import build_parser, parse_args
 

@@ -221,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
                         'brain by farthest-point sampling of the target\'s keypoints; '
                         'default: all')
 
+    g = parser.add_argument_group('DIO engines', 'Options of dio, dioDiffeo and dioAffine.')
+    g.add_argument('--dio-label-weight', type=_non_negative_float, default=None,
+                   metavar='LAMBDA',
+                   help='label prompting: add a label-fidelity term to the solver\'s feature '
+                        'loss, on the structure labels keyprep\'s label network gives both '
+                        'images, with LAMBDA times the features\' energy (1 weighs them alike); '
+                        'default 0 (features only)')
+
     g = parser.add_argument_group(
         "Learned models' weights",
         'Each learned engine family reads its weights from keyprep/models/<family>/ (shipped '
@@ -286,6 +294,8 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         init = getattr(opts, f'{name.lower()}_init', None)  # engines starting from an affine
         if init:
             out.setdefault(name, {})['init'] = init
+        if cls.family == 'dio' and getattr(opts, 'dio_label_weight', None) is not None:
+            out.setdefault(name, {})['label_weight'] = float(opts.dio_label_weight)
         if cls.family == 'ants':
             ants = {}
             if getattr(opts, 'ants_preset', None):

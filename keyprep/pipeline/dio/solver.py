@@ -53,7 +53,7 @@ from ..synth.generator import gaussian_blur, identity_grid
 
 __all__ = ['SolverConfig', 'REPRESENTATIONS', 'solve', 'warp', 'sample', 'integrate_velocity',
            'upsample_field', 'feature_loss', 'jacobian_determinant', 'LevelResult',
-           'SolveResult', 'affine_grid_vox']
+           'SolveResult', 'affine_grid_vox', 'principal_channels']
 
 REPRESENTATIONS = ('ffd', 'diffeo', 'affine')
 
@@ -73,12 +73,25 @@ class SolverConfig:
     tol: float = 1e-4  # early stop: relative loss decrease below this ...
     patience: int = 5  # ... for this many consecutive iterations (0: never stop early)
     max_squaring: int = 12
+    #: ``'diffeo'`` only: ``'exact'`` back-propagates the feature loss through the scaling
+    #: and squaring; ``'displacement'`` uses the loss's gradient with respect to the
+    #: displacement ``exp(v) - id`` as the velocity's (the log-domain demons approximation:
+    #: exact to first order for small ``v``, about 3x cheaper per iteration)
+    svf_gradient: str = 'exact'
+    #: > 0: register the features' ``channels`` principal components (one projection per
+    #: level, computed on the fixed and moving features together) instead of all channels.
+    #: Sampling is linear, so the projected loss is the full one less the mismatch in the
+    #: dropped components (whose variance the solve result records); 0: every channel
+    channels: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, 'iterations', tuple(int(i) for i in self.iterations))
         object.__setattr__(self, 'betas', tuple(float(b) for b in self.betas))
         if self.optimizer not in ('adam', 'sgd'):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
+        if self.svf_gradient not in ('exact', 'displacement'):
+            raise ValueError("svf_gradient must be 'exact' or 'displacement', not "
+                             f'{self.svf_gradient!r}')
 
 
 @dataclass
@@ -94,6 +107,8 @@ class SolveResult:
     representation: str
     levels: list  # LevelResult per level, coarsest first
     seconds: float
+    #: per level, the fraction of the features' variance kept by ``cfg.channels`` (1.0: all)
+    kept_variance: list = field(default_factory=list)
 
     @property
     def final(self) -> LevelResult:
@@ -206,6 +221,27 @@ def affine_to_voxel_matrix(mat: torch.Tensor, shape, res_mm: float) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------- the solver
+def principal_channels(fixed: torch.Tensor, moving: torch.Tensor, k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Project two feature maps ``[1, C, ...]`` onto the ``k`` principal components of
+    their voxels taken together (centred by their joint mean); returns both projections and
+    the fraction of the variance kept. ``k >= C``: the maps unchanged (fraction 1)."""
+    c = fixed.shape[1]
+    if k <= 0 or k >= c:
+        return fixed, moving, 1.0
+    both = torch.cat([fixed.reshape(c, -1), moving.reshape(c, -1)], 1).double()
+    mean = both.mean(1, keepdim=True)
+    centred = both - mean
+    evals, evecs = torch.linalg.eigh(centred @ centred.T)  # ascending
+    proj = evecs[:, -k:].flip(1).T.to(fixed.dtype)  # [k, C]
+    kept = float(evals[-k:].sum() / evals.sum().clamp_min(1e-30))
+    mean = mean.to(fixed.dtype)
+
+    def project(x):
+        return torch.einsum('kc,bc...->bk...', proj, x - mean.view(1, c, *[1] * (x.ndim - 2)))
+    return project(fixed), project(moving), kept
+
+
 class _Stepper:
     """Adam or SGD on a dense field, the step rescaled so that no voxel moves more than
     ``lr`` voxels."""
@@ -247,15 +283,26 @@ def _dense_level(rep: str, f_fix: torch.Tensor, f_mov: torch.Tensor, init: torch
                  iters: int, cfg: SolverConfig) -> LevelResult:
     x = init.detach().clone()
     stepper = _Stepper(cfg, x)
+    fshape = tuple(f_fix.shape[2:])
     n_vox = f_fix[0, 0].numel()
-    base = identity_grid(f_fix.shape[2:], f_fix.device, f_fix.dtype)[None]
+    base = identity_grid(fshape, f_fix.device, f_fix.dtype)[None]
+    through_svf = rep == 'diffeo' and cfg.svf_gradient == 'exact'
+
+    def displacement(field: torch.Tensor) -> torch.Tensor:
+        return field if rep == 'ffd' else integrate_velocity(field, max_steps=cfg.max_squaring)
+
     losses: list[float] = []
     for _ in range(iters):
-        x.requires_grad_(True)
+        if rep == 'ffd' or through_svf:
+            var = x.requires_grad_(True)
+        else:  # gradient with respect to the displacement exp(v) - id
+            with torch.no_grad():
+                var = integrate_velocity(x, max_steps=cfg.max_squaring)
+            var.requires_grad_(True)
         with torch.enable_grad():
-            disp = x if rep == 'ffd' else integrate_velocity(x, max_steps=cfg.max_squaring)
+            disp = displacement(var) if var is x else var
             loss = feature_loss(f_fix, sample(f_mov, base + disp))
-            (grad,) = torch.autograd.grad(loss, x)
+            (grad,) = torch.autograd.grad(loss, var)
         x = x.detach()
         losses.append(float(loss.detach()) / n_vox)
         if _stop(losses, cfg):
@@ -266,8 +313,7 @@ def _dense_level(rep: str, f_fix: torch.Tensor, f_mov: torch.Tensor, init: torch
         if sigma > 0:
             x = gaussian_blur(x, (sigma,) * 3)
     with torch.no_grad():
-        disp = x if rep == 'ffd' else integrate_velocity(x, max_steps=cfg.max_squaring)
-        final = float(feature_loss(f_fix, sample(f_mov, base + disp))) / n_vox
+        final = float(feature_loss(f_fix, sample(f_mov, base + displacement(x)))) / n_vox
     return LevelResult(x, len(losses), final, losses)
 
 
@@ -314,9 +360,11 @@ def solve(fixed: list[torch.Tensor], moving: list[torch.Tensor], representation:
         iters = (iters + [iters[-1]] * len(fixed))[:len(fixed)]
     t0 = time.perf_counter()
     levels: list[LevelResult] = []
+    kept: list[float] = []
     state = init
     for level, (ff, fm, s) in enumerate(zip(fixed, moving, scales)):
-        ff, fm = ff.detach(), fm.detach()
+        ff, fm, frac = principal_channels(ff.detach(), fm.detach(), cfg.channels)
+        kept.append(frac)
         if representation == 'affine':
             if state is None:
                 state = torch.eye(3, 4, device=ff.device, dtype=ff.dtype)
@@ -329,7 +377,7 @@ def solve(fixed: list[torch.Tensor], moving: list[torch.Tensor], representation:
             res = _dense_level(representation, ff, fm, state, iters[level], cfg)
         levels.append(res)
         state = res.field
-    return SolveResult(representation, levels, time.perf_counter() - t0)
+    return SolveResult(representation, levels, time.perf_counter() - t0, kept)
 
 
 def with_iterations(cfg: SolverConfig, iterations) -> SolverConfig:

@@ -17,7 +17,11 @@ Like CARL, DIO starts from another engine's affine (``init``, default ``keymorph
 Parameters (``params``): ``weights`` (default: the shipped model,
 :func:`keyprep.pipeline.dio.network.default_weights`), ``representations`` (default all
 three: ``ffd``, ``diffeo``, ``affine``), ``iterations`` (solver iterations per level;
-default the model's; a quarter with ``--sloppy``), ``init``.
+default the model's; a quarter with ``--sloppy``), ``init``, ``label_weight`` (label
+prompting: the weight ``lambda`` of the label-fidelity term added to the solver's feature
+loss, on the label network's structure maps of both images when the workflow has them;
+default :data:`DEFAULT_LABEL_WEIGHT`, 0 switches it off; see
+:func:`keyprep.pipeline.dio.register.register_arrays`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from pathlib import Path
 from .base import EngineOptions, LearnedModel, lazy, register_engine, register_model
 from .fields import ArrayEngine
 
-__all__ = ['DIO', 'VARIANT_NAMES']
+__all__ = ['DIO', 'VARIANT_NAMES', 'DEFAULT_LABEL_WEIGHT']
+
+#: Default weight of the label-fidelity (prompting) term (0: features only).
+DEFAULT_LABEL_WEIGHT = 0.0
 
 #: Representation -> variant name.
 VARIANT_NAMES = {'ffd': 'dio', 'diffeo': 'dioDiffeo', 'affine': 'dioAffine'}
@@ -48,6 +55,7 @@ class DIO(ArrayEngine):
                    'registered by an iterative solver, after an affine')
     citations = ('jena2024dio',)
     mem_gb = 4.0
+    uses_labels = True  # label prompting (optional: runs on the features alone without them)
 
     def parameters(self, options: EngineOptions) -> dict:
         p = dict(options.params)
@@ -57,10 +65,14 @@ class DIO(ArrayEngine):
             'representations': [str(r) for r in dict.fromkeys(reps)],
             'iterations': p.get('iterations'),
             'init': str(p.get('init') or self.default_init),
+            'label_weight': float(p['label_weight'] if p.get('label_weight') is not None
+                                  else DEFAULT_LABEL_WEIGHT),
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
+        if not params['label_weight'] >= 0:
+            raise ValueError(f"label_weight must be >= 0, not {params['label_weight']}")
         bad = [r for r in params['representations'] if r not in VARIANT_NAMES]
         if bad:
             raise ValueError(f'representations must be among {list(VARIANT_NAMES)}, not {bad}')
@@ -82,14 +94,19 @@ class DIO(ArrayEngine):
                  'diffeo': 'stationary velocity field, scaling and squaring (dioDiffeo)',
                  'affine': 'affine (dioAffine)'}
         text += (f', starting from the affine of {init}' if init else '')
-        return text + '; warp representations: ' + ', '.join(words[r] for r in reps)
+        text += '; warp representations: ' + ', '.join(words[r] for r in reps)
+        weight = self.parameters(options)['label_weight']
+        if weight > 0:
+            text += (f'; label prompting (weight {weight:g}) with the structure labels of both '
+                     'images')
+        return text
 
     def run(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
             fixed_mask: Path | None = None, moving_mask: Path | None = None):
         import torch
 
         from ..dio.network import load_dio
-        from ..dio.register import register_arrays
+        from ..dio.register import DEFAULT_SOLVER, register_arrays
 
         params = self.parameters(options)
         out_dir = Path(out_dir)
@@ -102,9 +119,12 @@ class DIO(ArrayEngine):
         iterations = params['iterations']
         if iterations is None and options.sloppy:  # a quarter of the model's iterations
             iterations = [max(1, int(v) // 4) for v in model.config.iterations]
+        labels, prompt = self.prompt_labels(fixed, out_dir, options, params['label_weight'])
         out = register_arrays(f, m, model, representations=params['representations'],
                               device=device, seed=options.seed, iterations=iterations,
-                              spacing_mm=spacing)
+                              spacing_mm=spacing, labels=labels,
+                              label_weight=params['label_weight'] if labels else 0.0)
+        prompt['structures'] = out['label_channels']
         timings = {k: round(v, 3) for k, v in out['timings'].items()}
         results = {}
         for name, vparams in self.variants(options):
@@ -115,7 +135,39 @@ class DIO(ArrayEngine):
                       'feature_loss': (round(float(entry['loss']), 6)
                                        if entry.get('loss') is not None else None),
                       # this representation's own solver time (the features are shared)
-                      'variant_time_s': round(float(entry.get('seconds') or 0.0), 3)}
+                      'variant_time_s': round(float(entry.get('seconds') or 0.0), 3),
+                      'label_prompt': prompt,
+                      'solver_channels': DEFAULT_SOLVER.channels,
+                      'solver_kept_variance': out['kept_variance'],
+                      'svf_gradient': DEFAULT_SOLVER.svf_gradient}
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
                                         entry['disp_fwd'], entry.get('disp_inv'), extras)
         return results
+
+    def prompt_labels(self, fixed: Path, out_dir: Path, options: EngineOptions, weight: float
+                      ) -> tuple[tuple | None, dict]:
+        """The label maps of both images on the fixed grid (the moving one through the
+        starting affine, nearest neighbour) for label prompting, and what the sidecar says
+        of it; ``None`` when prompting is off or a map is missing."""
+        import nibabel as nb
+        import numpy as np
+
+        from ..transforms import apply_transforms, identity_transform
+
+        given = options.labels or {}
+        if weight <= 0:
+            return None, {'weight': 0.0, 'used': False, 'why': 'label_weight is 0'}
+        missing = [k for k in ('fixed', 'moving') if not given.get(k)]
+        if missing:
+            return None, {'weight': weight, 'used': False,
+                          'why': 'no label map of the ' + ' and '.join(missing) + ' image'}
+        out_dir = Path(out_dir)
+        ident = identity_transform(out_dir / 'identity.txt')
+        maps = []
+        for key, xfm in (('fixed', ident), ('moving', options.init_transform or ident)):
+            path = apply_transforms(given[key], fixed, [xfm], out_dir / f'prompt_{key}.nii.gz',
+                                    interpolation='nearestNeighbor')
+            img = nb.load(str(path))
+            maps.append(np.rint(np.asanyarray(img.dataobj)).astype(np.int32).reshape(
+                img.shape[:3]))
+        return (maps[0], maps[1]), {'weight': weight, 'used': True}
