@@ -359,7 +359,7 @@ def test_register_arrays_shapes_dtypes_and_inverse():
     moving = np.roll(fixed, 2, axis=1)
     out = register_arrays(fixed, moving, model, spacing_mm=(2.0, 2.0, 2.0))
     assert set(out) == {'ffd', 'diffeo', 'affine', 'timings', 'label_channels',
-                        'kept_variance'}
+                        'kept_variance', 'solver_channels'}
     assert out['label_channels'] == 0
     assert {'features_s', 'ffd_s', 'diffeo_s', 'affine_s', 'total_s'} <= set(out['timings'])
     for rep in ('ffd', 'diffeo', 'affine'):
@@ -381,6 +381,26 @@ def test_register_arrays_shapes_dtypes_and_inverse():
         register_arrays(fixed, moving[:-1], model)
     with pytest.raises(ValueError):
         register_arrays(fixed, moving, model, representations=('bspline',))
+
+
+def test_register_arrays_on_principal_channels():
+    """The default solver registers each scale's 4 principal components (a network with 8
+    feature channels: fewer than every channel's variance is kept, and said); every channel
+    with ``channels=0``."""
+    torch.manual_seed(0)
+    model = DioFeatureNet(replace(TINY, out_channels=8))
+    fixed = _blob((24, 28, 20)) * 300.0
+    moving = np.roll(fixed, 2, axis=1)
+    out = register_arrays(fixed, moving, model, spacing_mm=(2.0, 2.0, 2.0),
+                          representations=('diffeo',))
+    assert out['solver_channels'] == 4
+    assert len(out['kept_variance']) == 3
+    assert all(0.5 < v < 1.0 for v in out['kept_variance']), out['kept_variance']
+    full = register_arrays(fixed, moving, model, spacing_mm=(2.0, 2.0, 2.0),
+                           representations=('diffeo',), solver=SolverConfig())
+    assert full['solver_channels'] == 8 and full['kept_variance'] == [1.0, 1.0, 1.0]
+    for res in (out, full):
+        assert _folds(res['diffeo']['disp_fwd']) == 0
 
 
 def test_network_scales_and_label_network_encoder():

@@ -53,12 +53,13 @@ __all__ = ['DEFAULT_SOLVER', 'register_arrays', 'normalise_intensity', 'intensit
            'working_shape', 'to_working', 'field_to_input', 'warp_array', 'label_pyramids']
 
 
-#: The solver settings of a registration (the engines, the trainer's validation): the four
-#: principal components of each scale's features (99.9 % of their variance on held-out
-#: brains) and the velocity's gradient taken at the displacement. On 4 held-out pairs
-#: (``benchmarks/results/dio-solver/``) this gave the same T1->T1 Dice as every channel and
-#: the exact gradient (0.6726 vs 0.6723), 1.7 points more T2->T1, in 2.4x less time. The
-#: trainer's inner solves keep :class:`SolverConfig`'s exact defaults.
+#: The solver settings of a registration (every representation of the engines, and the
+#: trainer's validation): the four principal components of each scale's features (on
+#: held-out brains 99.9 % of the variance at full resolution, 98.5-99.7 % at 1/4 and 1/2)
+#: and, for ``'diffeo'``, the velocity's gradient taken at the displacement. On 4 held-out
+#: pairs (``benchmarks/results/dio-solver/``) this gave dioDiffeo the same T1->T1 Dice as
+#: every channel and the exact gradient (0.6726 vs 0.6723) and 1.7 points more T2->T1, in
+#: 2.4x less time. The trainer's inner solves keep :class:`SolverConfig`'s exact defaults.
 DEFAULT_SOLVER = SolverConfig(svf_gradient='displacement', channels=4)
 
 
@@ -145,11 +146,13 @@ def label_pyramids(fixed_labels: np.ndarray, moving_labels: np.ndarray,
     if fixed_labels.shape != moving_labels.shape:
         raise ValueError(f'label maps {fixed_labels.shape} and {moving_labels.shape} must be '
                          'on one grid')
+    fixed_labels = np.rint(fixed_labels).astype(np.int64)
+    moving_labels = np.rint(moving_labels).astype(np.int64)
     ids = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist()))
                  - {0})
     out = []
     for arr in (fixed_labels, moving_labels):
-        lab = torch.as_tensor(np.ascontiguousarray(arr).astype(np.int64), device=device)
+        lab = torch.as_tensor(np.ascontiguousarray(arr), device=device)
         chans = [to_working((lab == k).float()[None, None], spacing, res_mm, work)
                  for k in ids]
         full = torch.cat(chans, 1) if chans else torch.zeros(1, 0, *work, device=device)
@@ -210,9 +213,11 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
 
     Returns ``{rep: {'disp_fwd', 'disp_inv', 'affine_vox' (affine only), 'iterations' (per
     level), 'loss' (final feature MSE per voxel), 'seconds'}, 'timings': {...},
-    'label_channels': K, 'kept_variance': [...]}`` (``K`` structures prompted, 0 without
-    prompting; per scale, the fraction of the features' variance kept by
-    ``solver.channels``, 1.0 with every channel).
+    'label_channels': K, 'kept_variance': [...], 'solver_channels': n}`` (``K`` structures
+    prompted, 0 without prompting; per scale, the fraction of the (prompted) features'
+    variance kept by the principal components, 1.0 with every channel; ``n`` channels
+    registered). ``'loss'`` is measured on the channels registered (projected, and with the
+    label channels when prompted).
     """
     t_start = time.perf_counter()
     fixed = np.asarray(fixed)
@@ -254,7 +259,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
             if hasattr(model, 'train'):
                 model.train(was_training)
         timings['features_s'] = time.perf_counter() - t0
-        out: dict = {'label_channels': 0, 'kept_variance': [1.0] * len(feats_f)}
+        out: dict = {'label_channels': 0, 'kept_variance': [1.0] * len(feats_f),
+                     'solver_channels': feats_f[0].shape[1]}
         channels = cfg.channels
         if labels is not None and label_weight > 0:
             t0 = time.perf_counter()
@@ -274,6 +280,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
             reduced = [principal_channels(f, m, channels) for f, m in zip(feats_f, feats_m)]
             feats_f, feats_m, kept = (list(x) for x in zip(*reduced))
             out['kept_variance'] = [round(v, 6) for v in kept]
+            out['solver_channels'] = feats_f[0].shape[1]
             timings['channels_s'] = time.perf_counter() - t0
         cfg = replace(cfg, channels=0)
         for rep in representations:

@@ -76,7 +76,8 @@ class SolverConfig:
     #: ``'diffeo'`` only: ``'exact'`` back-propagates the feature loss through the scaling
     #: and squaring; ``'displacement'`` uses the loss's gradient with respect to the
     #: displacement ``exp(v) - id`` as the velocity's (the log-domain demons approximation:
-    #: exact to first order for small ``v``, about 3x cheaper per iteration)
+    #: exact to first order for small ``v``; at full resolution, one thread, 16 channels:
+    #: 1.8 s per iteration through the squarings, 0.45 + 0.64 s without)
     svf_gradient: str = 'exact'
     #: > 0: register the features' ``channels`` principal components (one projection per
     #: level, computed on the fixed and moving features together) instead of all channels.

@@ -394,18 +394,23 @@ INFERENCE_ITERATIONS = (200, 100, 20)
 
 def export_weights(checkpoint: str | Path, out_path: str | Path, half: bool = True,
                    card: dict | None = None,
-                   iterations: Sequence[int] | None = INFERENCE_ITERATIONS) -> dict:
+                   iterations: Sequence[int] | str | None = 'inference') -> dict:
     """Write the weights file :func:`~.network.load_dio` reads (``format``, ``state_dict``
     (float16 by default), ``config``, ``step``, ``recipe``); with ``card``, also a JSON model
     card beside it. ``iterations``: the solver iterations per scale the weights carry
-    (default :data:`INFERENCE_ITERATIONS` when the network has that many scales; ``None``:
-    the training configuration's). Returns the metadata (path, sha256, step, bytes)."""
+    (``'inference'``: :data:`INFERENCE_ITERATIONS` for a network with scales 4, 2, 1, else the
+    training configuration's; ``None``: the training configuration's; or one count per
+    scale). Returns the metadata (path, sha256, step, bytes)."""
     from ..weights import sha256_file
 
     ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
     cfg = DioTrainConfig.from_dict(ckpt['config'])
     net = cfg.net
-    if iterations is not None and len(iterations) == len(net.scales):
+    if iterations == 'inference':
+        iterations = INFERENCE_ITERATIONS if tuple(net.scales) == (4, 2, 1) else None
+    if iterations is not None:
+        if len(iterations) != len(net.scales):
+            raise ValueError(f'{len(iterations)} iteration counts for {len(net.scales)} scales')
         net = replace(net, iterations=tuple(int(i) for i in iterations))
     state = {k: (v.half() if half and v.is_floating_point() else v)
              for k, v in ckpt['model'].items()}

@@ -46,6 +46,15 @@ register_model(LearnedModel('dio', 'DIO',
                            lazy('keyprep.pipeline.dio.network:check_dio_weights')))
 
 
+def _solver_settings() -> dict:
+    from dataclasses import asdict
+
+    from ..dio.register import DEFAULT_SOLVER
+
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(DEFAULT_SOLVER).items()}
+
+
 @register_engine
 class DIO(ArrayEngine):
     name = 'dio'
@@ -55,7 +64,9 @@ class DIO(ArrayEngine):
                    'registered by an iterative solver, after an affine')
     citations = ('jena2024dio',)
     mem_gb = 4.0
-    uses_labels = True  # label prompting (optional: runs on the features alone without them)
+    # label prompting: the workflow passes the label network's maps to every DIO run (they are
+    # made for every image anyway); unused at label_weight 0, and DIO runs without them
+    uses_labels = True
 
     def parameters(self, options: EngineOptions) -> dict:
         p = dict(options.params)
@@ -67,8 +78,9 @@ class DIO(ArrayEngine):
             'init': str(p.get('init') or self.default_init),
             'label_weight': float(p['label_weight'] if p.get('label_weight') is not None
                                   else DEFAULT_LABEL_WEIGHT),
+            'solver': _solver_settings(),  # recorded in the sidecar, and in cache_key
         }
-        unknown = sorted(set(p) - set(params))
+        unknown = sorted(set(p) - set(params) | ({'solver'} & set(p)))
         if unknown:
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
         if not params['label_weight'] >= 0:
@@ -77,6 +89,11 @@ class DIO(ArrayEngine):
         if bad:
             raise ValueError(f'representations must be among {list(VARIANT_NAMES)}, not {bad}')
         return params
+
+    def cache_key(self, options: EngineOptions) -> dict:
+        """The weights' checksum and the test-time solver's settings: results made with
+        another solver are not taken from Nipype's cache."""
+        return {**super().cache_key(options), 'solver': _solver_settings()}
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
         reps = self.parameters(options)['representations']
@@ -137,7 +154,7 @@ class DIO(ArrayEngine):
                       # this representation's own solver time (the features are shared)
                       'variant_time_s': round(float(entry.get('seconds') or 0.0), 3),
                       'label_prompt': prompt,
-                      'solver_channels': DEFAULT_SOLVER.channels,
+                      'solver_channels': out['solver_channels'],
                       'solver_kept_variance': out['kept_variance'],
                       'svf_gradient': DEFAULT_SOLVER.svf_gradient}
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
