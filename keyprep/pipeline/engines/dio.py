@@ -179,6 +179,7 @@ class DIO(ArrayEngine):
             return None, {'weight': weight, 'used': False,
                           'why': 'no label map of the ' + ' and '.join(missing) + ' image'}
         out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
         ident = identity_transform(out_dir / 'identity.txt')
         maps = []
         for key, xfm in (('fixed', ident), ('moving', options.init_transform or ident)):
