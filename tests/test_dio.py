@@ -146,6 +146,13 @@ def test_svf_displacement_gradient_registers_without_folds(toy_results):
         SolverConfig(svf_gradient='adjoint')
 
 
+def test_max_vector_norm_equals_torch_norm():
+    from keyprep.pipeline.dio.solver import max_vector_norm
+
+    x = torch.randn(1, 3, 7, 8, 9, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(max_vector_norm(x), x.norm(dim=1).max(), rtol=1e-6)
+
+
 def test_principal_channels_keep_the_loss_of_low_rank_features():
     """Projecting both feature maps on their joint principal components changes the loss
     by exactly the mismatch in the dropped components: none when the features have that

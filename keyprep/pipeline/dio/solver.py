@@ -147,12 +147,19 @@ def upsample_field(field: torch.Tensor, shape) -> torch.Tensor:
     return F.interpolate(field, size=tuple(shape), mode='trilinear', align_corners=False) * scale
 
 
+def max_vector_norm(field: torch.Tensor) -> torch.Tensor:
+    """The largest length of the vectors of a field ``[B, 3, ...]`` (over channels).
+    ``sqrt(max(sum of squares))``: on the CPU torch's ``norm(dim=1)`` took 64 ms for one 2 mm
+    brain's field against 1.5 ms for this, and the solver calls it every iteration."""
+    return field.square().sum(1).max().sqrt()
+
+
 def integrate_velocity(v: torch.Tensor, steps: int | None = None, max_steps: int = 12
                        ) -> torch.Tensor:
     """Displacement of ``exp(v)`` by scaling and squaring; ``steps=None`` picks the number of
     squarings so that ``v / 2^K`` moves at most a quarter of a voxel."""
     if steps is None:
-        vmax = float(v.detach().norm(dim=1).max()) if v.numel() else 0.0
+        vmax = float(max_vector_norm(v.detach())) if v.numel() else 0.0
         steps = min(max_steps, max(4, math.ceil(math.log2(max(vmax, 1e-6) / 0.25)) + 1))
     disp = v / (2 ** steps)
     base = identity_grid(v.shape[2:], v.device, v.dtype)[None]
@@ -264,9 +271,9 @@ class _Stepper:
             vhat = self.v / (1 - b2 ** self.t)
             scale = float(vhat.max().sqrt()) * 1e-6 + 1e-30
             d = mhat / (vhat.sqrt() + scale)
-            norm = d.norm(dim=1, keepdim=True).max()
+            norm = max_vector_norm(d)
             return d / norm.clamp_min(1.0) * cfg.lr
-        norm = grad.norm(dim=1, keepdim=True).max()
+        norm = max_vector_norm(grad)
         return grad / norm.clamp_min(1e-30) * cfg.lr
 
 
