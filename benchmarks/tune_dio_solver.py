@@ -28,15 +28,11 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from keyprep.pipeline.benchmark import mean_structure_dice
+
 #: (fixed, moving) cases at 0 deg: moving subject_contrast onto a T1-like fixed subject
 CASES = [('seg15', 'seg14_t1'), ('seg15', 'seg14_t2'), ('seg15', 'seg16_t1'),
          ('seg15', 'seg16_t2'), ('seg14', 'seg15_t1'), ('seg14', 'seg15_t2')]
-
-
-def mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:
-    ds = [2 * ((fixed == k) & (warped == k)).sum() / ((fixed == k).sum() + (warped == k).sum())
-          for k in np.unique(fixed) if k > 0 and (fixed == k).sum() > 20]
-    return float(np.mean(ds))
 
 
 def load_case(root: Path, fx: str, mv: str, tmp: Path):
@@ -113,7 +109,7 @@ def main(argv=None) -> int:
                     disp = out[rep]['disp_fwd']
                     warped = R.warp_array(mlab, disp, order=0)
                     rows[case.split('_')[1][:2]].append(
-                        (mean_dice(flab, warped), mean_dice(flab, mlab),
+                        (mean_structure_dice(flab, warped), mean_structure_dice(flab, mlab),
                          jacobian_fold_percent(disp, flab > 0), out[rep]['seconds'],
                          out[rep]['iterations'], out['kept_variance']))
                 for contrast, rs in rows.items():

@@ -23,15 +23,11 @@ from pathlib import Path
 import nibabel as nb
 import numpy as np
 
+from keyprep.pipeline.benchmark import mean_structure_dice
+
 #: (fixed subject, moving subject_contrast); every fixed image is T1-like
 PAIRS = [('seg15', 'seg14_t1'), ('seg15', 'seg16_t1'), ('seg16', 'seg14_t1'),
          ('seg15', 'seg14_t2'), ('seg15', 'seg16_t2'), ('seg16', 'seg14_t2')]
-
-
-def mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:
-    ds = [2 * ((fixed == k) & (warped == k)).sum() / ((fixed == k).sum() + (warped == k).sum())
-          for k in np.unique(fixed) if k > 0 and (fixed == k).sum() > 20]
-    return float(np.mean(ds))
 
 
 def main(argv=None) -> int:
@@ -77,7 +73,7 @@ def main(argv=None) -> int:
                     w = apply_transforms(labels['moving'], fdir / 'image.nii.gz', [run.fwd_xfm],
                                          Path(tmp) / f'{i}_{run.method}.nii.gz',
                                          interpolation='nearestNeighbor')
-                    out.append(mean_dice(truth, np.asarray(nb.load(str(w)).dataobj)))
+                    out.append(mean_structure_dice(truth, np.asarray(nb.load(str(w)).dataobj)))
                 t_ref.append(runs[1].extras['refine_time_s'])
                 t_run.append(runs[1].runtime_s)
         print(f'{setting}\t{np.mean(refined):.4f}\t{np.mean(plain):.4f}\t'

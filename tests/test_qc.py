@@ -189,3 +189,17 @@ def test_summary_sidecar_names_each_dice():
     assert 'tissue' in SUMMARY_COLUMNS['dice_mean']
     assert 'label network' in SUMMARY_COLUMNS['structure_dice_mean']
     assert 'GM, WM, CSF' in SUMMARY_COLUMNS['tissue_dice_mean'] or 'tissue' in SUMMARY_COLUMNS['tissue_dice_mean']
+
+
+def test_mean_structure_dice_skips_small_structures():
+    from keyprep.pipeline.benchmark import mean_structure_dice
+
+    ref = np.zeros((10, 10, 10), np.int16)
+    ref[:5] = 2  # 500 voxels
+    ref[5:, :5] = 3  # 250 voxels
+    ref[9, 9, :3] = 7  # 3 voxels: below min_voxels, not scored
+    test = ref.copy()
+    test[:5, :5] = 3  # label 2: 250 of 500 kept -> 2*250/(500+250); label 3: 250/(250+500)
+    expect = np.mean([2 * 250 / 750, 2 * 250 / 750])
+    assert abs(mean_structure_dice(ref, test) - expect) < 1e-12
+    assert mean_structure_dice(ref, ref.astype(np.float32)) == 1.0

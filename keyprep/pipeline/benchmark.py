@@ -28,7 +28,8 @@ import nibabel as nb
 import numpy as np
 
 __all__ = ['ROUNDING', 'TIME_REFERENCES', 'VARIANT_TIME_KEYS', 'add_time_ratios', 'engine_rows', 'fmt',
-           'guarded', 'jacobian_scores', 'load_array', 'machine_info', 'read_table',
+           'guarded', 'jacobian_scores', 'load_array', 'machine_info', 'mean_structure_dice',
+           'read_table',
            'record_error', 'register', 'structure_labels', 'typed_frame', 'uses_labels',
            'variant_names', 'warp_labels', 'write_table']
 
@@ -311,3 +312,16 @@ def fmt(value, nd: int = 3) -> str:
     except (TypeError, ValueError):
         return str(value)
     return 'n/a' if math.isnan(v) else f'{v:.{nd}f}'
+
+
+def mean_structure_dice(reference: np.ndarray, test: np.ndarray, min_voxels: int = 20
+                        ) -> float:
+    """Mean Dice over the non-zero labels of ``reference`` with more than ``min_voxels``
+    voxels there (the tuning sweeps' score; :func:`keyprep.pipeline.qc.dice_per_label`)."""
+    from .qc import dice_per_label
+
+    ref = np.rint(np.asarray(reference)).astype(np.int64)
+    ids, counts = np.unique(ref[ref > 0], return_counts=True)
+    labels = [int(k) for k, c in zip(ids, counts) if c > min_voxels]
+    return float(np.mean(list(dice_per_label(ref, np.rint(test).astype(np.int64),
+                                             labels).values())))

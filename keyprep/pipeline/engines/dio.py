@@ -78,11 +78,11 @@ class DIO(ArrayEngine):
             'init': str(p.get('init') or self.default_init),
             'label_weight': float(p['label_weight'] if p.get('label_weight') is not None
                                   else DEFAULT_LABEL_WEIGHT),
-            'solver': _solver_settings(),  # recorded in the sidecar, and in cache_key
         }
-        unknown = sorted(set(p) - set(params) | ({'solver'} & set(p)))
+        unknown = sorted(set(p) - set(params))
         if unknown:
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
+        params['solver'] = _solver_settings()  # not a user's parameter: sidecar and cache_key
         if not params['label_weight'] >= 0:
             raise ValueError(f"label_weight must be >= 0, not {params['label_weight']}")
         bad = [r for r in params['representations'] if r not in VARIANT_NAMES]
