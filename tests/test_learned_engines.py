@@ -102,9 +102,12 @@ def test_dio_engine_representations(small_brains, dio_weights, start, tmp_path):
                                init_transform=start['xfm'], init_method='keymorphAffine')
     by = {r.method: r for r in runs}
     assert list(by) == ['dio', 'dioDiffeo', 'dioAffine']
-    assert by['dio'].inverse['source'] == 'fixed-point'  # free-form: inverted by keyprep
-    assert by['dioDiffeo'].inverse['source'] == 'engine'  # exp(-v)
-    assert by['dioAffine'].inverse['source'] == 'engine'
+    for run in runs:  # every inverse from DIO itself, saying how it was made
+        assert run.inverse['source'] == 'engine'
+    assert by['dio'].inverse['method'] == 'fixed-point inversion on the working grid'
+    assert by['dio'].inverse['residual_mean_vox'] < 0.05, by['dio'].inverse
+    assert by['dioDiffeo'].inverse['method'].startswith('exp(-v)')
+    assert by['dioAffine'].inverse['method'] == 'the inverse matrix'
     for run in runs:
         assert run.chain == ['keymorphAffine', run.method]
         assert run.extras['representation'] in ('ffd', 'diffeo', 'affine')

@@ -23,8 +23,9 @@ grid**, component ``a`` along array axis ``a``. For every voxel ``x`` (integer i
 at ``x``: the warped moving image is ``moving(x + disp_fwd(x))`` (a pull-back, as
 ``scipy.ndimage.map_coordinates(moving, grid + disp_fwd)``). ``disp_inv`` is the inverse map
 in the same units, ``fixed`` sampled at ``y + disp_inv(y)`` matches ``moving`` at ``y``, given
-where it is exact: ``'diffeo'`` (``exp(-v)`` of the stationary velocity ``v``) and ``'affine'``
-(the inverse matrix); ``None`` for ``'ffd'`` (the registry inverts it numerically).
+exactly for ``'diffeo'`` (``exp(-v)`` of the stationary velocity ``v``) and ``'affine'`` (the
+inverse matrix), and for ``'ffd'`` by fixed-point inversion of the displacement on the working
+grid (:func:`.solver.invert_displacement`; its convergence and residual in ``'inverse'``).
 ``affine_vox`` (``'affine'`` only) is the 4x4 matrix of input-grid voxel coordinates with
 ``moving voxel = affine_vox @ [x, 1]`` (so ``disp_fwd(x) = affine_vox @ [x, 1] - x``).
 Physical units: multiply component ``a`` by ``spacing_mm[a]``.
@@ -46,7 +47,7 @@ from ..synth.generator import gaussian_blur, identity_grid
 from .network import DioFeatureNet, load_dio
 from .solver import (
     REPRESENTATIONS, SolverConfig, affine_to_voxel_matrix, integrate_velocity,
-    principal_channels, sample, solve, upsample_field, with_iterations,
+    invert_displacement, principal_channels, sample, solve, upsample_field, with_iterations,
 )
 
 __all__ = ['DEFAULT_SOLVER', 'register_arrays', 'normalise_intensity', 'intensity_features',
@@ -314,10 +315,12 @@ def _to_input(rep: str, result, work, res: float, spacing, shape_in) -> dict:
         inv = (inv_mat[:3, :3] @ grid + inv_mat[:3, 3:] - grid).reshape(3, *shape_in)
         return {'disp_fwd': np32(fwd), 'disp_inv': np32(inv), 'affine_vox': mat.numpy()}
     field = result.final.field  # on the working grid, or a coarser one (last scale, control)
-    if rep == 'ffd':
-        return {'disp_fwd': np32(field_to_input(upsample_field(field, work), res, spacing,
-                                                shape_in)),
-                'disp_inv': None}
+    if rep == 'ffd':  # inverted on the working grid, where the solver's field lives
+        fwd = upsample_field(field, work)
+        inv, info = invert_displacement(fwd)
+        return {'disp_fwd': np32(field_to_input(fwd, res, spacing, shape_in)),
+                'disp_inv': np32(field_to_input(inv, res, spacing, shape_in)),
+                'inverse': info}
     # integrated on the solver's own grid (as the solver did), then upsampled
     fwd = upsample_field(integrate_velocity(field), work)
     inv = upsample_field(integrate_velocity(-field), work)

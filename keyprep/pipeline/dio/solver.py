@@ -53,7 +53,7 @@ from ..synth.generator import gaussian_blur, identity_grid
 
 __all__ = ['SolverConfig', 'REPRESENTATIONS', 'solve', 'warp', 'sample', 'integrate_velocity',
            'upsample_field', 'feature_loss', 'jacobian_determinant', 'LevelResult',
-           'SolveResult', 'affine_grid_vox', 'principal_channels']
+           'SolveResult', 'affine_grid_vox', 'principal_channels', 'invert_displacement']
 
 REPRESENTATIONS = ('ffd', 'diffeo', 'affine')
 
@@ -166,6 +166,32 @@ def integrate_velocity(v: torch.Tensor, steps: int | None = None, max_steps: int
     for _ in range(steps):
         disp = disp + sample(disp, base + disp)
     return disp
+
+
+def invert_displacement(u: torch.Tensor, iterations: int = 50, tol: float = 1e-3
+                        ) -> tuple[torch.Tensor, dict]:
+    """Fixed-point inverse ``v`` of a displacement ``u [1, 3, *grid]`` (voxels of its grid):
+    ``v <- -u(y + v)`` from ``v = 0`` (Chen et al. 2008, as
+    :func:`keyprep.pipeline.inverse.invert_displacement` does on an exported field, here on
+    the solver's own grid) until the largest update is below ``tol`` voxels or after
+    ``iterations`` steps. Returns ``v`` and ``{'iterations', 'converged', 'residual_mean_vox',
+    'residual_max_vox'}``, the residual being ``|v(y) + u(y + v(y))|``."""
+    base = identity_grid(u.shape[2:], u.device, u.dtype)[None]
+    v = torch.zeros_like(u)
+    converged, step = False, 0
+    for step in range(1, int(iterations) + 1):
+        new = -sample(u, base + v)
+        change = float(max_vector_norm(new - v)) if v.numel() else 0.0
+        v = new
+        if change < tol:
+            converged = True
+            break
+    residual = (v + sample(u, base + v)).square().sum(1).sqrt()
+    info = {'method': 'fixed-point inversion on the working grid', 'iterations': step,
+            'converged': converged,
+            'residual_mean_vox': round(float(residual.mean()), 5) if residual.numel() else 0.0,
+            'residual_max_vox': round(float(residual.max()), 5) if residual.numel() else 0.0}
+    return v, info
 
 
 def feature_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,10 @@ One run computes the multi-scale features of both images once (:mod:`keyprep.pip
 and solves the registration of the feature images with each warp representation, switched
 at test time without retraining:
 
-* ``dio``: free-form displacement (no inverse of its own: the registry inverts it by
-  fixed-point iteration and records the round-trip error);
+* ``dio``: free-form displacement (inverted by fixed-point iteration on DIO's 2 mm working
+  grid, where the field lives: on a 1 mm pair 2.6 s against 46 s for the registry's
+  inversion of the exported 1 mm field, with the same round-trip error, 1.16 against
+  1.04 mm mean over the grid of a warp with 1.8 % folding voxels);
 * ``dioDiffeo``: stationary velocity field integrated by scaling and squaring (its inverse
   is the negated velocity, exact);
 * ``dioAffine``: one affine on the features (exported as a displacement field, like the
@@ -39,6 +41,11 @@ DEFAULT_LABEL_WEIGHT = 0.0
 
 #: Representation -> variant name.
 VARIANT_NAMES = {'ffd': 'dio', 'diffeo': 'dioDiffeo', 'affine': 'dioAffine'}
+#: how each representation's inverse is obtained (the free-form one also records its
+#: fixed-point iterations and residual: :func:`keyprep.pipeline.dio.solver.invert_displacement`)
+INVERSES = {'ffd': 'fixed-point inversion on the working grid',
+            'diffeo': 'exp(-v): the negated stationary velocity integrated',
+            'affine': 'the inverse matrix'}
 
 
 register_model(LearnedModel('dio', 'DIO',
@@ -156,7 +163,8 @@ class DIO(ArrayEngine):
                       'label_prompt': prompt,
                       'solver_channels': out['solver_channels'],
                       'solver_kept_variance': out['kept_variance'],
-                      'svf_gradient': DEFAULT_SOLVER.svf_gradient}
+                      'svf_gradient': DEFAULT_SOLVER.svf_gradient,
+                      'inverse': entry.get('inverse') or {'method': INVERSES[rep]}}
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
                                         entry['disp_fwd'], entry.get('disp_inv'), extras)
         return results
