@@ -206,3 +206,27 @@ def test_brain_mask_is_the_labels_filled_not_the_nonzero_voxels(bench, tmp_path)
     assert np.allclose(nb.load(str(out)).affine, affine)
     mtime = out.stat().st_mtime_ns
     assert bench.brain_mask(tmp_path / 'image.nii.gz') == out and out.stat().st_mtime_ns == mtime
+
+
+def test_thick_slices_average_blocks_on_a_grid_of_the_same_field_of_view(bench):
+    """1 x 1 x 5 mm from a 1 mm image: each 5-slice block averaged (labels: its middle
+    slice), the new voxel centres at the blocks' centres in world space."""
+    rng = np.random.default_rng(0)
+    data = rng.random((6, 7, 23)).astype(np.float32)
+    affine = np.array([[0, -1.0, 0, 10], [1.0, 0, 0, -3], [0, 0, 1.0, 4], [0, 0, 0, 1]])
+    out = bench.thick_slices(nb.Nifti1Image(data, affine), 5.0)
+    assert out.shape == (6, 7, 4)  # 23 // 5 whole blocks
+    assert np.allclose(out.header.get_zooms()[:3], (1, 1, 5))
+    got = np.asanyarray(out.dataobj)
+    assert np.allclose(got[:, :, 2], data[:, :, 10:15].mean(-1), atol=1e-6)
+    centre_new = out.affine @ [2, 3, 1, 1]
+    centre_old = affine @ [2, 3, 7, 1]  # block 1 = slices 5..9, centre 7
+    assert np.allclose(centre_new, centre_old)
+    labels = nb.Nifti1Image(np.arange(23, dtype=np.int16)[None, None].repeat(2, 0).repeat(2, 1),
+                            np.eye(4))
+    lab = np.asanyarray(bench.thick_slices(labels, 5.0, order=0).dataobj)
+    assert lab.dtype == np.int16 and list(lab[0, 0]) == [2, 7, 12, 17]
+    with pytest.raises(ValueError):
+        bench.thick_slices(nb.Nifti1Image(data, affine), 2.5)
+    spec = bench.CaseSpec('training_seg_14', 'training_seg_15', 't1', 't1', 0.0, 5.0)
+    assert spec.name == 'seg14-to-seg15_t1-t1_rot000_slice5mm'
