@@ -24,7 +24,8 @@ setup(
                               'models/synthseg/*.md', 'models/synthseg/*.json',
                               'models/keymorph/*.pt', 'models/keymorph/*.md',
                               'models/keymorph/*.json', 'models/carl/*.pt',
-                              'models/carl/*.md', 'models/dio/*.pt', 'models/dio/*.md']},
+                              'models/carl/*.md', 'models/carl/*.json', 'models/dio/*.pt',
+                              'models/dio/*.md', 'models/dio/*.json']},
     install_requires=[
         'nipype>=1.10',
         'pybids>=0.16',

@@ -114,6 +114,17 @@ def test_install_script_in_a_clean_venv(tmp_path):
     assert where[0].startswith(str(venv)), where
     assert where[1].startswith('2.13.0') and where[1].endswith('+cpu'), where
     assert Path(where[2]).is_file() and where[2].startswith(str(venv))
+    # every shipped model is installed with its JSON and Markdown cards
+    code = ('from keyprep.pipeline.dio.network import default_weights as dio; '
+            'from keyprep.pipeline.keymorph.network import default_weights as km; '
+            'print(dio()); print(km())')
+    shipped = subprocess.run([str(venv / 'bin' / 'python'), '-c', code], env=env,
+                             capture_output=True, text=True, check=True,
+                             cwd=tmp_path).stdout.split()
+    for weights in map(Path, shipped):
+        assert str(weights).startswith(str(venv)) and weights.is_file(), weights
+        assert weights.with_suffix('.json').is_file()
+        assert (weights.parent / 'MODEL_CARD.md').is_file()
     # every installed distribution at its version in requirements.lock
     freeze = subprocess.run([str(venv / 'bin' / 'python'), '-m', 'pip', 'freeze', '--exclude-editable'],
                             env=env, capture_output=True, text=True, check=True).stdout
