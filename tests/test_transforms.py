@@ -30,8 +30,9 @@ def _ncc(a, b):
 def _testable_engines() -> list[str]:
     """Every engine that can register here: engines without learned weights, KeyMorph's
     (with a tiny detector trained on the test brain), and learned engines whose weights
-    ship (CARL and DIO do not yet: their geometry is tested with random networks in
-    ``test_learned_engines.py``; these tests check that the motion is recovered)."""
+    ship (DIO since step 2250, run as its diffeomorphic variant alone; CARL not yet: its
+    geometry is tested with random networks in ``test_learned_engines.py``; these tests
+    check that the motion is recovered)."""
     from keyprep.pipeline.engines import learned_models
 
     models = learned_models()
@@ -43,6 +44,8 @@ def _testable_engines() -> list[str]:
 def _weights_params(name: str, request) -> dict:
     if available_engines()[name].family == 'keymorph':
         return {'weights': str(request.getfixturevalue('keymorph_weights'))}
+    if available_engines()[name].model == 'dio':  # one variant: run_engine's contract
+        return {'representations': ['diffeo']}
     return {}
 
 
