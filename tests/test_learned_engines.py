@@ -106,6 +106,7 @@ def test_dio_engine_representations(small_brains, dio_weights, start, tmp_path):
         assert run.inverse['source'] == 'engine'
     assert by['dio'].inverse['method'] == 'fixed-point inversion on the working grid'
     assert by['dio'].inverse['residual_mean_vox'] < 0.05, by['dio'].inverse
+    assert 'inverse' not in by['dio'].extras  # recorded once, in the inverse record
     assert by['dioDiffeo'].inverse['method'].startswith('exp(-v)')
     assert by['dioAffine'].inverse['method'] == 'the inverse matrix'
     for run in runs:

@@ -181,8 +181,9 @@ def run_engine_variants(method: str, fixed: str | Path, moving: str | Path,
         inv_list, inv_invert = list(res.inv_transforms or []), list(res.inv_invert or [])
         if engine.transform_kind == 'deformable':
             inverse = {'source': 'engine'}
-            if isinstance(res.extras.get('inverse'), dict):  # how the engine inverted
-                inverse.update(res.extras['inverse'])
+            how = res.extras.pop('inverse', None)  # how the engine inverted: recorded once
+            if isinstance(how, dict):
+                inverse.update(how)
             if not inv_list:
                 inv_list, inv_invert, inverse = invert_chain(res.fwd_transforms, where)
         fwd, inv = export_transforms(res.fwd_transforms, inv_list, inv_invert,

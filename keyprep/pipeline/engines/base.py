@@ -205,7 +205,9 @@ class RegistrationResult:
         The moving image resampled on the fixed grid by the engine.
     extras
         Engine-specific results (losses, errors, timings); JSON-serialisable, recorded in
-        the engine's JSON record and in the sidecars.
+        the engine's JSON record and in the sidecars. A deformable engine that returns its
+        inverse may say how it made it under ``'inverse'`` (a dict): the registry moves it
+        into the run's inverse record, next to the measured round-trip error.
     files
         Files declared by :meth:`Engine.extra_outputs`, by key.
     """
