@@ -147,7 +147,8 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
     run, = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
                                tmp_path / 'prompted', labels=labels, params=params, **kw)
     assert run.method == 'dioDiffeo'
-    assert run.extras['label_prompt'] == {'weight': 2.0, 'used': True, 'structures': 3}
+    assert run.extras['label_prompt'] == {'weight': 2.0, 'used': True, 'structures': 3,
+                                          'setting': 2.0, 'weight_from': 'given'}
     _same_as_exported(run, small_brains, tmp_path)
     # without the moving image's labels the engine runs on its features and says why
     run, = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
@@ -158,16 +159,56 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
     engine = get_engine('dio')
     text = engine.boilerplate(EngineOptions(params=params))
     assert 'label prompting (weight 2)' in text
-    with pytest.raises(ValueError):
-        engine.parameters(EngineOptions(params={'label_weight': -1}))
+    for bad in (-1, 'often', float('nan')):
+        with pytest.raises(ValueError):
+            engine.parameters(EngineOptions(params={'label_weight': bad}))
+    # by default the weight follows the contrasts: 1 for one contrast, 16 across contrasts
+    assert engine.parameters(EngineOptions())['label_weight'] == 'auto'
+    assert 'weight 1 for images of one contrast, 16 across' in engine.boilerplate(
+        EngineOptions())
     # the command line's --dio-label-weight reaches the engine
     from keyprep.bids_app.parser import build_parser, engine_params
 
     opts = build_parser().parse_args([str(tmp_path), str(tmp_path / 'out'), 'participant',
                                       '--dio-label-weight', '2'])
     assert engine_params(opts)['dio']['label_weight'] == 2.0
+    opts = build_parser().parse_args([str(tmp_path), str(tmp_path / 'out'), 'participant',
+                                      '--dio-label-weight', 'AUTO'])
+    assert engine_params(opts)['dio']['label_weight'] == 'auto'
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([str(tmp_path), str(tmp_path / 'out'), 'participant',
+                                   '--dio-label-weight', '-2'])
     assert 'dio' not in engine_params(build_parser().parse_args(
         [str(tmp_path), str(tmp_path / 'out'), 'participant']))
+
+
+def test_dio_auto_label_weight_follows_the_contrasts(small_brains, dio_weights, start,
+                                                     tmp_path):
+    """'auto' prompting: weight 16 for a T2w image registered to a T1w one, 1 for two T1w
+    images and where the contrasts are not known; the sidecar says which and why."""
+    from keyprep.pipeline.engines.dio import AUTO_LABEL_WEIGHTS, resolve_label_weight
+    from keyprep.pipeline.registration import run_engine_variants
+
+    assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T2w'})[0] == 16.0
+    assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T1w'})[0] == 1.0
+    assert resolve_label_weight('auto', {'fixed': 'T1w'}) == (
+        1.0, 'auto: contrasts unknown, taken as one contrast')
+    assert resolve_label_weight(0.0, {'fixed': 'T1w', 'moving': 'T2w'}) == (0.0, 'given')
+    labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
+              for k in ('fixed', 'moving')}
+    kw = dict(fixed_mask=start['mask'], init_transform=start['xfm'],
+              init_method='keymorphAffine', labels=labels,
+              params={'weights': str(dio_weights), 'representations': ['diffeo']})
+    said = {}
+    for moving in ('T1w', 'T2w'):
+        run, = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
+                                   tmp_path / moving, contrasts={'fixed': 'T1w',
+                                                                'moving': moving}, **kw)
+        said[moving] = run.extras['label_prompt']
+    assert said['T1w']['weight'] == AUTO_LABEL_WEIGHTS['same'] == 1.0
+    assert said['T2w']['weight'] == AUTO_LABEL_WEIGHTS['cross'] == 16.0
+    assert said['T2w']['setting'] == 'auto' and said['T2w']['used'] is True
+    assert 'T2w to T1w, across contrasts' in said['T2w']['weight_from']
 
 
 def test_dio_prompt_labels_follow_the_starting_affine(small_brains, start, tmp_path):

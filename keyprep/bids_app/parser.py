@@ -60,6 +60,12 @@ def _non_negative_float(value: str) -> float:
     return out
 
 
+def _auto_or_non_negative_float(value: str) -> 'float | str':
+    if str(value).strip().lower() == 'auto':
+        return 'auto'
+    return _non_negative_float(value)
+
+
 def _label_list(prefix: str):
     def strip(value: str) -> str:
         value = value.strip()
@@ -222,12 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                         'default: all')
 
     g = parser.add_argument_group('DIO engines', 'Options of dio, dioDiffeo and dioAffine.')
-    g.add_argument('--dio-label-weight', type=_non_negative_float, default=None,
-                   metavar='LAMBDA',
+    g.add_argument('--dio-label-weight', type=_auto_or_non_negative_float, default=None,
+                   metavar='LAMBDA|auto',
                    help='label prompting: add a label-fidelity term to the solver\'s feature '
                         'loss, on the structure labels keyprep\'s label network gives both '
-                        'images, with LAMBDA times the features\' energy (1 weighs them alike); '
-                        'default 0 (features only)')
+                        'images, with LAMBDA times the features\' energy (1 weighs them alike; '
+                        '0: features only); default auto: 1 for images of one contrast, 16 '
+                        'across contrasts (benchmarks/results/dio-label-prompt/)')
 
     g = parser.add_argument_group(
         "Learned models' weights",
@@ -295,7 +302,7 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         if init:
             out.setdefault(name, {})['init'] = init
         if cls.family == 'dio' and getattr(opts, 'dio_label_weight', None) is not None:
-            out.setdefault(name, {})['label_weight'] = float(opts.dio_label_weight)
+            out.setdefault(name, {})['label_weight'] = opts.dio_label_weight
         if cls.family == 'ants':
             ants = {}
             if getattr(opts, 'ants_preset', None):
