@@ -149,12 +149,14 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
     assert run.method == 'dioDiffeo'
     assert run.extras['label_prompt'] == {'weight': 2.0, 'used': True, 'structures': 3,
                                           'setting': 2.0, 'weight_from': 'given'}
+    assert run.extras['labels_in_objective'] is True  # QC will not trust their Dice
     _same_as_exported(run, small_brains, tmp_path)
     # without the moving image's labels the engine runs on its features and says why
     run, = run_engine_variants('dio', small_brains['fixed'], small_brains['moving'],
                                tmp_path / 'unprompted', labels={'fixed': labels['fixed']},
                                params=params, **kw)
     assert run.extras['label_prompt']['used'] is False
+    assert run.extras['labels_in_objective'] is False
     assert 'moving' in run.extras['label_prompt']['why']
     engine = get_engine('dio')
     text = engine.boilerplate(EngineOptions(params=params))

@@ -179,6 +179,17 @@ def test_registration_rows_per_structure_and_tissue(tmp_path):
         synthseg_meta={'NetworkTrusted': True, 'LabelCheck': {'ok': True, 'failed': []}})
     assert summary_ok.iloc[0]['label_set'] == 'synthseg'
     assert summary_ok.iloc[0]['labels_check'] == 'ok'
+    assert not summary_ok.iloc[0]['labels_in_objective']
+    # an engine that aligned those very labels (DIO's prompting): their Dice is reported,
+    # the status rests on the independent tissue classes, and the reason says so
+    prompted = dict(record, extras={'labels_in_objective': True})
+    _, summary_p = registration_qc_rows(
+        **dict(kw, record=prompted), target_synthseg=s_ref, warped_synthseg=s_test,
+        synthseg_meta={'NetworkTrusted': True, 'LabelCheck': {'ok': True, 'failed': []}})
+    row_p = summary_p.iloc[0]
+    assert row_p['labels_in_objective'] and row_p['label_set'] == 'tissue'
+    assert row_p['dice_mean'] == 1.0 and row_p['structure_dice_mean'] == pytest.approx(0.5)
+    assert row_p['status'] == 'pass' and 'not an independent check' in row_p['status_reason']
 
 
 def test_summary_sidecar_names_each_dice():

@@ -96,6 +96,29 @@ def test_table_fits_the_page(out_dir):
     assert re.search(r'td\.wrap \{[^}]*max-width', css)
 
 
+def test_label_driven_engine_is_flagged(out_dir):
+    """An engine that aligned the label network's labels gets a column saying so (its
+    structure Dice is not independent); a run without one shows no such column."""
+    summary = _section(reports.render_participant_report(out_dir, '01').read_text(), 'qc')
+    assert 'labels aligned' not in summary.split('<h3>', 2)[1]
+    path = out_dir / 'sub-01' / 'anat' / 'sub-01_desc-registrationsummary_qc.tsv'
+    table = pd.read_csv(path, sep='\t')
+    table['labels_in_objective'] = table['method'] == 'antsSyN'
+    table['structure_dice_mean'] = table['dice_mean']
+    table.to_csv(path, sep='\t', index=False, na_rep='n/a')
+    summary = _section(reports.render_participant_report(out_dir, '01').read_text(),
+                       'qc').split('<h3>', 2)[1]
+    assert 'labels aligned</abbr>' in summary
+    assert 'structure labels (label prompting)' in summary
+    # the group report's structure-Dice plot names the engines whose Dice is not independent
+    from keyprep.bids_app.group import run_group
+
+    assert run_group(out_dir) == 0
+    page = (out_dir / 'group.html').read_text()
+    assert ('Mean structure Dice (label network) per engine (antsSyN: the engine aligned '
+            'these labels') in page
+
+
 def test_linear_transform_gets_its_determinant_not_a_mosaic(out_dir):
     page = reports.render_participant_report(out_dir, '01').read_text()
     reg = _section(page, 'registration')

@@ -52,6 +52,13 @@ def run_group(output_dir: Path) -> int:
     summary = tables['registrationsummary']
     order = method_order(summary['method'].astype(str), _run_methods(output_dir))
     figs = []
+    aligned = []  # engines that aligned the label network's labels: their Dice is not independent
+    if 'labels_in_objective' in summary:
+        flags = summary['labels_in_objective'].astype(str).str.lower().eq('true')
+        aligned = sorted(set(summary.loc[flags, 'method'].astype(str)))
+    notes = {'structure_dice_mean': (
+        f' ({", ".join(aligned)}: the engine aligned these labels, so this Dice is not an '
+        'independent check; see the tissue Dice)' if aligned else '')}
     with tempfile.TemporaryDirectory() as tmp:
         for metric, caption in (('structure_dice_mean', 'Mean structure Dice (label network) per engine'),
                                 ('tissue_dice_mean', 'Mean tissue-class Dice (GM, WM, CSF) per engine'),
@@ -62,7 +69,7 @@ def run_group(output_dir: Path) -> int:
                 continue
             png = Path(tmp) / f'{metric}.png'
             plot_group(summary, png, metric=metric, by='method', title=caption, order=order)
-            figs.append((caption, png_to_data_uri(png)))
+            figs.append((caption + notes.get(metric, ''), png_to_data_uri(png)))
     for col in ('tissue_dice_mean', 'structure_dice_mean', 'label_set'):
         if col not in summary:  # tables written before these columns existed
             summary = summary.assign(**{col: float('nan')})

@@ -133,6 +133,9 @@ COLUMNS: dict[str, tuple[str, str]] = {
     'logjac_std': ('sd log J', 'standard deviation of log J inside the target brain'),
     'inverse_error_mean_mm': ('inv. err', 'mean round-trip error of the exported inverse, mm'),
     'chain': ('chain', 'methods applied one after the other (starting affine > engine)'),
+    'labels_in_objective': ('labels aligned', "the engine aligned the label network's "
+                            'structure labels (label prompting): their Dice is not an '
+                            'independent check, so the status rests on the tissue Dice'),
     'runtime_s': ('time', 'wall time of the registration, s'),
     'runtime_s_median': ('time', 'median wall time of the registration, s'),
     'peak_mem_mb': ('mem', 'peak memory, MiB'),
@@ -487,8 +490,8 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
                           'sloppy') if k in config)
     summary_cols = ['session_id', 'source', 'method', 'label_set', 'dice_mean', 'dice_min',
                     'tissue_dice_mean', 'jac_min', 'jac_max', 'jac_neg_frac', 'logjac_std',
-                    'inverse_error_mean_mm', 'chain', 'runtime_s', 'peak_mem_mb', 'device', 'threads', 'seed', 'status',
-                    'status_reason']
+                    'inverse_error_mean_mm', 'chain', 'labels_in_objective', 'runtime_s',
+                    'peak_mem_mb', 'device', 'threads', 'seed', 'status', 'status_reason']
     shown = summary[[c for c in summary_cols if c in summary.columns]] if not summary.empty \
         else summary
     if not shown.empty and 'source' in shown:
@@ -497,6 +500,9 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
     if {'chain', 'method'} <= set(shown.columns) and \
             (shown['chain'].astype(str) == shown['method'].astype(str)).all():
         shown = shown.drop(columns='chain')  # no engine started from another's affine
+    if 'labels_in_objective' in shown.columns and \
+            not shown['labels_in_objective'].astype(str).str.lower().eq('true').any():
+        shown = shown.drop(columns='labels_in_objective')  # no engine aligned the labels
     long = _sort_methods(long, methods)
     structure_dice = _structure_dice(long, images, methods)
     ctx = {

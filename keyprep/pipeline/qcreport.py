@@ -58,6 +58,9 @@ SUMMARY_COLUMNS: dict[str, str] = {
     'structure_dice_mean': ("Mean Dice over the label network's structures present in the "
                             'target (whether or not it sets the status); n/a without them'),
     'structure_dice_min': "Lowest Dice over the label network's structures present in the target",
+    'labels_in_objective': ("Whether the engine's objective contained the label network's "
+                            'structure labels (DIO label prompting): then their Dice is not an '
+                            'independent check and the status rests on the tissue classes'),
     'labels_check': ("The label network's self-check of the moving image's labels: ok, or "
                      'failed: <checks> (then the structure Dice does not set the status)'),
     'jac_min': 'Minimum Jacobian determinant of the forward transform inside the target brain',
@@ -171,7 +174,10 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     untrusted = primary is not None and meta and not meta.get('NetworkTrusted', True)
     check = meta.get('LabelCheck') or {}
     check_failed = bool(check) and not check.get('ok', True)
-    if untrusted or check_failed:
+    # an engine that aligned the label network's labels (DIO's prompting) is not checked by
+    # their Dice: the tissue classes, from an intensity model, are independent of it
+    in_objective = bool((rec.get('extras') or {}).get('labels_in_objective'))
+    if untrusted or check_failed or (in_objective and primary is not None):
         primary = None
     main_set = 'synthseg' if primary is not None else label_set
     primary = primary if primary is not None else tissue
@@ -184,6 +190,10 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     if untrusted:
         note = ('status from tissue Dice: the label network is not validated yet '
                 f"(held-out structure Dice {meta.get('NetworkHeldOutDice')})")
+        reason = f'{reason}; {note}' if reason else note
+    if in_objective and structure is not None:
+        note = ("status from tissue Dice: the engine aligned the label network's structure "
+                'labels (label prompting), so their Dice is not an independent check')
         reason = f'{reason}; {note}' if reason else note
     inverse = rec.get('inverse') or {}
     consistency = inverse.get('consistency') or {}
@@ -208,6 +218,7 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
         'tissue_dice_mean': round(tissue['mean'], 4), 'tissue_dice_min': round(tissue['min'], 4),
         'structure_dice_mean': None if structure is None else round(structure['mean'], 4),
         'structure_dice_min': None if structure is None else round(structure['min'], 4),
+        'labels_in_objective': in_objective,
         'labels_check': (None if not check else 'ok' if check.get('ok', True)
                          else 'failed: ' + ','.join(check.get('failed', []))),
         **{k: round(v, 5) for k, v in jstats.items()},

@@ -207,7 +207,10 @@ class RegistrationResult:
         Engine-specific results (losses, errors, timings); JSON-serialisable, recorded in
         the engine's JSON record and in the sidecars. A deformable engine that returns its
         inverse may say how it made it under ``'inverse'`` (a dict): the registry moves it
-        into the run's inverse record, next to the measured round-trip error.
+        into the run's inverse record, next to the measured round-trip error. An engine
+        whose objective contained the label network's structure labels (DIO's label
+        prompting) sets ``'labels_in_objective': True``: QC then reports their Dice but does
+        not let it set the status, since the engine aligned those very labels.
     files
         Files declared by :meth:`Engine.extra_outputs`, by key.
     """

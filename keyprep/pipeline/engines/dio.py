@@ -202,6 +202,8 @@ class DIO(ArrayEngine):
                       # this representation's own solver time (the features are shared)
                       'variant_time_s': round(float(entry.get('seconds') or 0.0), 3),
                       'label_prompt': prompt,
+                      # QC's structure Dice is not independent when those labels were aligned
+                      'labels_in_objective': bool(prompt.get('used')),
                       'solver_channels': out['solver_channels'],
                       'solver_kept_variance': out['kept_variance'],
                       'svf_gradient': DEFAULT_SOLVER.svf_gradient,
