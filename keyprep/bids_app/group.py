@@ -22,7 +22,8 @@ def run_group(output_dir: Path) -> int:
     """Write ``group_desc-registration_qc.tsv``, ``group_desc-registrationsummary_qc.tsv``
     (with JSON sidecars) and ``group.html`` into ``output_dir``."""
     from ..pipeline.figures import plot_group, png_to_data_uri
-    from ..pipeline.qcreport import LONG_COLUMNS, SUMMARY_COLUMNS, concat_tables, table_sidecar
+    from ..pipeline.qcreport import (LONG_COLUMNS, SUMMARY_COLUMNS, concat_tables, labels_aligned,
+                                     table_sidecar)
     from .reports import _DATA, _sort_methods, _table_html, method_order
 
     if not output_dir.is_dir():
@@ -52,10 +53,8 @@ def run_group(output_dir: Path) -> int:
     summary = tables['registrationsummary']
     order = method_order(summary['method'].astype(str), _run_methods(output_dir))
     figs = []
-    aligned = []  # engines that aligned the label network's labels: their Dice is not independent
-    if 'labels_in_objective' in summary:
-        flags = summary['labels_in_objective'].astype(str).str.lower().eq('true')
-        aligned = sorted(set(summary.loc[flags, 'method'].astype(str)))
+    # engines that aligned the label network's labels: their structure Dice is not independent
+    aligned = sorted(set(summary.loc[labels_aligned(summary), 'method'].astype(str)))
     notes = {'structure_dice_mean': (
         f' ({", ".join(aligned)}: the engine aligned these labels, so this Dice is not an '
         'independent check; see the tissue Dice)' if aligned else '')}

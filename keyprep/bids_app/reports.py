@@ -294,7 +294,7 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
     import pandas as pd
 
     from ..pipeline import qc as qcmod
-    from ..pipeline.qcreport import concat_tables
+    from ..pipeline.qcreport import concat_tables, labels_aligned
     from .naming import derivative_name
 
     sub_dir = out_dir / f'sub-{subject}'
@@ -500,8 +500,7 @@ def render_participant_report(out_dir: Path, subject: str, run_uuid: str | None 
     if {'chain', 'method'} <= set(shown.columns) and \
             (shown['chain'].astype(str) == shown['method'].astype(str)).all():
         shown = shown.drop(columns='chain')  # no engine started from another's affine
-    if 'labels_in_objective' in shown.columns and \
-            not shown['labels_in_objective'].astype(str).str.lower().eq('true').any():
+    if 'labels_in_objective' in shown.columns and not labels_aligned(shown).any():
         shown = shown.drop(columns='labels_in_objective')  # no engine aligned the labels
     long = _sort_methods(long, methods)
     structure_dice = _structure_dice(long, images, methods)

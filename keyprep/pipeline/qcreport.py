@@ -13,6 +13,7 @@ import pandas as pd
 from . import qc
 
 __all__ = ['LONG_COLUMNS', 'LONG_DESCRIPTION', 'SUMMARY_COLUMNS', 'SUMMARY_DESCRIPTION',
+           'labels_aligned',
            'concat_tables', 'label_set_rows', 'registration_qc_rows', 'table_sidecar']
 
 LONG_DESCRIPTION = ('Registration QC: Dice per engine and label, for each structure of the label '
@@ -237,6 +238,15 @@ def registration_qc_rows(*, target_dseg: str, warped_dseg: str, target_mask: str
     }
     summary = pd.DataFrame([row], columns=list(SUMMARY_COLUMNS))
     return long, summary
+
+
+def labels_aligned(summary: pd.DataFrame) -> pd.Series:
+    """Per summary row, whether the engine aligned the label network's labels
+    (``labels_in_objective`` true, as written or read back from a TSV); all false without the
+    column."""
+    if 'labels_in_objective' not in summary:
+        return pd.Series(False, index=summary.index)
+    return summary['labels_in_objective'].astype(str).str.lower().eq('true')
 
 
 def concat_tables(files: list[str | Path]) -> pd.DataFrame:
