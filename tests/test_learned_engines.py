@@ -161,7 +161,7 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
     engine = get_engine('dio')
     text = engine.boilerplate(EngineOptions(params=params))
     assert 'label prompting (weight 2)' in text
-    for bad in (-1, 'often', float('nan')):
+    for bad in (-1, 'often', float('nan'), 'inf', 1e400):
         with pytest.raises(ValueError):
             engine.parameters(EngineOptions(params={'label_weight': bad}))
     # by default the weight follows the contrasts: 1 for one contrast, 16 across contrasts

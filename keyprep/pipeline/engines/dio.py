@@ -28,6 +28,7 @@ default :data:`DEFAULT_LABEL_WEIGHT`, 0 switches it off; see
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def _solver_settings() -> dict:
 
 
 def _label_weight_setting(value) -> 'float | str':
-    """A ``label_weight`` parameter checked: ``'auto'`` or a number >= 0."""
+    """A ``label_weight`` parameter checked: ``'auto'`` or a finite number >= 0."""
     if value is None:
         return DEFAULT_LABEL_WEIGHT
     if isinstance(value, str) and value.strip().lower() == 'auto':
@@ -91,9 +92,10 @@ def _label_weight_setting(value) -> 'float | str':
     try:
         weight = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"label_weight must be 'auto' or a number >= 0, not {value!r}") from None
-    if not weight >= 0:
-        raise ValueError(f"label_weight must be 'auto' or a number >= 0, not {value!r}")
+        raise ValueError(f"label_weight must be 'auto' or a finite number >= 0, "
+                         f'not {value!r}') from None
+    if not 0 <= weight < math.inf:  # NaN and infinity too
+        raise ValueError(f"label_weight must be 'auto' or a finite number >= 0, not {value!r}")
     return weight
 
 
