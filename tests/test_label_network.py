@@ -262,11 +262,19 @@ def _tissue(img, conform):
     return tissue_segmentation(data, c.affine, data > 0)
 
 
-def test_tissue_segmentation_is_deterministic(colin_brain_2mm):
+def test_tissue_segmentation_is_deterministic(colin_brain_2mm, tmp_path, monkeypatch):
+    import tempfile
+
+    # the system temp folder of this test: ants.atropos would leave prob%02d images there
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(scratch))
     img, conform = colin_brain_2mm
     a, b = _tissue(img, conform), _tissue(img, conform)
     assert np.array_equal(a, b)
     assert all((a == k).sum() > 1000 for k in (1, 2, 3))
+    assert sorted(p.name for p in scratch.iterdir()) == []  # nothing left behind
+    assert tempfile.gettempdir() == str(scratch)  # and the default restored
 
 
 @pytest.mark.parametrize('rotation', [('x', 90.0), ('z', 180.0)])

@@ -133,7 +133,7 @@ def tissue_segmentation(data: np.ndarray, affine: np.ndarray, mask: np.ndarray,
     outside the mask. Classes are assigned from their mean intensity using the ordering
     expected for ``contrast`` (:data:`TISSUE_ORDER`).
     """
-    from .antsutils import import_ants
+    from .antsutils import import_ants, private_tempdir
 
     ants = import_ants()
     if contrast not in TISSUE_ORDER:
@@ -141,8 +141,9 @@ def tissue_segmentation(data: np.ndarray, affine: np.ndarray, mask: np.ndarray,
     img = _to_ants(data, affine)
     msk = _to_ants(mask.astype(np.float32), affine)
     conv = '[2,0]' if sloppy else '[3,0]'
-    seg = ants.atropos(a=img, m='[0.2,1x1x1]', c=conv, i=ATROPOS_INIT, x=msk, r=0)
-    raw = seg['segmentation'].numpy().astype(np.int16)
+    with private_tempdir():  # ants.atropos leaves its probability images in the temp folder
+        seg = ants.atropos(a=img, m='[0.2,1x1x1]', c=conv, i=ATROPOS_INIT, x=msk, r=0)
+        raw = seg['segmentation'].numpy().astype(np.int16)
     means = [float(data[raw == k].mean()) if np.any(raw == k) else np.inf for k in (1, 2, 3)]
     order = np.argsort(means)  # class indices (0-based) from darkest to brightest
     out = np.zeros(raw.shape, dtype=np.int16)

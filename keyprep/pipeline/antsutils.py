@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 
 import numpy as np
 
-__all__ = ['import_ants', 'to_ants']
+__all__ = ['import_ants', 'to_ants', 'private_tempdir']
 
 
 def import_ants(threads: int | None = None):
@@ -32,6 +33,26 @@ def import_ants(threads: int | None = None):
             except Exception:  # pragma: no cover - depends on the ANTsPy build
                 pass
     return ants
+
+
+@contextlib.contextmanager
+def private_tempdir():
+    """Point :mod:`tempfile`'s default directory at a fresh private folder for the duration,
+    and remove it afterwards with everything in it.
+
+    Some ANTsPy functions name their scratch files with ``tempfile.mktemp`` in the system
+    temporary folder and never delete them (``ants.atropos`` leaves three probability images
+    per call): on a cluster node's shared ``/tmp`` that grows with every participant. Not
+    thread-safe (the default directory is process-wide); keyprep runs ANTs one call at a time
+    per process.
+    """
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix='keyprep-ants-') as tmp:
+        tempfile.tempdir = tmp
+        try:
+            yield tmp
+        finally:
+            tempfile.tempdir = previous
 
 
 def to_ants(data: np.ndarray, affine: np.ndarray):
