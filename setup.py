@@ -49,7 +49,8 @@ setup(
         'bids-validator-deno',
     ],
     extras_require={
-        'test': ['pytest>=7'],
+        # pytest-xdist: the suite runs on every core (scripts/test.sh), one file per worker
+        'test': ['pytest>=7', 'pytest-xdist>=3.5'],
     },
     entry_points={
         'console_scripts': [

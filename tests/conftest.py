@@ -172,6 +172,8 @@ def keymorph_weights(request, small_brains) -> Path:
     from keyprep.pipeline.keymorph.network import FORMAT
 
     path = Path(request.config.cache.mkdir(f'keymorph-tiny-{FORMAT}-v1')) / 'tiny.pt'
-    if not path.is_file():
-        train_tiny_keymorph(small_brains['fixed'], path)
+    if not path.is_file():  # atomic: test workers (pytest-xdist) may train it at once
+        part = path.with_name(f'{path.name}.{os.getpid()}.part')
+        train_tiny_keymorph(small_brains['fixed'], part)
+        os.replace(part, path)
     return path

@@ -225,10 +225,15 @@ def test_self_check_catches_misaligned_pose():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('rotation', [('x', 0.0), ('x', 90.0), ('z', 180.0)])
+@pytest.mark.parametrize('rotation', [('x', 90.0)])
 def test_auto_pose_on_native_lia_grid(rotation):
     """Skull on, 256^3 LIA 1 mm, rotated in the header: the labels pass their self-check
-    (after a pose search where the header is wrong) and land on the anatomy."""
+    (after a pose search where the header is wrong) and land on the anatomy.
+
+    One rotation (about 2 minutes on 2 cores): 90 degrees about x swaps two axes, the
+    hardest case for the header's pose. The header-right path runs in every end-to-end
+    test, and the pose search itself at 0, 75 and 150 degrees in
+    ``tests/test_synth.py::test_pose_search_finds_any_starting_orientation``."""
     from keyprep.pipeline.synth.labeller import LabelNetwork
     from keyprep.pipeline.synth.validation import structure_dice
 
