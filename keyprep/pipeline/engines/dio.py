@@ -209,6 +209,7 @@ class DIO(ArrayEngine):
                       'solver_channels': out['solver_channels'],
                       'solver_kept_variance': out['kept_variance'],
                       'svf_gradient': DEFAULT_SOLVER.svf_gradient,
+                      'sigma_velocity': DEFAULT_SOLVER.sigma_velocity,
                       'inverse': entry.get('inverse') or {'method': INVERSES[rep]}}
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
                                         entry['disp_fwd'], entry.get('disp_inv'), extras)
