@@ -17,9 +17,9 @@ transformation representation is chosen at call time, on the same features (no r
     a **stationary velocity field** ``v``: ``phi = exp(v)``, integrated by scaling and
     squaring (``v / 2^K`` composed with itself ``K`` times, ``K`` chosen so that the first
     step moves at most a quarter of a voxel); ``v`` is smoothed like ``u`` but with
-    ``sigma_velocity`` (1 voxel by default here; the engines' deployment setting,
-    ``register.DEFAULT_SOLVER``, uses 0.5, measured the most accurate setting without folding:
-    below it a large ``v`` is under-resolved and its numerical exponential folds). Its inverse is exactly ``exp(-v)``. (The authors'
+    ``sigma_velocity`` (1 voxel: with the free-form 0.5 a large ``v`` is under-resolved, its
+    numerical exponential loses inverse consistency and the warp's log-Jacobian spread more
+    than doubles; below 0.5 it folds). Its inverse is exactly ``exp(-v)``. (The authors'
     test-time solver is compositive; the SVF is chosen here for the exact inverse.)
 ``'affine'``
     ``phi(x) = A x + t`` in centred, normalised millimetre coordinates of the grid
