@@ -461,3 +461,35 @@ def test_config_round_trip_and_presets():
     with pytest.raises(ValueError):
         CarlConfig(shape=(30, 32, 32))
     assert isinstance(CarlNet(TINY).first, CoordinateAttention)
+
+
+def test_pair_loss_label_term():
+    """Soft Dice of warped one-hot labels: zero for equal maps and the identity, positive for a
+    shifted map, differentiable in the displacement; the term needs both label maps."""
+    import torch.nn.functional as Fn
+
+    n = 32
+    lab = torch.zeros((1, n, n, n), dtype=torch.long)
+    lab[:, 8:20, 8:20, 8:20] = 1
+    lab[:, 12:16, 12:16, 12:16] = 2
+    oh = Fn.one_hot(lab, 3).movedim(-1, 1).float()
+    shifted = torch.roll(oh, 3, dims=2)
+    img = oh[:, 1:2] + 2 * oh[:, 2:3]
+    u = torch.zeros((2, 3, n, n, n), requires_grad=True)
+    pair = torch.cat([img, img])
+    same = L.pair_loss(pair, pair, u, onehot_moving=torch.cat([oh, oh]),
+                       onehot_fixed=torch.cat([oh, oh]), dice_weight=1.0)
+    assert float(same['dice']) < 1e-6
+    coarse = L.pair_loss(pair, pair, u, onehot_moving=torch.cat([shifted, oh]),
+                         onehot_fixed=torch.cat([oh, shifted]), dice_weight=1.0, label_level=1)
+    assert 0.1 < float(coarse['dice']) < 2
+    moved = L.pair_loss(pair, pair, u, onehot_moving=torch.cat([shifted, oh]),
+                        onehot_fixed=torch.cat([oh, shifted]), dice_weight=2.0)
+    plain = L.pair_loss(pair, pair, u)
+    assert float(moved['dice']) > 0.2
+    total = float(plain['loss'].detach()) + 2 * float(moved['dice'])
+    assert math.isclose(float(moved['loss'].detach()), total, rel_tol=1e-5)
+    moved['loss'].backward()
+    assert float(u.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match='onehot'):
+        L.pair_loss(pair, pair, u, dice_weight=1.0)

@@ -173,7 +173,16 @@ def _add_carl_parser(sub) -> None:
     c.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
     c.add_argument('--recipe', choices=sorted(CARL_RECIPES), default='cpu',
                    help='cpu: 96^3 at 2 mm, attention at 24^3, small U-Nets (default); paper: '
-                   "the paper's sizes (176^3, attention at 44^3, 128 features), for a GPU")
+                   "the paper's sizes (176^3, attention at 44^3, 128 features), for a GPU; "
+                   'cpu-dice: the cpu network with a soft-Dice term on the synthetic labels '
+                   '(not in the paper), to continue a trained network (--init-from)')
+    c.add_argument('--dice-weight', type=float,
+                   help='weight of the label term (soft Dice of the synthetic pairs\' labels, '
+                   'both directions; default: the recipe, 0 for cpu and paper)')
+    c.add_argument('--init-from', type=Path,
+                   help='start a new run from the network of this training checkpoint (same '
+                   'architecture; fresh optimiser, step 0); ignored when --output already '
+                   'holds a checkpoint, which resumes')
     c.add_argument('--steps', type=int, help='total optimisation steps (default: the recipe)')
     c.add_argument('--diffusion-steps', type=int,
                    help='steps with the diffusion regulariser before GradICON (default: recipe)')
@@ -350,10 +359,15 @@ def _carl(opts) -> int:
     cfg = RECIPES[opts.recipe]
     changes = {}
     for key in ('steps', 'diffusion_steps', 'lr', 'similarity', 'p_same_contrast', 'seed',
-                'val_every', 'checkpoint_every'):
+                'val_every', 'checkpoint_every', 'dice_weight'):
         value = getattr(opts, key)
         if value is not None:
             changes[key] = value
+    if opts.init_from is not None:
+        if not opts.init_from.is_file():
+            LOGGER.error('--init-from %s: no such file', opts.init_from)
+            return EXIT_NO_INPUT
+        changes['init_from'] = str(opts.init_from.resolve())
     changes['precision'] = resolve_precision(opts.precision, device)
     cfg = replace(cfg, **changes)
     LOGGER.info('precision: %s', cfg.precision)

@@ -78,6 +78,9 @@ class CarlTrainConfig:
     val_every: int = 250
     val_translation_mm: float = 15.0
     precision: str = 'fp32'
+    dice_weight: float = 0.0
+    label_level: int = 1
+    init_from: str | None = None
 
     def __post_init__(self):
         m = self.model
@@ -86,6 +89,8 @@ class CarlTrainConfig:
                                                       res_mm=m.res_mm))
         if self.similarity not in ('lncc', 'lncc2'):
             raise ValueError(f"similarity must be 'lncc' or 'lncc2', not {self.similarity!r}")
+        if not (self.dice_weight >= 0 and math.isfinite(self.dice_weight)):
+            raise ValueError(f'dice_weight must be a finite number >= 0, not {self.dice_weight}')
         if self.precision not in PRECISIONS:
             raise ValueError(f'precision must be one of {PRECISIONS}, not {self.precision!r}')
 
@@ -104,10 +109,16 @@ class CarlTrainConfig:
 #: 2e-4 (a CPU run is short), squared LNCC on pairs of independent contrasts. ``paper``: the
 #: paper-size network (176^3 at 1.25 mm, Xi at 44^3, 128 features, GradICON's U-Nets) with the
 #: paper's schedule (1500 diffusion steps, lr 1e-4, 50 000 steps in all), for a GPU.
+#: ``cpu-dice``: the ``cpu`` network with keyprep's label term (``dice_weight`` 1: soft Dice of
+#: the synthetic pairs' own labels, both directions, next to LNCC and GradICON, compared at
+#: half the working resolution (``label_level`` 1); not in the paper), GradICON from the first
+#: step: meant to continue a GradICON-trained network
+#: (``init_from``, the CLI's ``--init-from``) on fresh pairs (another seed).
 RECIPES: dict[str, CarlTrainConfig] = {
     'cpu': CarlTrainConfig(),
     'paper': CarlTrainConfig(model=PRESETS['paper'], steps=51_500, diffusion_steps=1500,
                              lr=1e-4, checkpoint_every=100, val_every=1000),
+    'cpu-dice': CarlTrainConfig(dice_weight=1.0, diffusion_steps=0, seed=4321),
 }
 
 
@@ -177,7 +188,14 @@ class Trainer:
         finally:
             self.synth.config = cfg.synth
         return {'a': self._brain(pair['moving']), 'b': self._brain(pair['fixed']),
+                'la': pair['moving']['labels'], 'lb': pair['fixed']['labels'],
                 'maps': pair['maps'], 'contrast': contrast or 'random'}
+
+    @staticmethod
+    def onehot(labels: torch.Tensor) -> torch.Tensor:
+        """Label indices ``[B, *shape]`` -> one-hot ``[B, C, *shape]`` (float32)."""
+        n = len(OUTPUT_LABELS)
+        return torch.nn.functional.one_hot(labels.long(), n).movedim(-1, 1).float()
 
     # -------------------------------------------------------------- step
     def step(self, step: int, batch: dict | None = None) -> dict:
@@ -191,13 +209,22 @@ class Trainer:
         gen = torch.Generator(device=self.dev).manual_seed(cfg.seed * 1_000_003 + step)
         with autocast(self.dev, cfg.precision):
             u = self.model(moving, fixed)
+        labels = {}
+        if cfg.dice_weight > 0:
+            la, lb = self.onehot(batch['la'].to(self.dev)), self.onehot(batch['lb'].to(self.dev))
+            labels = {'onehot_moving': torch.cat([la, lb]), 'onehot_fixed': torch.cat([lb, la]),
+                      'dice_weight': cfg.dice_weight, 'label_level': cfg.label_level}
         terms = pair_loss(moving, fixed, u.float(), phase=self.phase(step), lam=cfg.lam,
-                          sigma=cfg.sigma, squared=cfg.similarity == 'lncc2', generator=gen)
+                          sigma=cfg.sigma, squared=cfg.similarity == 'lncc2', generator=gen,
+                          **labels)
         self.optimiser.zero_grad(set_to_none=True)
         terms['loss'].backward()
         self.optimiser.step()
-        return {'loss': float(terms['loss'].detach()), 'sim': float(terms['sim']),
-                'reg': float(terms['reg'])}
+        out = {'loss': float(terms['loss'].detach()), 'sim': float(terms['sim']),
+               'reg': float(terms['reg'])}
+        if 'dice' in terms:
+            out['dice'] = float(terms['dice'])
+        return out
 
     # -------------------------------------------------------------- validation
     def _validation_set(self) -> list[dict]:
@@ -303,10 +330,18 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
         trainer.optimiser.load_state_dict(ckpt['optimiser'])
         log(f'resumed from {ckpt_path} at step {step} ({trainer.phase(step)})')
         _truncate_logs(out, step)
+    elif cfg.init_from:
+        init = torch.load(cfg.init_from, map_location=dev, weights_only=True)
+        if CarlTrainConfig.from_dict(init['config']).model != cfg.model:
+            raise ValueError(f'{cfg.init_from} was trained with another CARL architecture')
+        trainer.model.load_state_dict(init['model'])
+        log(f'network initialised from {cfg.init_from} (its step {int(init["step"])}); '
+            'fresh optimiser, step 0')
     (out / 'train_config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     tlog, vlog = out / 'train_log.tsv', out / 'val_log.tsv'
+    header = TRAIN_LOG_HEADER + ('\tdice' if cfg.dice_weight > 0 else '')
     if not tlog.exists():
-        tlog.write_text(TRAIN_LOG_HEADER + '\n')
+        tlog.write_text(header + '\n')
     t_start = time.time()
 
     def save():
@@ -343,6 +378,8 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
         step += 1
         row = [step, trainer.phase(step - 1), terms['loss'], terms['sim'], terms['reg'],
                trainer.lr(step - 1), t1 - t0, t2 - t1]
+        if cfg.dice_weight > 0:
+            row.append(terms['dice'])
         with open(tlog, 'a') as fh:
             fh.write('\t'.join(_fmt(v) for v in row) + '\n')
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
