@@ -493,3 +493,33 @@ def test_pair_loss_label_term():
     assert float(u.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match='onehot'):
         L.pair_loss(pair, pair, u, dice_weight=1.0)
+
+
+def test_instance_optimisation_uses_the_given_similarity():
+    """``io_similarity`` reaches IO's loss: on the same pair and network the squared LNCC
+    (keyprep's cross-contrast recipes) and the paper's LNCC give different IO losses whose
+    first values (before any update: the identity network, u = 0, GradICON 0) match
+    ``pair_loss`` on the working-grid images; an unknown similarity is an error."""
+    from dataclasses import replace
+
+    from keyprep.pipeline.carl.network import _to_working, _working_grid, normalise_intensity
+
+    torch.manual_seed(0)
+    net = CarlNet(replace(TINY, first='unet'))  # starts as the identity (last conv zero)
+    fixed, moving = _ball_pair()
+    spacing = np.array([2.0, 2.0, 2.0])
+    fn, mn = normalise_intensity(fixed), normalise_intensity(moving)
+    centre, res = _working_grid(fn, mn, spacing, net.cfg)
+    f = _to_working(fn, centre, res, spacing, net.cfg.shape, 'cpu').clamp(0, 1)
+    m = _to_working(mn, centre, res, spacing, net.cfg.shape, 'cpu').clamp(0, 1)
+    firsts = {}
+    for sim in ('lncc', 'lncc2'):
+        io = register_arrays(fixed, moving, net, io_steps=1, io_lr=1e-4,
+                             spacing_mm=tuple(spacing), io_similarity=sim)
+        expected = L.lncc_loss(m, f, squared=sim == 'lncc2') \
+            + L.lncc_loss(f, m, squared=sim == 'lncc2')
+        assert math.isclose(io['io_losses'][0], float(expected), rel_tol=1e-4), sim
+        firsts[sim] = io['io_losses'][0]
+    assert abs(firsts['lncc'] - firsts['lncc2']) > 1e-2, firsts
+    with pytest.raises(ValueError, match='io_similarity'):
+        register_arrays(fixed, moving, net, io_steps=1, io_similarity='mse')

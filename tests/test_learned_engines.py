@@ -91,6 +91,7 @@ def test_carl_engine(small_brains, carl_weights, start, tmp_path):
         assert np.abs(fwd).max() > 5.0
     assert runs[1].extras['io_loss_first_last'][0] != runs[1].extras['io_loss_first_last'][1]
     assert 'io_loss_first_last' not in runs[0].extras
+    assert runs[1].extras['io_similarity'] == 'lncc'  # the fixture's weights carry no recipe
 
 
 def test_dio_engine_representations(small_brains, dio_weights, start, tmp_path):

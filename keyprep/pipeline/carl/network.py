@@ -518,9 +518,10 @@ def _to_input(u: torch.Tensor, centre, res: float, spacing, in_shape) -> torch.T
 
 
 def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: float,
-             seed: int, precision: str = 'fp32') -> tuple[CarlNet, list[float]]:
+             seed: int, precision: str = 'fp32', similarity: str = 'lncc'
+             ) -> tuple[CarlNet, list[float]]:
     """Instance optimisation: Adam on a deep copy of the weights for ``steps`` steps on this
-    pair's loss (similarity both ways + GradICON); the given model is left untouched."""
+    pair's loss (``similarity`` both ways + GradICON); the given model is left untouched."""
     from ..resources import autocast
     from .losses import pair_loss
 
@@ -535,7 +536,7 @@ def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: f
         with autocast(m.device, precision):
             u = net(torch.cat([m, f]), torch.cat([f, m]))
         terms = pair_loss(torch.cat([m, f]), torch.cat([f, m]), u.float(), phase='gradicon',
-                          generator=gen)
+                          generator=gen, squared=similarity == 'lncc2')
         opt.zero_grad(set_to_none=True)
         terms['loss'].backward()
         opt.step()
@@ -548,14 +549,16 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     device: str | torch.device = 'cpu', io_steps: int = 0,
                     io_lr: float | None = None, seed: int = 0,
                     spacing_mm: Sequence[float] | None = None,
-                    precision: str = 'fp32') -> dict:
+                    precision: str = 'fp32', io_similarity: str = 'lncc') -> dict:
     """Register ``moving`` to ``fixed`` (3-D arrays on the same grid, brain-masked, any
     intensity scale) with CARL.
 
     ``model_or_weights``: a :class:`CarlNet`, or a weights path (``None``: the shipped
     weights). ``spacing_mm``: the grid's voxel size (default 1 mm). ``io_steps > 0``: instance
     optimisation on a copy of the weights (``io_lr``, default the model's ``io_lr``), reset
-    per call. Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
+    per call, with ``io_similarity`` (``'lncc'``, the paper's, or ``'lncc2'``, squared: the
+    similarity a network trained on pairs of different contrasts was trained with; plain LNCC
+    pulls a T2 towards an inverted T1). Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
     ``moving(x + disp_fwd(x)) ~ fixed(x)``; ``disp_inv`` (the network run with the images
     swapped: ``fixed(y + disp_inv(y)) ~ moving(y)``); ``inverse_consistency_vox`` (mean norm,
     in voxels of the given grid, of ``phi_fwd(phi_inv(y)) - y`` over the brains on the working
@@ -586,7 +589,10 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
         t1 = time.time()
         net, io_losses = model, []
         if io_steps > 0:
-            net, io_losses = _io_copy(model, m, f, io_steps, io_lr or cfg.io_lr, seed, precision)
+            if io_similarity not in ('lncc', 'lncc2'):
+                raise ValueError(f"io_similarity must be 'lncc' or 'lncc2', not {io_similarity!r}")
+            net, io_losses = _io_copy(model, m, f, io_steps, io_lr or cfg.io_lr, seed, precision,
+                                      io_similarity)
         t2 = time.time()
         from ..resources import autocast
 

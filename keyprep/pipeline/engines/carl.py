@@ -95,11 +95,15 @@ class CARL(ArrayEngine):
         device = torch.device(options.device)
         model, meta = load_carl(self.weights_path(options), device)
         t_load = time.time() - t0
+        # instance optimisation uses the similarity the network was trained with (squared LNCC
+        # for keyprep's recipes on pairs of different contrasts; the paper's LNCC otherwise)
+        recipe = meta.get('recipe') if isinstance(meta, dict) else None
+        io_similarity = (recipe or {}).get('similarity') or 'lncc'
         results = {}
         for name, vparams in self.variants(options):
             out = register_arrays(f, m, model, device=device, io_steps=vparams['io_steps'],
                                   io_lr=params['io_lr'], seed=options.seed,
-                                  spacing_mm=spacing)
+                                  spacing_mm=spacing, io_similarity=io_similarity)
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
@@ -110,6 +114,7 @@ class CARL(ArrayEngine):
                       # loading and prealignment), for benchmarks that time variants apart
                       'variant_time_s': round(out['timings']['total_s'], 3)}
             if out['io_losses']:
+                extras['io_similarity'] = io_similarity
                 extras['io_loss_first_last'] = [round(float(out['io_losses'][0]), 5),
                                                 round(float(out['io_losses'][-1]), 5)]
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
