@@ -523,3 +523,30 @@ def test_instance_optimisation_uses_the_given_similarity():
     assert abs(firsts['lncc'] - firsts['lncc2']) > 1e-2, firsts
     with pytest.raises(ValueError, match='io_similarity'):
         register_arrays(fixed, moving, net, io_steps=1, io_similarity='mse')
+
+
+def test_label_fractions_and_prompted_io():
+    """The prompt's structure maps on the working grid are fractions that sum to one with the
+    background channel, over the labels present in both maps; prompting adds the soft Dice
+    to IO's first loss and counts its structures; a bad weight is an error."""
+    from keyprep.pipeline.carl.network import label_fractions
+
+    fixed, moving = _ball_pair()
+    fl = (fixed > 0).astype(np.int32) * 17
+    fl[fixed > 140] = 53
+    ml = (moving > 0).astype(np.int32) * 17
+    ml[:2] = 99  # only in the moving map: not a prompt channel
+    lf, lm, k = label_fractions(fl, ml, np.array([15.5] * 3), 2.0, np.array([1.0] * 3),
+                                (16, 16, 16), 'cpu')
+    assert k == 1 and lf.shape == lm.shape == (1, 2, 16, 16, 16)
+    assert float(lf.min()) >= 0 and torch.allclose(lf.sum(1), torch.ones(1, 16, 16, 16))
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    kw = dict(io_steps=1, io_lr=1e-4, spacing_mm=(2.0, 2.0, 2.0))
+    plain = register_arrays(fixed, moving, net, **kw)
+    prompted = register_arrays(fixed, moving, net, labels=(fl, ml), io_label_weight=1.0, **kw)
+    assert plain['label_channels'] == 0 and prompted['label_channels'] == 1
+    assert 0 < prompted['io_losses'][0] - plain['io_losses'][0] <= 2
+    for bad in (-1.0, float('nan')):
+        with pytest.raises(ValueError, match='io_label_weight'):
+            register_arrays(fixed, moving, net, labels=(fl, ml), io_label_weight=bad, **kw)

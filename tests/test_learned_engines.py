@@ -185,6 +185,54 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
         [str(tmp_path), str(tmp_path / 'out'), 'participant']))
 
 
+def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
+    """carlIO adds the soft Dice of both images' structure labels to instance optimisation's
+    loss (weight 1 by default): the sidecar says so and QC is told its structure Dice is not
+    independent; carl (the network pass) never sees the labels; without a moving label map,
+    or at weight 0, IO runs on the images alone and says why."""
+    from keyprep.pipeline.engines import EngineOptions, get_engine
+    from keyprep.pipeline.registration import run_engine_variants
+
+    labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
+              for k in ('fixed', 'moving')}
+    kw = dict(fixed_mask=start['mask'], init_transform=start['xfm'],
+              init_method='keymorphAffine')
+    params = {'weights': str(carl_weights), 'io_steps': 2}
+    carl, carl_io = run_engine_variants('carl', small_brains['fixed'], small_brains['moving'],
+                                        tmp_path / 'prompted', labels=labels, params=params,
+                                        **kw)
+    assert 'label_prompt' not in carl.extras and not carl.extras.get('labels_in_objective')
+    assert carl_io.extras['label_prompt'] == {'weight': 1.0, 'used': True, 'structures': 3}
+    assert carl_io.extras['labels_in_objective'] is True
+    _same_as_exported(carl_io, small_brains, tmp_path)
+    # the same IO without labels: another loss, another result
+    _, plain = run_engine_variants('carl', small_brains['fixed'], small_brains['moving'],
+                                   tmp_path / 'weight0', labels=labels,
+                                   params={**params, 'label_weight': 0}, **kw)
+    assert plain.extras['labels_in_objective'] is False
+    assert plain.extras['io_loss_first_last'][0] < carl_io.extras['io_loss_first_last'][0]
+    _, missing = run_engine_variants('carl', small_brains['fixed'], small_brains['moving'],
+                                     tmp_path / 'unprompted', labels={'fixed': labels['fixed']},
+                                     params=params, **kw)
+    assert missing.extras['labels_in_objective'] is False
+    assert 'moving' in missing.extras['label_prompt']['why']
+    engine = get_engine('carl')
+    assert 'label prompting' in engine.boilerplate(EngineOptions(params=params))
+    assert 'label prompting' not in engine.boilerplate(
+        EngineOptions(params={**params, 'label_weight': 0}))
+    for bad in (-1, 'often', float('nan'), 'inf', True):
+        with pytest.raises(ValueError):
+            engine.parameters(EngineOptions(params={'label_weight': bad}))
+    from keyprep.bids_app.parser import build_parser, engine_params
+
+    base = [str(tmp_path), str(tmp_path / 'out'), 'participant']
+    opts = build_parser().parse_args([*base, '--carl-io-steps', '0', '--carl-label-weight', '2'])
+    assert engine_params(opts)['carl'] == {'io_steps': 0, 'label_weight': 2.0}
+    for bad in (['--carl-io-steps', '-1'], ['--carl-label-weight', 'inf']):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
+
+
 def test_dio_auto_label_weight_follows_the_contrasts(small_brains, dio_weights, start,
                                                      tmp_path):
     """'auto' prompting: weight 16 for a T2w image registered to a T1w one, 1 for two T1w

@@ -50,6 +50,16 @@ def _positive_int(value: str) -> int:
     return out
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        out = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not an integer') from None
+    if out < 0:
+        raise argparse.ArgumentTypeError(f'{value!r} must be 0 or more')
+    return out
+
+
 def _non_negative_float(value: str) -> float:
     try:
         out = float(value)
@@ -236,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
                         '0: features only); default auto: 1 for images of one contrast, 16 '
                         'across contrasts (benchmarks/results/dio-label-prompt/)')
 
+    g = parser.add_argument_group('CARL engines', 'Options of carl and carlIO.')
+    g.add_argument('--carl-io-steps', type=_non_negative_int, default=None, metavar='N',
+                   help='steps of instance optimisation of carlIO (default 50, the paper\'s; '
+                        '5 with --sloppy; 0: carl only). On a CPU thread each step at 1 mm '
+                        'takes 10-15 s (benchmarks/results/carl-1mm-diagnosis/)')
+    g.add_argument('--carl-label-weight', type=_non_negative_float, default=None,
+                   metavar='LAMBDA',
+                   help='label prompting of carlIO: weight of the soft Dice of the structure '
+                        'labels keyprep\'s label network gives both images, added to '
+                        'instance optimisation\'s loss (default 1; 0: image similarity only)')
+
     g = parser.add_argument_group(
         "Learned models' weights",
         'Each learned engine family reads its weights from keyprep/models/<family>/ (shipped '
@@ -303,6 +324,11 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
             out.setdefault(name, {})['init'] = init
         if cls.family == 'dio' and getattr(opts, 'dio_label_weight', None) is not None:
             out.setdefault(name, {})['label_weight'] = opts.dio_label_weight
+        if cls.family == 'carl':
+            if getattr(opts, 'carl_io_steps', None) is not None:
+                out.setdefault(name, {})['io_steps'] = int(opts.carl_io_steps)
+            if getattr(opts, 'carl_label_weight', None) is not None:
+                out.setdefault(name, {})['label_weight'] = float(opts.carl_label_weight)
         if cls.family == 'ants':
             ants = {}
             if getattr(opts, 'ants_preset', None):

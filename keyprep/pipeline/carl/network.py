@@ -51,6 +51,7 @@ scaled by the ratio of the voxel sizes.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ __all__ = [
     'CarlConfig', 'PRESETS', 'CarlNet', 'FeatureEncoder', 'CoordinateAttention', 'RefineUNet',
     'coordinate_attention', 'cell_centres', 'eval_disp', 'warp', 'compose', 'register_arrays',
     'load_carl', 'check_carl_weights', 'default_weights', 'normalise_intensity', 'FORMAT',
-    'MODEL_DIR', 'WEIGHTS_NAME',
+    'MODEL_DIR', 'WEIGHTS_NAME', 'label_fractions',
 ]
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / 'models' / 'carl'
@@ -517,11 +518,38 @@ def _to_input(u: torch.Tensor, centre, res: float, spacing, in_shape) -> torch.T
     return out
 
 
+def label_fractions(fixed_labels: np.ndarray, moving_labels: np.ndarray, centre, res: float,
+                    spacing, shape, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The structure maps of a prompted instance optimisation on the working grid: for every
+    label present in both maps (0 is background), the fraction of each working voxel it
+    covers (resampled like the images), after a background channel (1 - their sum).
+    Returns fixed and moving ``[1, 1 + K, *shape]`` and ``K``."""
+    fixed_labels = np.rint(np.asarray(fixed_labels)).astype(np.int64)
+    moving_labels = np.rint(np.asarray(moving_labels)).astype(np.int64)
+    if fixed_labels.shape != moving_labels.shape:
+        raise ValueError(f'label maps {fixed_labels.shape} and {moving_labels.shape} must be '
+                         'on one grid')
+    ids = sorted((set(np.unique(fixed_labels).tolist())
+                  & set(np.unique(moving_labels).tolist())) - {0})
+    out = []
+    for arr in (fixed_labels, moving_labels):
+        chans = [_to_working((arr == k).astype(np.float32), centre, res, spacing, shape, device)
+                 for k in ids]
+        fg = torch.cat(chans, 1).clamp(0, 1) if chans else \
+            torch.zeros((1, 0, *shape), device=device)
+        bg = (1 - fg.sum(1, keepdim=True)).clamp(0, 1)
+        out.append(torch.cat([bg, fg], 1))
+    return out[0], out[1], len(ids)
+
+
 def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: float,
-             seed: int, precision: str = 'fp32', similarity: str = 'lncc'
-             ) -> tuple[CarlNet, list[float]]:
+             seed: int, precision: str = 'fp32', similarity: str = 'lncc',
+             labels: tuple[torch.Tensor, torch.Tensor] | None = None,
+             label_weight: float = 0.0) -> tuple[CarlNet, list[float]]:
     """Instance optimisation: Adam on a deep copy of the weights for ``steps`` steps on this
-    pair's loss (``similarity`` both ways + GradICON); the given model is left untouched."""
+    pair's loss (``similarity`` both ways + GradICON, plus ``label_weight`` times the soft
+    Dice of the structure maps ``labels = (fixed, moving)`` when given, compared at half the
+    working resolution); the given model is left untouched."""
     from ..resources import autocast
     from .losses import pair_loss
 
@@ -531,12 +559,17 @@ def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: f
         p.requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator(device=m.device).manual_seed(int(seed))
+    prompt = {}
+    if labels is not None and label_weight > 0:
+        lf, lm = labels
+        prompt = {'onehot_moving': torch.cat([lm, lf]), 'onehot_fixed': torch.cat([lf, lm]),
+                  'dice_weight': float(label_weight), 'label_level': 1}
     losses = []
     for _ in range(steps):
         with autocast(m.device, precision):
             u = net(torch.cat([m, f]), torch.cat([f, m]))
         terms = pair_loss(torch.cat([m, f]), torch.cat([f, m]), u.float(), phase='gradicon',
-                          generator=gen, squared=similarity == 'lncc2')
+                          generator=gen, squared=similarity == 'lncc2', **prompt)
         opt.zero_grad(set_to_none=True)
         terms['loss'].backward()
         opt.step()
@@ -549,7 +582,9 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     device: str | torch.device = 'cpu', io_steps: int = 0,
                     io_lr: float | None = None, seed: int = 0,
                     spacing_mm: Sequence[float] | None = None,
-                    precision: str = 'fp32', io_similarity: str = 'lncc') -> dict:
+                    precision: str = 'fp32', io_similarity: str = 'lncc',
+                    labels: tuple[np.ndarray, np.ndarray] | None = None,
+                    io_label_weight: float = 0.0) -> dict:
     """Register ``moving`` to ``fixed`` (3-D arrays on the same grid, brain-masked, any
     intensity scale) with CARL.
 
@@ -558,7 +593,10 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     optimisation on a copy of the weights (``io_lr``, default the model's ``io_lr``), reset
     per call, with ``io_similarity`` (``'lncc'``, the paper's, or ``'lncc2'``, squared: the
     similarity a network trained on pairs of different contrasts was trained with; plain LNCC
-    pulls a T2 towards an inverted T1). Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
+    pulls a T2 towards an inverted T1), and with ``labels`` (fixed and moving structure label
+    maps on the same grid) and ``io_label_weight > 0``, label prompting: the soft Dice of the
+    structures labelled in both maps joins IO's loss (keyprep's, not the paper's; the
+    network pass itself never sees labels). Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
     ``moving(x + disp_fwd(x)) ~ fixed(x)``; ``disp_inv`` (the network run with the images
     swapped: ``fixed(y + disp_inv(y)) ~ moving(y)``); ``inverse_consistency_vox`` (mean norm,
     in voxels of the given grid, of ``phi_fwd(phi_inv(y)) - y`` over the brains on the working
@@ -567,6 +605,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     t0 = time.time()
     fixed = np.asarray(fixed)
     moving = np.asarray(moving)
+    label_channels = 0
     if fixed.ndim != 3 or fixed.shape != moving.shape:
         raise ValueError(f'fixed {fixed.shape} and moving {moving.shape} must be 3-D arrays '
                          'of one shape')
@@ -591,8 +630,16 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
         if io_steps > 0:
             if io_similarity not in ('lncc', 'lncc2'):
                 raise ValueError(f"io_similarity must be 'lncc' or 'lncc2', not {io_similarity!r}")
+            if not (io_label_weight >= 0 and math.isfinite(io_label_weight)):
+                raise ValueError(f'io_label_weight must be a finite number >= 0, not '
+                                 f'{io_label_weight!r}')
+            prompt = None
+            if labels is not None and io_label_weight > 0:
+                lf, lm, label_channels = label_fractions(labels[0], labels[1], centre, res,
+                                                         spacing, cfg.shape, dev)
+                prompt = (lf, lm) if label_channels else None
             net, io_losses = _io_copy(model, m, f, io_steps, io_lr or cfg.io_lr, seed, precision,
-                                      io_similarity)
+                                      io_similarity, prompt, io_label_weight)
         t2 = time.time()
         from ..resources import autocast
 
@@ -614,6 +661,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     t4 = time.time()
     return {'disp_fwd': disp_fwd.astype(np.float32), 'disp_inv': disp_inv.astype(np.float32),
             'inverse_consistency_vox': ic, 'io_losses': io_losses,
+            'label_channels': label_channels,
             'timings': {'resample_s': t1 - t0, 'io_s': t2 - t1, 'network_s': t3 - t2,
                         'upsample_s': t4 - t3, 'total_s': t4 - t0},
             'working_grid': {'shape': list(cfg.shape), 'res_mm': res,

@@ -14,11 +14,14 @@ engine's affine (``init``, default ``keymorphAffine``; :mod:`.fields`).
 Parameters (``params``; the CLI's ``--carl-*`` options): ``weights`` (default: the shipped
 model, :func:`keyprep.pipeline.carl.network.default_weights`), ``io_steps`` (default 50, the
 paper's; 5 with ``--sloppy``; 0 drops ``carlIO``), ``io_lr`` (default: the model's),
-``init``.
+``init``, ``label_weight`` (label prompting of ``carlIO``: the weight of the soft Dice of the
+label network's structure labels of both images in instance optimisation's loss, when the
+workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -30,6 +33,9 @@ __all__ = ['CARL', 'DEFAULT_IO_STEPS']
 #: The paper's instance optimisation: 50 steps.
 DEFAULT_IO_STEPS = 50
 SLOPPY_IO_STEPS = 5
+#: Default weight of carlIO's label term (soft Dice of the label network's structure maps, next
+#: to the similarity and GradICON: the weight the ``cpu-dice`` training recipe gives it).
+DEFAULT_IO_LABEL_WEIGHT = 1.0
 
 
 register_model(LearnedModel('carl', 'CARL',
@@ -46,6 +52,9 @@ class CARL(ArrayEngine):
                    '(Greer et al.), translation-equivariant, after an affine')
     citations = ('greer2024carl', 'tian2023gradicon')
     mem_gb = 4.0
+    # label prompting of carlIO: the workflow passes the label network's maps (made for every
+    # image anyway); unused when label_weight is 0 or IO is off
+    uses_labels = True
 
     def parameters(self, options: EngineOptions) -> dict:
         p = dict(options.params)
@@ -55,12 +64,23 @@ class CARL(ArrayEngine):
             else (SLOPPY_IO_STEPS if options.sloppy else DEFAULT_IO_STEPS),
             'io_lr': float(p['io_lr']) if p.get('io_lr') else None,
             'init': str(p.get('init') or self.default_init),
+            'label_weight': (DEFAULT_IO_LABEL_WEIGHT if p.get('label_weight') is None
+                             else p['label_weight']),
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
         if params['io_steps'] < 0:
             raise ValueError('io_steps must be >= 0')
+        weight = params['label_weight']
+        try:
+            ok = not isinstance(weight, bool) and float(weight) >= 0 and math.isfinite(
+                float(weight))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f'label_weight must be a finite number >= 0, not {weight!r}')
+        params['label_weight'] = float(weight)
         return params
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
@@ -78,7 +98,11 @@ class CARL(ArrayEngine):
         text += (f', starting from the affine of {init}' if init else '')
         if params['io_steps']:
             text += (f'; carlIO adds {params["io_steps"]} steps of instance optimisation '
-                     '(LNCC + GradICON on each pair, weights reset per pair)')
+                     '(LNCC + GradICON on each pair, weights reset per pair')
+            if params['label_weight'] > 0:
+                text += (f', with label prompting: the soft Dice of the structure labels of '
+                         f'both images, weight {params["label_weight"]:g}')
+            text += ')'
         return text
 
     def run(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
@@ -99,11 +123,18 @@ class CARL(ArrayEngine):
         # for keyprep's recipes on pairs of different contrasts; the paper's LNCC otherwise)
         recipe = meta.get('recipe') if isinstance(meta, dict) else None
         io_similarity = (recipe or {}).get('similarity') or 'lncc'
+        variants = self.variants(options)
+        labels, prompt = None, {'weight': 0.0, 'used': False, 'why': 'no instance optimisation'}
+        if any(v['io_steps'] for _, v in variants):
+            labels, prompt = self.prompt_labels(fixed, out_dir, options, params['label_weight'])
         results = {}
-        for name, vparams in self.variants(options):
+        for name, vparams in variants:
+            io = vparams['io_steps'] > 0
             out = register_arrays(f, m, model, device=device, io_steps=vparams['io_steps'],
                                   io_lr=params['io_lr'], seed=options.seed,
-                                  spacing_mm=spacing, io_similarity=io_similarity)
+                                  spacing_mm=spacing, io_similarity=io_similarity,
+                                  labels=labels if io else None,
+                                  io_label_weight=params['label_weight'] if io else 0.0)
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
@@ -113,6 +144,12 @@ class CARL(ArrayEngine):
                       # this variant's own time (its IO and network pass, not the shared
                       # loading and prealignment), for benchmarks that time variants apart
                       'variant_time_s': round(out['timings']['total_s'], 3)}
+            if io:
+                used = bool(prompt.get('used')) and out['label_channels'] > 0
+                extras['label_prompt'] = {**prompt, 'used': used,
+                                          'structures': out['label_channels']}
+                # QC's structure Dice is not independent when those labels were aligned
+                extras['labels_in_objective'] = used
             if out['io_losses']:
                 extras['io_similarity'] = io_similarity
                 extras['io_loss_first_last'] = [round(float(out['io_losses'][0]), 5),

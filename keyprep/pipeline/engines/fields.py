@@ -58,6 +58,33 @@ class ArrayEngine(Engine):
             m = m * (np.asanyarray(nb.load(str(mm)).dataobj).reshape(f.shape) > 0)
         return f, m, fimg.affine, np.asarray(fimg.header.get_zooms()[:3], dtype=float)
 
+    def prompt_labels(self, fixed: Path, out_dir: Path, options: EngineOptions, weight: float
+                      ) -> tuple[tuple | None, dict]:
+        """The label maps of both images on the fixed grid (the moving one through the
+        starting affine, nearest neighbour) for label prompting (DIO's solver, CARL's
+        instance optimisation), and what the sidecar says of it; ``None`` when prompting is
+        off or a map is missing."""
+        from ..transforms import apply_transforms, identity_transform
+
+        given = options.labels or {}
+        if weight <= 0:
+            return None, {'weight': 0.0, 'used': False, 'why': 'label_weight is 0'}
+        missing = [k for k in ('fixed', 'moving') if not given.get(k)]
+        if missing:
+            return None, {'weight': weight, 'used': False,
+                          'why': 'no label map of the ' + ' and '.join(missing) + ' image'}
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ident = identity_transform(out_dir / 'identity.txt')
+        maps = []
+        for key, xfm in (('fixed', ident), ('moving', options.init_transform or ident)):
+            path = apply_transforms(given[key], fixed, [xfm], out_dir / f'prompt_{key}.nii.gz',
+                                    interpolation='nearestNeighbor')
+            img = nb.load(str(path))
+            maps.append(np.rint(np.asanyarray(img.dataobj)).astype(np.int32).reshape(
+                img.shape[:3]))
+        return (maps[0], maps[1]), {'weight': weight, 'used': True}
+
     def result(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
                affine: np.ndarray, name: str, disp_fwd: np.ndarray,
                disp_inv: np.ndarray | None, extras: dict) -> RegistrationResult:
