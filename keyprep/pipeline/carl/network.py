@@ -596,11 +596,14 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     pulls a T2 towards an inverted T1), and with ``labels`` (fixed and moving structure label
     maps on the same grid) and ``io_label_weight > 0``, label prompting: the soft Dice of the
     structures labelled in both maps joins IO's loss (keyprep's, not the paper's; the
-    network pass itself never sees labels). Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
+    network pass itself never sees labels).
+
+    Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
     ``moving(x + disp_fwd(x)) ~ fixed(x)``; ``disp_inv`` (the network run with the images
     swapped: ``fixed(y + disp_inv(y)) ~ moving(y)``); ``inverse_consistency_vox`` (mean norm,
     in voxels of the given grid, of ``phi_fwd(phi_inv(y)) - y`` over the brains on the working
-    grid); ``io_losses``; ``timings`` (s) and ``working_grid``.
+    grid); ``io_losses``; ``label_channels`` (the prompt's structures, 0 unprompted);
+    ``timings`` (s) and ``working_grid``.
     """
     t0 = time.time()
     fixed = np.asarray(fixed)
