@@ -256,9 +256,11 @@ def _base_row(pair: Pair, method: str, resolution: float, sloppy: bool) -> dict:
 
 
 def evaluate_rows(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,
-                  threads: int = 2, sloppy: bool = False, seed: int = 0) -> list[dict]:
+                  threads: int = 2, sloppy: bool = False, seed: int = 0,
+                  params: dict | None = None) -> list[dict]:
     """The results rows of one engine on one pair (one per variant), or of a reference
-    (``none``, ``truth``). Engine errors give rows with ``status`` ``error: ...``."""
+    (``none``, ``truth``); ``params``: the engine's parameters (``--engine-params``). Engine
+    errors give rows with ``status`` ``error: ...``."""
     from keyprep.pipeline.transforms import write_itk_affine
 
     row = _base_row(pair, method, resolution, sloppy)
@@ -285,7 +287,7 @@ def evaluate_rows(method: str, pair: Pair, fixed: Fixed, work: Path, *, resoluti
             print(f'labelling failed ({type(exc).__name__}: {exc}); {method} runs without '
                   'label maps', file=sys.stderr)
     return engine_rows(method, row, run_dir, fixed.t1, pair.moving, score, threads=threads,
-                       sloppy=sloppy, seed=seed, labels=labels)
+                       sloppy=sloppy, seed=seed, labels=labels, params=params)
 
 
 def evaluate(method: str, pair: Pair, fixed: Fixed, work: Path, *, resolution: float,
@@ -467,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
                              'benchmarks/work)')
     parser.add_argument('--threads', type=int, default=2, help='threads per engine (default: 2)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the pairs (default: 0)')
+    parser.add_argument('--engine-params', default=None, metavar='JSON',
+                        help='engine parameters, e.g. \'{"carl": {"io_steps": 5}}\' (the '
+                             'results folder should then be a new one: rows are matched by '
+                             'pair, method and resolution only)')
     parser.add_argument('--quick', action='store_true',
                         help=f'pairs {", ".join(QUICK_PAIRS)} only, with sloppy schedules')
     return parser
@@ -488,6 +494,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f'unknown pair(s): {", ".join(unknown)}')
     specs = [p for p in PAIRS if p.name in names]
     sloppy = bool(args.quick)
+    given = json.loads(args.engine_params) if args.engine_params else {}
+    if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+        raise SystemExit('run_registration_benchmark: --engine-params must be a JSON object '
+                         'of objects ({"engine": {"param": value}})')
+    unknown = sorted(set(given) - set(methods))
+    if unknown:
+        raise SystemExit(f'run_registration_benchmark: --engine-params names engines not in '
+                         f'--methods: {", ".join(unknown)}')
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir / f'res-{args.resolution:g}_seed-{args.seed}'
@@ -505,11 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         pair = build_pair(spec, fixed, work, args.resolution, args.seed)
         built[spec.name] = pair
         for method in [*REFERENCE_METHODS, *methods]:
-            names = [method] if method in REFERENCE_METHODS else variant_names(method, sloppy)
+            names = ([method] if method in REFERENCE_METHODS
+                     else variant_names(method, sloppy, given.get(method)))
             if all((spec.name, n, float(args.resolution), sloppy) in done for n in names):
                 continue
             new = evaluate_rows(method, pair, fixed, work, resolution=args.resolution,
-                                threads=args.threads, sloppy=sloppy, seed=args.seed)
+                                threads=args.threads, sloppy=sloppy, seed=args.seed,
+                                params=given.get(method))
             rows.extend(new)
             done.update(_key(row) for row in new)
             write_results(rows, tsv)

@@ -1,8 +1,8 @@
 """keyprep: a BIDS App for brain MRI registration.
 
 Skull stripping, anatomical labels, a panel of registration engines behind one
-interface (ANTs baselines, KeyMorph; CARL and DIO engines built, their weights not shipped
-yet: give --carl-weights / --dio-weights),
+interface (ANTs baselines, KeyMorph, CARL and DIO; the learned engines' weights ship in
+``keyprep/models`` with a model card each, undertrained for CARL and DIO),
 ITK transforms in both directions, Dice/Jacobian QC tables and HTML reports.
 """
 

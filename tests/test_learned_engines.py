@@ -228,9 +228,17 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     base = [str(tmp_path), str(tmp_path / 'out'), 'participant']
     opts = build_parser().parse_args([*base, '--carl-io-steps', '0', '--carl-label-weight', '2'])
     assert engine_params(opts)['carl'] == {'io_steps': 0, 'label_weight': 2.0}
-    for bad in (['--carl-io-steps', '-1'], ['--carl-label-weight', 'inf']):
+    opts = build_parser().parse_args([*base, '--carl-symmetric', 'off'])
+    assert engine_params(opts)['carl'] == {'symmetric': False}
+    assert 'symmetrisation' not in engine.boilerplate(EngineOptions(params={'symmetric': False}))
+    assert 'symmetrisation' in engine.boilerplate(EngineOptions(params={'symmetric': True}))
+    for bad in (['--carl-io-steps', '-1'], ['--carl-label-weight', 'inf'],
+                ['--carl-symmetric', 'yes']):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, *bad])
+    for bad in ('on', 1, None.__class__):
+        with pytest.raises(ValueError, match='symmetric'):
+            engine.parameters(EngineOptions(params={'symmetric': bad}))
 
 
 def test_dio_auto_label_weight_follows_the_contrasts(small_brains, dio_weights, start,

@@ -30,9 +30,10 @@ def _ncc(a, b):
 def _testable_engines() -> list[str]:
     """Every engine that can register here: engines without learned weights, KeyMorph's
     (with a tiny detector trained on the test brain), and learned engines whose weights
-    ship (DIO since step 2250, run as its diffeomorphic variant alone; CARL not yet: its
-    geometry is tested with random networks in ``test_learned_engines.py``; these tests
-    check that the motion is recovered)."""
+    ship (DIO since step 2250, run as its diffeomorphic variant alone; CARL since its
+    ``cpu-dice`` weights, run without instance optimisation; its geometry is also tested with
+    random networks in ``test_learned_engines.py``; these tests check that the motion is
+    recovered)."""
     from keyprep.pipeline.engines import learned_models
 
     models = learned_models()
@@ -46,6 +47,8 @@ def _weights_params(name: str, request) -> dict:
         return {'weights': str(request.getfixturevalue('keymorph_weights'))}
     if available_engines()[name].model == 'dio':  # one variant: run_engine's contract
         return {'representations': ['diffeo']}
+    if available_engines()[name].model == 'carl':  # one variant: carl without IO
+        return {'io_steps': 0}
     return {}
 
 

@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='label prompting of carlIO: weight of the soft Dice of the structure '
                         'labels keyprep\'s label network gives both images, added to '
                         'instance optimisation\'s loss (default 1; 0: image similarity only)')
+    g.add_argument('--carl-symmetric', choices=('on', 'off'), default=None,
+                   help='export the average of the network\'s forward field and the inverse '
+                        'of its backward field, with its inverse (keyprep\'s, not the '
+                        'paper\'s; default: see keyprep/models/carl/MODEL_CARD.md)')
 
     g = parser.add_argument_group(
         "Learned models' weights",
@@ -329,6 +333,8 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
                 out.setdefault(name, {})['io_steps'] = int(opts.carl_io_steps)
             if getattr(opts, 'carl_label_weight', None) is not None:
                 out.setdefault(name, {})['label_weight'] = float(opts.carl_label_weight)
+            if getattr(opts, 'carl_symmetric', None) is not None:
+                out.setdefault(name, {})['symmetric'] = opts.carl_symmetric == 'on'
         if cls.family == 'ants':
             ants = {}
             if getattr(opts, 'ants_preset', None):

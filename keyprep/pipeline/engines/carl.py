@@ -16,7 +16,9 @@ model, :func:`keyprep.pipeline.carl.network.default_weights`), ``io_steps`` (def
 paper's; 5 with ``--sloppy``; 0 drops ``carlIO``), ``io_lr`` (default: the model's),
 ``init``, ``label_weight`` (label prompting of ``carlIO``: the weight of the soft Dice of the
 label network's structure labels of both images in instance optimisation's loss, when the
-workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels).
+workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels),
+``symmetric`` (export the symmetrised pair of fields,
+:func:`keyprep.pipeline.carl.network.symmetrise`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SLOPPY_IO_STEPS = 5
 #: Default weight of carlIO's label term (soft Dice of the label network's structure maps, next
 #: to the similarity and GradICON: the weight the ``cpu-dice`` training recipe gives it).
 DEFAULT_IO_LABEL_WEIGHT = 1.0
+#: Export the symmetrised pair of fields (:func:`keyprep.pipeline.carl.network.symmetrise`).
+DEFAULT_SYMMETRIC = False
 
 
 register_model(LearnedModel('carl', 'CARL',
@@ -66,6 +70,7 @@ class CARL(ArrayEngine):
             'init': str(p.get('init') or self.default_init),
             'label_weight': (DEFAULT_IO_LABEL_WEIGHT if p.get('label_weight') is None
                              else p['label_weight']),
+            'symmetric': DEFAULT_SYMMETRIC if p.get('symmetric') is None else p['symmetric'],
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
@@ -81,6 +86,8 @@ class CARL(ArrayEngine):
         if not ok:
             raise ValueError(f'label_weight must be a finite number >= 0, not {weight!r}')
         params['label_weight'] = float(weight)
+        if not isinstance(params['symmetric'], bool):
+            raise ValueError(f'symmetric must be true or false, not {params["symmetric"]!r}')
         return params
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
@@ -103,6 +110,10 @@ class CARL(ArrayEngine):
                 text += (f', with label prompting: the soft Dice of the structure labels of '
                          f'both images, weight {params["label_weight"]:g}')
             text += ')'
+        if params['symmetric']:
+            text += ('; each variant exports the average of the network\'s forward field and '
+                     'the inverse of its backward field, with that average\'s inverse '
+                     '(keyprep\'s symmetrisation, not in the paper)')
         return text
 
     def run(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
@@ -134,7 +145,8 @@ class CARL(ArrayEngine):
                                   io_lr=params['io_lr'], seed=options.seed,
                                   spacing_mm=spacing, io_similarity=io_similarity,
                                   labels=labels if io else None,
-                                  io_label_weight=params['label_weight'] if io else 0.0)
+                                  io_label_weight=params['label_weight'] if io else 0.0,
+                                  symmetric=params['symmetric'])
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
