@@ -135,6 +135,16 @@ def test_label_term_run_starts_from_another_runs_network(tmp_path, toy_maps):
     assert all(0 < float(r[-1]) <= 2 for r in rows[1:])  # two directions of 1 - soft Dice
     with pytest.raises(ValueError, match='dice_weight'):
         tiny_cfg(dice_weight=-1.0)
+    # an exported weights file (float32 here) starts a run too: the same network
+    exported = export_weights(src / 'checkpoint.pt', tmp_path / 'w.pt', half=False)['path']
+    out2 = tmp_path / 'from-weights'
+    train(None, out2, replace(cfg, init_from=exported), maps=toy_maps, held_out=(),
+          log=lambda *_: None)
+    c = torch.load(out2 / 'checkpoint.pt', weights_only=True)['model']
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    other = replace(cfg, model=replace(TINY, feat_dim=4), init_from=exported)
+    with pytest.raises(ValueError, match='another CARL architecture'):
+        train(None, tmp_path / 'bad', other, maps=toy_maps, held_out=(), log=lambda *_: None)
 
 
 def test_label_term_drives_the_network_to_the_labels(toy_maps):
@@ -147,3 +157,48 @@ def test_label_term_drives_the_network_to_the_labels(toy_maps):
     for s in range(1, 12):
         last = t.step(s, batch)['dice']
     assert last < first - 0.02, (first, last)
+
+
+def test_cross_contrast_pairs_and_older_recipes_keep_their_pairs(toy_maps):
+    """``p_cross_contrast``: pairs in two different named contrasts, each image in its own
+    (the fixed one's tissue intensities follow its contrast's table); 0 (every recipe but
+    cpu-postaffine) draws nothing more, so a run resumed under a newer keyprep sees the same
+    pairs."""
+    from keyprep.pipeline.carl.train import RECIPES
+    from keyprep.pipeline.synth.generator import CONTRASTS, Synthesizer
+
+    cfg = tiny_cfg(p_same_contrast=0.0, p_cross_contrast=1.0)
+    t = Trainer(toy_maps[0], cfg)
+    seen = set()
+    for step in range(12):
+        b = t.pair_batch(step)
+        fixed_c, moving_c = b['contrast'].split('<-')
+        assert fixed_c != moving_c and {fixed_c, moving_c} <= set(CONTRASTS)
+        seen.add(b['contrast'])
+    assert len(seen) >= 4
+    # the image of each side is the one its contrast gives with the same draws
+    synth = Synthesizer(toy_maps[0], cfg.synth)
+    pair = synth.sample_pair(torch.Generator().manual_seed(7), same_anatomy=False,
+                             contrasts=('t2', 't1'))
+    again = synth.sample_pair(torch.Generator().manual_seed(7), same_anatomy=False,
+                              contrasts=('t2', 't1'))
+    assert torch.equal(pair['fixed']['image'], again['fixed']['image'])
+    mixed = synth.sample_pair(torch.Generator().manual_seed(7), same_anatomy=False,
+                              contrasts=('t1', 't1'))
+    assert torch.equal(pair['moving']['labels'], mixed['moving']['labels'])
+    assert not torch.equal(pair['fixed']['image'], mixed['fixed']['image'])
+    assert synth.config.contrast is None  # restored
+    # older recipes: p_cross_contrast 0 and the same pairs as before the option existed
+    old = tiny_cfg()
+    assert old.p_cross_contrast == 0 and RECIPES['cpu-dice'].p_cross_contrast == 0
+    old = replace(old, p_same_contrast=0.0)
+    a = Trainer(toy_maps[0], old).pair_batch(3)
+    assert a['contrast'] == 'random'
+    gen = torch.Generator().manual_seed(old.seed * 1_000_003 + 3)
+    same_anatomy = float(torch.rand((), generator=gen)) < old.p_same_anatomy
+    float(torch.rand((), generator=gen))  # the same-contrast draw, and nothing else
+    ref = Synthesizer(toy_maps[0], old.synth).sample_pair(gen, same_anatomy=same_anatomy)
+    assert torch.equal(a['la'], ref['moving']['labels'])
+    assert torch.equal(a['a'], Trainer._brain(ref['moving']))
+    post = RECIPES['cpu-postaffine']
+    assert post.synth.translation_mm <= 3 and post.val_translation_mm == 0

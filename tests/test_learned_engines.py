@@ -228,6 +228,7 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     base = [str(tmp_path), str(tmp_path / 'out'), 'participant']
     opts = build_parser().parse_args([*base, '--carl-io-steps', '0', '--carl-label-weight', '2'])
     assert engine_params(opts)['carl'] == {'io_steps': 0, 'label_weight': 2.0}
+    assert engine.parameters(EngineOptions())['symmetric'] is True  # the measured default
     opts = build_parser().parse_args([*base, '--carl-symmetric', 'off'])
     assert engine_params(opts)['carl'] == {'symmetric': False}
     assert 'symmetrisation' not in engine.boilerplate(EngineOptions(params={'symmetric': False}))

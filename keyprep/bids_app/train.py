@@ -2,7 +2,8 @@
 
     keyprep train synthseg --label-maps DIR --output DIR [--recipe cpu-2mm|gpu-1mm]
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
-    keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper] [--device cuda]
+    keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper|cpu-dice|cpu-postaffine]
+                     [--init-from CKPT] [--device cuda]
     keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|gpu-2mm] [--steps N]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
@@ -175,7 +176,10 @@ def _add_carl_parser(sub) -> None:
                    help='cpu: 96^3 at 2 mm, attention at 24^3, small U-Nets (default); paper: '
                    "the paper's sizes (176^3, attention at 44^3, 128 features), for a GPU; "
                    'cpu-dice: the cpu network with a soft-Dice term on the synthetic labels '
-                   '(not in the paper), to continue a trained network (--init-from)')
+                   '(not in the paper), to continue a trained network (--init-from); '
+                   'cpu-postaffine: cpu-dice on pairs in the post-affine regime the engine '
+                   'runs CARL in (at most 3 mm, 3 degrees, 4 %% scaling; a quarter of the '
+                   'pairs in two different named contrasts), to fine-tune (--init-from)')
     c.add_argument('--dice-weight', type=float,
                    help='weight of the label term (soft Dice of the synthetic pairs\' labels, '
                    'both directions; default: the recipe, 0 for cpu and paper)')

@@ -73,10 +73,12 @@ class CarlTrainConfig:
     similarity: str = 'lncc2'  # 'lncc' (the paper's) | 'lncc2' (squared, any contrasts)
     p_same_anatomy: float = 0.2
     p_same_contrast: float = 0.5
+    p_cross_contrast: float = 0.0  # of the other pairs: two different named contrasts
     seed: int = 1234
     checkpoint_every: int = 25
     val_every: int = 250
     val_translation_mm: float = 15.0
+    val_symmetric: bool = False  # validate the symmetrised export (the engine's default)
     precision: str = 'fp32'
     dice_weight: float = 0.0
     label_level: int = 1
@@ -114,11 +116,23 @@ class CarlTrainConfig:
 #: half the working resolution (``label_level`` 1); not in the paper), GradICON from the first
 #: step: meant to continue a GradICON-trained network
 #: (``init_from``, the CLI's ``--init-from``) on fresh pairs (another seed).
+#: ``cpu-postaffine``: ``cpu-dice`` in the regime the engine deploys CARL in, after keyprep's
+#: affine: each image centred on its brain with at most 3 mm, 3 degrees and 4 % scaling of
+#: its own (instead of 20 mm, 10 degrees, 8 %), a quarter of the pairs in two different named
+#: contrasts (T2, PD or FLAIR against T1, ...: the pairs on which ``cpu-dice`` fell below its
+#: affine start), lr 1e-4, validated every 125 steps on untranslated held-out pairs through
+#: the symmetrised export (the engine's default); meant to fine-tune a ``cpu-dice`` network
+#: (``--init-from``, a training checkpoint or a weights file such as the shipped one).
 RECIPES: dict[str, CarlTrainConfig] = {
     'cpu': CarlTrainConfig(),
     'paper': CarlTrainConfig(model=PRESETS['paper'], steps=51_500, diffusion_steps=1500,
                              lr=1e-4, checkpoint_every=100, val_every=1000),
     'cpu-dice': CarlTrainConfig(dice_weight=1.0, diffusion_steps=0, seed=4321),
+    'cpu-postaffine': CarlTrainConfig(
+        synth=SynthConfig(translation_mm=3.0, skull_strip_prob=1.0, rotation_deg=3.0,
+                          scaling=0.04, shear=0.01, nonlin_std_mm=3.0),
+        dice_weight=1.0, diffusion_steps=0, lr=1e-4, seed=2468, p_cross_contrast=0.5,
+        val_translation_mm=0.0, val_symmetric=True, val_every=125),
 }
 
 
@@ -178,18 +192,24 @@ class Trainer:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         same_anatomy = float(torch.rand((), generator=gen)) < cfg.p_same_anatomy
-        contrast = None
+        contrast, contrasts = None, None
+        names = sorted(CONTRASTS)
         if float(torch.rand((), generator=gen)) < cfg.p_same_contrast:
-            names = sorted(CONTRASTS)
             contrast = names[int(torch.randint(0, len(names), (), generator=gen))]
+        # drawn only when the recipe asks for it, so older recipes resume on the same pairs
+        elif cfg.p_cross_contrast > 0 and float(torch.rand((), generator=gen)) < cfg.p_cross_contrast:
+            i = int(torch.randint(0, len(names), (), generator=gen))
+            j = int(torch.randint(0, len(names) - 1, (), generator=gen))
+            contrasts = (names[i], names[j + (j >= i)])  # (fixed, moving), different
         self.synth.config = replace(cfg.synth, contrast=contrast)
         try:
-            pair = self.synth.sample_pair(gen, same_anatomy=same_anatomy)
+            pair = self.synth.sample_pair(gen, same_anatomy=same_anatomy, contrasts=contrasts)
         finally:
             self.synth.config = cfg.synth
+        label = contrast or ('<-'.join(contrasts) if contrasts else 'random')
         return {'a': self._brain(pair['moving']), 'b': self._brain(pair['fixed']),
                 'la': pair['moving']['labels'], 'lb': pair['fixed']['labels'],
-                'maps': pair['maps'], 'contrast': contrast or 'random'}
+                'maps': pair['maps'], 'contrast': label}
 
     @staticmethod
     def onehot(labels: torch.Tensor) -> torch.Tensor:
@@ -263,7 +283,8 @@ class Trainer:
         rows: dict[str, list[float]] = {}
         for it in self.val_items:
             out = register_arrays(it['fixed'], it['moving'], self.model, device=self.dev,
-                                  spacing_mm=(res_mm,) * 3, precision=self.cfg.precision)
+                                  spacing_mm=(res_mm,) * 3, precision=self.cfg.precision,
+                                  symmetric=self.cfg.val_symmetric)
             disp = torch.as_tensor(out['disp_fwd'])
             warped = warp_labels(it['moving_labels'], disp)
             brain = (it['fixed_labels'] > 0).float()
@@ -332,11 +353,20 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
         _truncate_logs(out, step)
     elif cfg.init_from:
         init = torch.load(cfg.init_from, map_location=dev, weights_only=True)
-        if CarlTrainConfig.from_dict(init['config']).model != cfg.model:
-            raise ValueError(f'{cfg.init_from} was trained with another CARL architecture')
-        trainer.model.load_state_dict(init['model'])
-        log(f'network initialised from {cfg.init_from} (its step {int(init["step"])}); '
-            'fresh optimiser, step 0')
+        if 'format' in init:  # an exported weights file (the shipped one, for example)
+            from .network import load_carl
+
+            net, meta = load_carl(cfg.init_from, dev)
+            if net.cfg != cfg.model:
+                raise ValueError(f'{cfg.init_from} holds another CARL architecture')
+            state, what = net.state_dict(), f'weights file, sha256 {meta["sha256"][:12]}'
+        else:
+            if CarlTrainConfig.from_dict(init['config']).model != cfg.model:
+                raise ValueError(f'{cfg.init_from} was trained with another CARL architecture')
+            state, what = init['model'], 'training checkpoint'
+        trainer.model.load_state_dict(state)
+        log(f'network initialised from {cfg.init_from} ({what}, its step '
+            f'{int(init["step"])}); fresh optimiser, step 0')
     (out / 'train_config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     tlog, vlog = out / 'train_log.tsv', out / 'val_log.tsv'
     header = TRAIN_LOG_HEADER + ('\tdice' if cfg.dice_weight > 0 else '')
@@ -363,6 +393,8 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
                      + '\t' + json.dumps(res['per_pair']) + '\n')
         log(f'step {step} validation: ' + json.dumps({k: round(res[k], 4) for k in keys}))
 
+    if step == 0 and cfg.init_from and cfg.val_every:
+        validate()  # the starting network's score on this recipe's validation pairs
     while step < cfg.steps:
         if trainer.optimiser.param_groups[0].get('phase') != trainer.phase(step):
             trainer.optimiser = trainer.new_optimiser(step)  # fresh Adam for GradICON

@@ -410,8 +410,12 @@ class Synthesizer:
         }
 
     def sample_pair(self, generator: torch.Generator | None = None, same_anatomy: bool = True,
-                    map_ids: tuple[int, int] | None = None) -> dict:
+                    map_ids: tuple[int, int] | None = None,
+                    contrasts: tuple[str | None, str | None] | None = None) -> dict:
         """Two synthetic images for registration (both mirrored or neither).
+
+        ``contrasts``: (fixed, moving) contrast of each image (a key of :data:`CONTRASTS`, or
+        ``None`` for a random one); default: the configuration's ``contrast`` for both.
 
         Returns ``fixed`` and ``moving`` dicts (``image [1, 1, *shape]``, ``labels [1, *shape]``)
         and, for one anatomy, ``fixed_to_moving``: for every fixed voxel the moving voxel
@@ -427,9 +431,17 @@ class Synthesizer:
                 b = int(torch.randint(0, len(self.maps) - 1, (), generator=gen))
                 b = b + (b >= a)
             map_ids = (a, b)
-        fixed = self._one(gen, map_ids[0])
-        # one mirror decision for both: a mirrored copy is not the same anatomy
-        moving = self._one(gen, map_ids[1], flip=fixed['flip'])
+        base = self.config
+        try:
+            if contrasts is not None:
+                self.config = replace(base, contrast=contrasts[0])
+            fixed = self._one(gen, map_ids[0])
+            if contrasts is not None:
+                self.config = replace(base, contrast=contrasts[1])
+            # one mirror decision for both: a mirrored copy is not the same anatomy
+            moving = self._one(gen, map_ids[1], flip=fixed['flip'])
+        finally:
+            self.config = base
         out = {'fixed': {'image': fixed['image'][None, None], 'labels': fixed['labels'][None]},
                'moving': {'image': moving['image'][None, None], 'labels': moving['labels'][None]},
                'maps': map_ids, 'fixed_to_moving': None}
