@@ -230,3 +230,26 @@ def test_thick_slices_average_blocks_on_a_grid_of_the_same_field_of_view(bench):
         bench.thick_slices(nb.Nifti1Image(data, affine), 2.5)
     spec = bench.CaseSpec('training_seg_14', 'training_seg_15', 't1', 't1', 0.0, 5.0)
     assert spec.name == 'seg14-to-seg15_t1-t1_rot000_slice5mm'
+
+
+def test_carl_checkpoint_check_table_and_verdict(tmp_path):
+    """``benchmarks/check_carl_checkpoint.py``: carl minus its start per case, means, and the
+    verdict (every case above its start), from a benchmark table; a missing row is 'not
+    measured', not a pass."""
+    check = _load('check_carl_checkpoint')
+    header = 'case\tmethod\tdice_structures\tstatus\n'
+    rows = [('a_t1', 'keymorphAffine', 0.60), ('a_t1', 'carl', 0.65),
+            ('a_t2', 'keymorphAffine', 0.60), ('a_t2', 'carl', 0.55),
+            ('a_t2', 'none', 0.30), ('b_t1', 'carl', 0.9)]
+    tsv = tmp_path / 't.tsv'
+    tsv.write_text(header + ''.join(f'{c}\t{m}\t{d}\tok\n' for c, m, d in rows))
+    lines, verdict = check.summarise(tsv)
+    assert lines[2] == '| a_t1 | 60.0 | 65.0 | +5.0 |'
+    assert lines[3] == '| a_t2 | 60.0 | 55.0 | -5.0 |'
+    assert lines[4] == '| b_t1 | n/a | 90.0 | n/a |'
+    assert lines[5] == '| mean | 60.0 | 70.0 | |'
+    assert verdict is None
+    tsv.write_text(header + ''.join(f'{c}\t{m}\t{d}\tok\n' for c, m, d in rows[:4]))
+    assert check.summarise(tsv)[1] is False
+    tsv.write_text(header + ''.join(f'{c}\t{m}\t{d}\tok\n' for c, m, d in rows[:2]))
+    assert check.summarise(tsv)[1] is True
