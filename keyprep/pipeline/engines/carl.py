@@ -12,8 +12,9 @@ CARL is [W,U]-equivariant to translations, not to rotations: it starts from anot
 engine's affine (``init``, default ``keymorphAffine``; :mod:`.fields`).
 
 Parameters (``params``; the CLI's ``--carl-*`` options): ``weights`` (default: the shipped
-model, :func:`keyprep.pipeline.carl.network.default_weights`), ``io_steps`` (default 50, the
-paper's; 5 with ``--sloppy``; 0 drops ``carlIO``), ``io_lr`` (default: the model's),
+model, :func:`keyprep.pipeline.carl.network.default_weights`), ``io_steps`` (default 5; the
+paper's 50 on request; 0 drops ``carlIO``), ``io_lr`` (default ``IO_LR_BUDGET / io_steps``:
+5e-4 for 5 steps; the paper's 2e-5 on request),
 ``init``, ``label_weight`` (label prompting of ``carlIO``: the weight of the soft Dice of the
 label network's structure labels of both images in instance optimisation's loss, when the
 workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels),
@@ -32,9 +33,17 @@ from .fields import ArrayEngine
 
 __all__ = ['CARL', 'DEFAULT_IO_STEPS']
 
-#: The paper's instance optimisation: 50 steps.
-DEFAULT_IO_STEPS = 50
+#: keyprep's instance optimisation: 5 Adam steps at learning rate 5e-4 (the paper's is 50
+#: steps at 2e-5: on one CPU thread about 15 minutes per 1 mm pair, never measured at that
+#: size). Measured with the shipped weights on 4 held-out synthetic 1 mm pairs (structure
+#: Dice, 32 structures; ``benchmarks/results/carl-io/``): 5 steps at 2e-5 gave carlIO 60.9
+#: (carl 58.7), at 5e-4 65.4, at 1e-3 and 2e-3 no better; about 40 s per pair on one thread.
+DEFAULT_IO_STEPS = 5
 SLOPPY_IO_STEPS = 5
+#: learning rate x steps of the default (5 steps at 5e-4): other step counts get
+#: ``IO_LR_BUDGET / io_steps`` (an extrapolation: only 5 steps were measured; 50 steps give
+#: 5e-5, near the paper's 2e-5).
+IO_LR_BUDGET = 5 * 5e-4
 #: Default weight of carlIO's label term (soft Dice of the label network's structure maps, next
 #: to the similarity and GradICON: the weight the ``cpu-dice`` training recipe gives it).
 DEFAULT_IO_LABEL_WEIGHT = 1.0
@@ -71,7 +80,7 @@ class CARL(ArrayEngine):
             'weights': str(p['weights']) if p.get('weights') else None,
             'io_steps': int(p['io_steps']) if p.get('io_steps') is not None
             else (SLOPPY_IO_STEPS if options.sloppy else DEFAULT_IO_STEPS),
-            'io_lr': float(p['io_lr']) if p.get('io_lr') else None,
+            'io_lr': p.get('io_lr'),
             'init': str(p.get('init') or self.default_init),
             'label_weight': (DEFAULT_IO_LABEL_WEIGHT if p.get('label_weight') is None
                              else p['label_weight']),
@@ -82,6 +91,15 @@ class CARL(ArrayEngine):
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
         if params['io_steps'] < 0:
             raise ValueError('io_steps must be >= 0')
+        if params['io_lr'] is None:
+            params['io_lr'] = IO_LR_BUDGET / max(params['io_steps'], 1)
+        try:
+            ok = not isinstance(params['io_lr'], bool) and 0 < float(params['io_lr']) < math.inf
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f'io_lr must be a finite number > 0, not {params["io_lr"]!r}')
+        params['io_lr'] = float(params['io_lr'])
         weight = params['label_weight']
         try:
             ok = not isinstance(weight, bool) and float(weight) >= 0 and math.isfinite(
@@ -110,7 +128,8 @@ class CARL(ArrayEngine):
         text += (f', starting from the affine of {init}' if init else '')
         if params['io_steps']:
             text += (f'; carlIO adds {params["io_steps"]} steps of instance optimisation '
-                     '(LNCC + GradICON on each pair, weights reset per pair')
+                     f'(Adam, learning rate {params["io_lr"]:g}; LNCC + GradICON on each pair, '
+                     'weights reset per pair')
             if params['label_weight'] > 0:
                 text += (f', with label prompting: the soft Dice of the structure labels of '
                          f'both images, weight {params["label_weight"]:g}')
