@@ -340,6 +340,38 @@ def test_register_arrays_shapes_and_io_leaves_model_untouched():
         register_arrays(fixed, moving[:30], net)
 
 
+def test_io_can_adapt_the_refinement_networks_only():
+    """``io_train='refine'``: instance optimisation changes the refinement networks' weights
+    and leaves the coordinate-attention step (``first``) exactly as trained; ``'all'`` (the
+    paper's) changes both; anything else is refused."""
+    from keyprep.pipeline.carl.network import _io_copy
+
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    with torch.no_grad():
+        net.refine2.out.weight.normal_(0, 0.01)
+        net.refine1.out.weight.normal_(0, 0.01)
+    fixed, moving = _ball_pair()
+    f = torch.as_tensor(fixed / fixed.max())[None, None]
+    m = torch.as_tensor(moving / moving.max())[None, None]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    changed = {}
+    for train in ('refine', 'all'):
+        io_net, losses = _io_copy(net, m, f, 2, 1e-2, 0, train=train)
+        after = io_net.state_dict()
+        changed[train] = {k.split('.')[0] for k in before
+                          if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+        assert len(losses) == 2
+    assert 'first' not in changed['refine'] and {'refine1', 'refine2'} <= changed['refine']
+    assert 'first' in changed['all']
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match='refine'):
+        _io_copy(net, m, f, 1, 1e-3, 0, train='encoder')
+    res = register_arrays(fixed, moving, net, io_steps=1, io_lr=1e-3,
+                          spacing_mm=(2.0, 2.0, 2.0), io_train='refine')
+    assert len(res['io_losses']) == 1
+
+
 def test_register_arrays_translation_convention():
     """A constant working-grid displacement comes back on a finer input grid scaled by the
     ratio of the voxel sizes, with the documented sign (moving(x + d(x)) ~ fixed(x))."""

@@ -240,14 +240,17 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     for bad in (0, -1e-4, 'fast', True, float('inf'), float('nan')):
         with pytest.raises(ValueError, match='io_lr'):
             engine.parameters(EngineOptions(params={'io_lr': bad}))
-    opts = build_parser().parse_args([*base, '--carl-io-lr', '1e-3'])
-    assert engine_params(opts)['carl'] == {'io_lr': 1e-3}
+    assert defaults['io_train'] == 'all'
+    with pytest.raises(ValueError, match='io_train'):
+        engine.parameters(EngineOptions(params={'io_train': 'encoder'}))
+    opts = build_parser().parse_args([*base, '--carl-io-lr', '1e-3', '--carl-io-train', 'refine'])
+    assert engine_params(opts)['carl'] == {'io_lr': 1e-3, 'io_train': 'refine'}
     opts = build_parser().parse_args([*base, '--carl-symmetric', 'off'])
     assert engine_params(opts)['carl'] == {'symmetric': False}
     assert 'symmetrisation' not in engine.boilerplate(EngineOptions(params={'symmetric': False}))
     assert 'symmetrisation' in engine.boilerplate(EngineOptions(params={'symmetric': True}))
     for bad in (['--carl-io-steps', '-1'], ['--carl-label-weight', 'inf'],
-                ['--carl-io-lr', '0'], ['--carl-io-lr', 'nan'],
+                ['--carl-io-lr', '0'], ['--carl-io-lr', 'nan'], ['--carl-io-train', 'encoder'],
                 ['--carl-symmetric', 'yes']):
         with pytest.raises(SystemExit):
             build_parser().parse_args([*base, *bad])

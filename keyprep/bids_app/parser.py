@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='Adam learning rate of carlIO\'s instance optimisation (default '
                         '0.0025 / N: 5e-4 for the default 5 steps, measured 4.5 Dice points '
                         'above the paper\'s 2e-5 at 5 steps; the paper: 2e-5 for 50 steps)')
+    g.add_argument('--carl-io-train', choices=('all', 'refine'), default=None,
+                   help='weights carlIO adapts: all (the paper\'s) or refine (the refinement '
+                        'networks only: about 30 %% less time per step on a CPU; '
+                        'benchmarks/results/carl-io/)')
     g.add_argument('--carl-label-weight', type=_non_negative_float, default=None,
                    metavar='LAMBDA',
                    help='label prompting of carlIO: weight of the soft Dice of the structure '
@@ -344,6 +348,8 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
         if cls.family == 'carl':
             if getattr(opts, 'carl_io_steps', None) is not None:
                 out.setdefault(name, {})['io_steps'] = int(opts.carl_io_steps)
+            if getattr(opts, 'carl_io_train', None) is not None:
+                out.setdefault(name, {})['io_train'] = opts.carl_io_train
             if getattr(opts, 'carl_io_lr', None) is not None:
                 out.setdefault(name, {})['io_lr'] = float(opts.carl_io_lr)
             if getattr(opts, 'carl_label_weight', None) is not None:

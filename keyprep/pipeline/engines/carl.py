@@ -54,6 +54,9 @@ DEFAULT_IO_LABEL_WEIGHT = 1.0
 #: the synthetic T1->T1 pairs (+0.8 / +2.6), for 1.6-4 points less on the synthetic T2->T1
 #: pairs (benchmarks/results/carl-dice/). About 3 s per pair.
 DEFAULT_SYMMETRIC = True
+#: The weights carlIO adapts: ``'all'`` (the paper's) or ``'refine'`` (the refinement networks
+#: only; the coordinate-attention step needs no backward pass).
+DEFAULT_IO_TRAIN = 'all'
 
 
 register_model(LearnedModel('carl', 'CARL',
@@ -85,6 +88,7 @@ class CARL(ArrayEngine):
             'label_weight': (DEFAULT_IO_LABEL_WEIGHT if p.get('label_weight') is None
                              else p['label_weight']),
             'symmetric': DEFAULT_SYMMETRIC if p.get('symmetric') is None else p['symmetric'],
+            'io_train': DEFAULT_IO_TRAIN if p.get('io_train') is None else p['io_train'],
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
@@ -109,6 +113,8 @@ class CARL(ArrayEngine):
         if not ok:
             raise ValueError(f'label_weight must be a finite number >= 0, not {weight!r}')
         params['label_weight'] = float(weight)
+        if params['io_train'] not in ('all', 'refine'):
+            raise ValueError(f"io_train must be 'all' or 'refine', not {params['io_train']!r}")
         if not isinstance(params['symmetric'], bool):
             raise ValueError(f'symmetric must be true or false, not {params["symmetric"]!r}')
         return params
@@ -128,8 +134,10 @@ class CARL(ArrayEngine):
         text += (f', starting from the affine of {init}' if init else '')
         if params['io_steps']:
             text += (f'; carlIO adds {params["io_steps"]} steps of instance optimisation '
-                     f'(Adam, learning rate {params["io_lr"]:g}; LNCC + GradICON on each pair, '
-                     'weights reset per pair')
+                     f'(Adam, learning rate {params["io_lr"]:g}, on '
+                     + ('the refinement networks\' weights' if params['io_train'] == 'refine'
+                        else 'all weights')
+                     + '; LNCC + GradICON on each pair, weights reset per pair')
             if params['label_weight'] > 0:
                 text += (f', with label prompting: the soft Dice of the structure labels of '
                          f'both images, weight {params["label_weight"]:g}')
@@ -170,7 +178,8 @@ class CARL(ArrayEngine):
                                   spacing_mm=spacing, io_similarity=io_similarity,
                                   labels=labels if io else None,
                                   io_label_weight=params['label_weight'] if io else 0.0,
-                                  symmetric=params['symmetric'])
+                                  symmetric=params['symmetric'],
+                                  io_train=params['io_train'])
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
