@@ -274,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--carl-symmetric', choices=('on', 'off'), default=None,
                    help='export the average of the network\'s forward field and the inverse '
                         'of its backward field, with its inverse (keyprep\'s, not the '
-                        'paper\'s; default on: it removes the shipped network\'s bias of 1-2 voxels on '
-                        'an image registered to itself and raised Dice on real heads by 1-13 '
-                        'points; keyprep/models/carl/MODEL_CARD.md)')
+                        'paper\'s; default on: it removes the shipped network\'s bias of 1-2 voxels '
+                        'on an image registered to itself and raised AAL Dice on two real '
+                        'known-truth heads by 2-13 points; keyprep/models/carl/MODEL_CARD.md)')
 
     g = parser.add_argument_group(
         "Learned models' weights",

@@ -37,12 +37,13 @@ __all__ = ['CARL', 'DEFAULT_IO_STEPS']
 #: steps at 2e-5: on one CPU thread about 15 minutes per 1 mm pair, never measured at that
 #: size). Measured with the shipped weights on 4 held-out synthetic 1 mm pairs (structure
 #: Dice, 32 structures; ``benchmarks/results/carl-io/``): 5 steps at 2e-5 gave carlIO 60.9
-#: (carl 58.7), at 5e-4 65.4, at 1e-3 and 2e-3 no better; about 40 s per pair on one thread.
+#: (carl 58.7), at 5e-4 65.4, at 1e-3 and 2e-3 worse; carlIO took 0.82 of antsSyN's time in
+#: one run (51 s against 64 s on one thread).
 DEFAULT_IO_STEPS = 5
 SLOPPY_IO_STEPS = 5
 #: learning rate x steps of the default (5 steps at 5e-4): other step counts get
-#: ``IO_LR_BUDGET / io_steps`` (an extrapolation: only 5 steps were measured; 50 steps give
-#: 5e-5, near the paper's 2e-5).
+#: ``IO_LR_BUDGET / io_steps`` (measured at 2, 3 and 5 steps: 61.0, 64.4, 65.4; more steps
+#: are an extrapolation: 50 give 5e-5, near the paper's 2e-5).
 IO_LR_BUDGET = 5 * 5e-4
 #: Default weight of carlIO's label term (soft Dice of the label network's structure maps, next
 #: to the similarity and GradICON: the weight the ``cpu-dice`` training recipe gives it).
@@ -50,8 +51,9 @@ DEFAULT_IO_LABEL_WEIGHT = 1.0
 #: Export the symmetrised pair of fields (:func:`keyprep.pipeline.carl.network.symmetrise`).
 #: On by default: with the shipped weights (step 250) Colin27 registered to itself at 1 mm
 #: moved 0.07 voxels on average (max 0.73) instead of 1.65 (max 4.3), and it raised carl's
-#: Dice on both real known-truth pairs (AAL: field 71.7 -> 75.1, int060 81.8 -> 94.9; carlIO 73.7 -> 76.0, 90.0 -> 95.0) and on
-#: the synthetic T1->T1 pairs (+0.8 / +2.6), for 1.6-4 points less on the synthetic T2->T1
+#: Dice on both real known-truth pairs (AAL: field 71.7 -> 75.1, int060 81.8 -> 94.9; carlIO
+#: 73.7 -> 76.0, 90.0 -> 95.0) and on the synthetic T1->T1 pairs (+0.8 / +2.6), for 1.0-4.1
+#: points less on the synthetic T2->T1
 #: pairs (benchmarks/results/carl-dice/). About 3 s per pair.
 DEFAULT_SYMMETRIC = True
 #: The weights carlIO adapts: ``'all'`` (the paper's) or ``'refine'`` (the refinement networks
