@@ -79,7 +79,10 @@ def summarise(tsv: Path) -> tuple[list[str], bool | None]:
 
 
 def main(argv=None) -> int:
-    opts = build_parser().parse_args(argv)
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if not opts.checkpoint.is_file():
+        parser.error(f'no checkpoint at {opts.checkpoint}')  # exit 2, no traceback
     sys.path.insert(0, str(HERE.parent))
     from keyprep.pipeline.carl.train import export_weights
 
