@@ -344,3 +344,54 @@ def test_methods_all_names_engines_without_weights(tmp_path, carl_weights, monke
     assert 'not running carl' in err and '--carl-weights' in err
     opts = parse_args([*base, '--carl-weights', str(carl_weights)])
     assert 'carl' in opts.methods and opts.methods.index('keymorphAffine') < opts.methods.index('carl')
+
+
+@pytest.mark.parametrize('method', ['carl', 'dio'])
+def test_label_guided_contrast_transfer(method, small_brains, carl_weights, dio_weights, start,
+                                        tmp_path):
+    """``contrast_transfer``: across contrasts (BIDS suffixes) with both label maps, ``auto``
+    re-renders both images in the target's contrast for CARL (DIO's default is off); the
+    sidecar says which mode and why, QC is told the labels were in the objective, and the
+    registration differs from the one without it; without label maps it is off, saying why."""
+    from keyprep.pipeline.engines import EngineOptions, get_engine
+    from keyprep.pipeline.registration import run_engine_variants
+
+    weights = str(carl_weights if method == 'carl' else dio_weights)
+    extra = {'io_steps': 0} if method == 'carl' else {'representations': ['ffd'],
+                                                       'label_weight': 0}
+    labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
+              for k in ('fixed', 'moving')}
+    kw = dict(fixed_mask=start['mask'], init_transform=start['xfm'],
+              init_method='keymorphAffine', contrasts={'fixed': 'T1w', 'moving': 'T2w'})
+
+    def run(folder, setting, labels=labels):
+        params = {'weights': weights, **extra}
+        if setting is not None:
+            params['contrast_transfer'] = setting
+        (res,) = run_engine_variants(method, small_brains['fixed'], small_brains['moving'],
+                                     tmp_path / folder, labels=labels, params=params, **kw)
+        return res
+
+    on = run('on', None if method == 'carl' else 'auto')
+    assert on.extras['contrast_transfer']['mode'] == 'both'
+    assert 'across contrasts' in on.extras['contrast_transfer']['why']
+    assert on.extras['labels_in_objective'] is True
+    _same_as_exported(on, small_brains, tmp_path)
+    off = run('off', 'off')
+    assert off.extras['contrast_transfer']['mode'] == 'off'
+    assert off.extras['labels_in_objective'] is False
+    warped = [nb.load(str(r.warped)).get_fdata() for r in (on, off)]
+    assert not np.allclose(warped[0], warped[1])
+    moving = run('moving', 'moving')
+    assert moving.extras['contrast_transfer']['mode'] == 'moving'
+    nolabels = run('nolabels', 'moving', labels={'fixed': labels['fixed']})
+    assert nolabels.extras['contrast_transfer'] == {
+        'setting': 'moving', 'mode': 'off', 'why': 'no label maps of both images'}
+    engine = get_engine(method)
+    default = engine.parameters(EngineOptions())['contrast_transfer']
+    assert default == ('auto' if method == 'carl' else 'off')
+    assert ("keyprep's addition" in engine.boilerplate(EngineOptions())) == (method == 'carl')
+    assert engine.cache_key(EngineOptions(params={'contrast_transfer': 'both'})) != \
+        engine.cache_key(EngineOptions(params={'contrast_transfer': 'off'}))
+    with pytest.raises(ValueError):
+        engine.parameters(EngineOptions(params={'contrast_transfer': 'sometimes'}))

@@ -252,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
                         'images, with LAMBDA times the features\' energy (1 weighs them alike; '
                         '0: features only); default auto: 1 for images of one contrast, 16 '
                         'across contrasts (benchmarks/results/dio-label-prompt/)')
+    g.add_argument('--dio-contrast-transfer', choices=('auto', 'moving', 'both', 'off'),
+                   default=None,
+                   help='re-render images from their structure labels before the feature '
+                        'network, each structure painted with the target\'s median intensity '
+                        'in it (keyprep\'s addition, not the paper\'s): moving (the image), '
+                        'both (image and target), auto (both, across contrasts), off; '
+                        'default: off (benchmarks/results/contrast-transfer/)')
 
     g = parser.add_argument_group('CARL engines', 'Options of carl and carlIO.')
     g.add_argument('--carl-io-steps', type=_non_negative_int, default=None, metavar='N',
@@ -277,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                         'paper\'s; default on: it removes the shipped network\'s bias of 1-2 voxels '
                         'on an image registered to itself and raised AAL Dice on two real '
                         'known-truth heads by 2-13 points; keyprep/models/carl/MODEL_CARD.md)')
+    g.add_argument('--carl-contrast-transfer', choices=('auto', 'moving', 'both', 'off'),
+                   default=None,
+                   help='re-render images from their structure labels before registration, '
+                        'each structure painted with the target\'s median intensity in it '
+                        '(keyprep\'s addition, not the paper\'s): moving (the image), both '
+                        '(image and target), auto (both, across contrasts), off; default: '
+                        'auto (benchmarks/results/contrast-transfer/)')
 
     g = parser.add_argument_group(
         "Learned models' weights",
@@ -345,6 +359,9 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
             out.setdefault(name, {})['init'] = init
         if cls.family == 'dio' and getattr(opts, 'dio_label_weight', None) is not None:
             out.setdefault(name, {})['label_weight'] = opts.dio_label_weight
+        transfer = getattr(opts, f'{cls.family}_contrast_transfer', None)
+        if cls.family in ('dio', 'carl') and transfer is not None:
+            out.setdefault(name, {})['contrast_transfer'] = transfer
         if cls.family == 'carl':
             if getattr(opts, 'carl_io_steps', None) is not None:
                 out.setdefault(name, {})['io_steps'] = int(opts.carl_io_steps)

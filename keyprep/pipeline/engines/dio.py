@@ -41,6 +41,9 @@ __all__ = ['DIO', 'VARIANT_NAMES', 'DEFAULT_LABEL_WEIGHT', 'AUTO_LABEL_WEIGHTS',
 #: Default weight of the label-fidelity (prompting) term: chosen from the images' contrasts
 #: (:data:`AUTO_LABEL_WEIGHTS`); a number fixes it (0: features only).
 DEFAULT_LABEL_WEIGHT = 'auto'
+#: Label-guided contrast transfer before the feature network
+#: (:func:`keyprep.pipeline.contrast.label_contrast_transfer`; keyprep's addition).
+DEFAULT_CONTRAST_TRANSFER = 'off'
 #: ``'auto'``'s weights: measured on held-out synthetic pairs at 1 and 2 mm with the shipped
 #: weights (``benchmarks/results/dio-label-prompt/``): at 1 mm T1->T1 structure Dice 71.4
 #: (0) / 72.05 (1) / 71.8 (4) / 71.6 (16), T2->T1 53.2 / 68.55 / 69.5 / 70.0
@@ -123,10 +126,17 @@ class DIO(ArrayEngine):
             'iterations': p.get('iterations'),
             'init': str(p.get('init') or self.default_init),
             'label_weight': _label_weight_setting(p.get('label_weight')),
+            'contrast_transfer': (DEFAULT_CONTRAST_TRANSFER if p.get('contrast_transfer') is None
+                                  else str(p['contrast_transfer']).strip().lower()),
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
+        from ..contrast import CONTRAST_TRANSFER_MODES
+        if params['contrast_transfer'] not in CONTRAST_TRANSFER_MODES:
+            raise ValueError(f'contrast_transfer must be one of '
+                             f'{", ".join(CONTRAST_TRANSFER_MODES)}, not '
+                             f'{params["contrast_transfer"]!r}')
         params['solver'] = _solver_settings()  # not a user's parameter: sidecar and cache_key
         bad = [r for r in params['representations'] if r not in VARIANT_NAMES]
         if bad:
@@ -136,7 +146,8 @@ class DIO(ArrayEngine):
     def cache_key(self, options: EngineOptions) -> dict:
         """The weights' checksum and the test-time solver's settings: results made with
         another solver are not taken from Nipype's cache."""
-        return {**super().cache_key(options), 'solver': _solver_settings()}
+        return {**super().cache_key(options), 'solver': _solver_settings(),
+                'contrast_transfer': self.parameters(options)['contrast_transfer']}
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
         reps = self.parameters(options)['representations']
@@ -163,6 +174,9 @@ class DIO(ArrayEngine):
         elif setting > 0:
             text += (f'; label prompting (weight {setting:g}) with the structure labels of both '
                      'images')
+        from ..contrast import transfer_boilerplate
+        text += transfer_boilerplate(self.parameters(options)['contrast_transfer'],
+                                     'the feature network')
         return text
 
     def run(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
@@ -187,6 +201,8 @@ class DIO(ArrayEngine):
         labels, prompt = self.prompt_labels(fixed, out_dir, options, weight)
         prompt['setting'] = params['label_weight']
         prompt['weight_from'] = reason
+        f, m, transfer = self.transfer_contrast(f, m, fixed, out_dir, options,
+                                                params['contrast_transfer'], labels)
         out = register_arrays(f, m, model, representations=params['representations'],
                               device=device, seed=options.seed, iterations=iterations,
                               spacing_mm=spacing, labels=labels,
@@ -205,7 +221,9 @@ class DIO(ArrayEngine):
                       'variant_time_s': round(float(entry.get('seconds') or 0.0), 3),
                       'label_prompt': prompt,
                       # QC's structure Dice is not independent when those labels were aligned
-                      'labels_in_objective': bool(prompt.get('used')),
+                      'labels_in_objective': bool(prompt.get('used'))
+                      or transfer['mode'] != 'off',
+                      'contrast_transfer': transfer,
                       'solver_channels': out['solver_channels'],
                       'solver_kept_variance': out['kept_variance'],
                       'svf_gradient': DEFAULT_SOLVER.svf_gradient,

@@ -85,6 +85,34 @@ class ArrayEngine(Engine):
                 img.shape[:3]))
         return (maps[0], maps[1]), {'weight': weight, 'used': True}
 
+    def transfer_contrast(self, f: np.ndarray, m: np.ndarray, fixed: Path, out_dir: Path,
+                          options: EngineOptions, setting: str, labels: tuple | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Label-guided contrast transfer of the arrays of :meth:`arrays`
+        (:func:`keyprep.pipeline.contrast.label_contrast_transfer`) for a ``contrast_transfer``
+        ``setting``: the (possibly re-rendered) fixed and moving arrays and what the sidecar
+        says of it. ``labels`` are both maps on the fixed grid when the caller has them already
+        (:meth:`prompt_labels`); otherwise they are made here when the setting needs them."""
+        import time
+
+        from ..contrast import label_contrast_transfer, resolve_contrast_transfer
+
+        if labels is None and str(setting).strip().lower() != 'off':
+            labels, _ = self.prompt_labels(fixed, out_dir, options, 1.0)
+        mode, why = resolve_contrast_transfer(setting, options.contrasts, labels is not None)
+        info = {'setting': setting, 'mode': mode, 'why': why}
+        if mode == 'off':
+            return f, m, info
+        t0 = time.time()
+        f_in, m_in = f != 0, m != 0
+        m = label_contrast_transfer(f, m, labels[0], labels[1], fixed_inside=f_in,
+                                    moving_inside=m_in)
+        if mode == 'both':
+            f = label_contrast_transfer(f, f, labels[0], labels[0], fixed_inside=f_in,
+                                        moving_inside=f_in)
+        info['seconds'] = round(time.time() - t0, 3)
+        return f, m, info
+
     def result(self, fixed: Path, moving: Path, out_dir: Path, options: EngineOptions,
                affine: np.ndarray, name: str, disp_fwd: np.ndarray,
                disp_inv: np.ndarray | None, extras: dict) -> RegistrationResult:
