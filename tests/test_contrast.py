@@ -56,6 +56,13 @@ def test_transfer_paints_the_fixed_contrast_on_the_moving_structures():
     with pytest.raises(ValueError):
         label_contrast_transfer(fixed, moving[:-1], fl, ml[:-1])
     assert not label_contrast_transfer(np.zeros(shape), moving, fl, ml).any()
+    # a NaN voxel of the fixed image is left out of the medians: the result stays finite
+    nan_fixed = fixed.copy()
+    nan_fixed[fl == 1] = np.where(np.arange((fl == 1).sum()) == 0, np.nan, fixed[fl == 1])
+    got = label_contrast_transfer(nan_fixed, moving, fl, ml, moving_inside=inside)
+    assert np.isfinite(got).all()
+    with pytest.raises(ValueError):  # a 4-D image against 3-D labels
+        label_contrast_transfer(fixed[..., None], moving[..., None], fl, ml)
 
 
 def test_resolve_contrast_transfer():

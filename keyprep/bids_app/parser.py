@@ -101,6 +101,17 @@ def _exit_codes_epilog() -> str:
     return '\n'.join(lines)
 
 
+def _add_contrast_transfer(group, family: str, before: str, default: str) -> None:
+    """``--<family>-contrast-transfer`` (:mod:`keyprep.pipeline.contrast`)."""
+    group.add_argument(f'--{family}-contrast-transfer', choices=('auto', 'moving', 'both', 'off'),
+                       default=None,
+                       help=f're-render images from their structure labels before {before}, '
+                            'each structure painted with the target\'s median intensity in it '
+                            '(keyprep\'s addition, not the paper\'s): moving (the image), both '
+                            '(image and target), auto (both, across contrasts), off; default: '
+                            f'{default} (benchmarks/results/contrast-transfer/)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``keyprep`` argument parser."""
     from ..pipeline.engines import DEFAULT_METHODS, available_engines, learned_models
@@ -252,13 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'images, with LAMBDA times the features\' energy (1 weighs them alike; '
                         '0: features only); default auto: 1 for images of one contrast, 16 '
                         'across contrasts (benchmarks/results/dio-label-prompt/)')
-    g.add_argument('--dio-contrast-transfer', choices=('auto', 'moving', 'both', 'off'),
-                   default=None,
-                   help='re-render images from their structure labels before the feature '
-                        'network, each structure painted with the target\'s median intensity '
-                        'in it (keyprep\'s addition, not the paper\'s): moving (the image), '
-                        'both (image and target), auto (both, across contrasts), off; '
-                        'default: off (benchmarks/results/contrast-transfer/)')
+    _add_contrast_transfer(g, 'dio', 'the feature network', 'off')
 
     g = parser.add_argument_group('CARL engines', 'Options of carl and carlIO.')
     g.add_argument('--carl-io-steps', type=_non_negative_int, default=None, metavar='N',
@@ -284,13 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'paper\'s; default on: it removes the shipped network\'s bias of 1-2 voxels '
                         'on an image registered to itself and raised AAL Dice on two real '
                         'known-truth heads by 2-13 points; keyprep/models/carl/MODEL_CARD.md)')
-    g.add_argument('--carl-contrast-transfer', choices=('auto', 'moving', 'both', 'off'),
-                   default=None,
-                   help='re-render images from their structure labels before registration, '
-                        'each structure painted with the target\'s median intensity in it '
-                        '(keyprep\'s addition, not the paper\'s): moving (the image), both '
-                        '(image and target), auto (both, across contrasts), off; default: '
-                        'auto (benchmarks/results/contrast-transfer/)')
+    _add_contrast_transfer(g, 'carl', 'registration', 'auto')
 
     g = parser.add_argument_group(
         "Learned models' weights",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ['label_medians', 'label_contrast_transfer', 'CONTRAST_TRANSFER_MODES',
-           'resolve_contrast_transfer', 'transfer_boilerplate']
+           'resolve_contrast_transfer', 'transfer_boilerplate', 'contrast_transfer_setting']
 
 #: ``contrast_transfer`` settings of the engines that offer it: ``auto`` (``both`` when the
 #: two images' contrasts differ and both have labels, ``off`` otherwise), ``moving`` (re-render
@@ -38,6 +38,7 @@ def label_medians(image: np.ndarray, labels: np.ndarray, inside: np.ndarray | No
     if image.shape != labels.shape:
         raise ValueError(f'image {image.shape} and labels {labels.shape} differ in shape')
     keep = (image != 0) if inside is None else np.asarray(inside, dtype=bool)
+    keep = keep & np.isfinite(image)  # a NaN or infinite voxel has no intensity to give
     lab, val = labels[keep].astype(np.int64), image[keep]
     if lab.size == 0:
         return {}
@@ -57,7 +58,8 @@ def label_contrast_transfer(fixed: np.ndarray, moving: np.ndarray, fixed_labels:
     ``l`` takes the median of ``fixed`` over the fixed brain's voxels (``fixed_inside``,
     default: ``fixed != 0``) of label ``l``; label 0 inside the brain takes the median of the
     fixed brain's unlabelled voxels; a label the fixed brain lacks takes the median of the
-    whole fixed brain. Voxels outside the moving brain are 0. The four arrays share one shape
+    whole fixed brain. Non-finite fixed voxels are left out of every median. Voxels outside the
+    moving brain are 0. The four arrays share one shape
     (the labels are on the images' grids); the result is float32."""
     fixed = np.asarray(fixed, dtype=np.float32)
     moving = np.asarray(moving, dtype=np.float32)
@@ -71,7 +73,10 @@ def label_contrast_transfer(fixed: np.ndarray, moving: np.ndarray, fixed_labels:
     if not f_in.any() or not m_in.any():
         return out
     medians = label_medians(fixed, fixed_labels, f_in)
-    fallback = float(np.median(fixed[f_in]))
+    finite = f_in & np.isfinite(fixed)
+    if not finite.any():
+        return out
+    fallback = float(np.median(fixed[finite]))
     mlab = np.asarray(moving_labels).astype(np.int64)
     present = np.unique(mlab[m_in])
     lut_keys = np.array(sorted(set(present.tolist())), dtype=np.int64)
@@ -79,6 +84,16 @@ def label_contrast_transfer(fixed: np.ndarray, moving: np.ndarray, fixed_labels:
     idx = np.searchsorted(lut_keys, mlab[m_in])
     out[m_in] = lut_vals[idx]
     return out
+
+
+def contrast_transfer_setting(value, default: str) -> str:
+    """An engine's ``contrast_transfer`` parameter checked and normalised (``None``:
+    ``default``); a ``ValueError`` names the allowed settings."""
+    setting = default if value is None else str(value).strip().lower()
+    if setting not in CONTRAST_TRANSFER_MODES:
+        raise ValueError(f'contrast_transfer must be one of {", ".join(CONTRAST_TRANSFER_MODES)},'
+                         f' not {value!r}')
+    return setting
 
 
 def resolve_contrast_transfer(setting: str, contrasts: dict | None, have_labels: bool
@@ -90,10 +105,7 @@ def resolve_contrast_transfer(setting: str, contrasts: dict | None, have_labels:
     weights on 2 held-out synthetic T2 -> T1 pairs at 1 mm it gave 67.9 / 65.4 structure Dice
     against 66.1 / 64.9 for ``moving`` and 51.9 / 49.0 without
     (``benchmarks/results/contrast-transfer/``)."""
-    setting = str(setting).strip().lower()
-    if setting not in CONTRAST_TRANSFER_MODES:
-        raise ValueError(f'contrast_transfer must be one of {", ".join(CONTRAST_TRANSFER_MODES)},'
-                         f' not {setting!r}')
+    setting = contrast_transfer_setting(setting, 'off')
     if setting == 'off':
         return 'off', 'given'
     if not have_labels:

@@ -20,8 +20,9 @@ label network's structure labels of both images in instance optimisation's loss,
 workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels),
 ``symmetric`` (default on: export the symmetrised pair of fields,
 :func:`keyprep.pipeline.carl.network.symmetrise`; see ``DEFAULT_SYMMETRIC``),
-``contrast_transfer`` (``auto``, ``moving``, ``both`` or ``off``: re-render the moving image in
-the fixed image's contrast from both images' structure labels before the network sees it,
+``contrast_transfer`` (``auto``, ``moving``, ``both`` or ``off``: re-render the moving image, or
+both images, in the fixed image's contrast from their structure labels before the network
+sees them (``auto``: both, across contrasts),
 :mod:`keyprep.pipeline.contrast`; keyprep's addition; see ``DEFAULT_CONTRAST_TRANSFER``).
 """
 
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 from .base import EngineOptions, LearnedModel, lazy, register_engine, register_model
+from ..contrast import contrast_transfer_setting, transfer_boilerplate
 from .fields import ArrayEngine
 
 __all__ = ['CARL', 'DEFAULT_IO_STEPS']
@@ -103,8 +105,8 @@ class CARL(ArrayEngine):
                              else p['label_weight']),
             'symmetric': DEFAULT_SYMMETRIC if p.get('symmetric') is None else p['symmetric'],
             'io_train': DEFAULT_IO_TRAIN if p.get('io_train') is None else p['io_train'],
-            'contrast_transfer': (DEFAULT_CONTRAST_TRANSFER if p.get('contrast_transfer') is None
-                                  else str(p['contrast_transfer']).strip().lower()),
+            'contrast_transfer': contrast_transfer_setting(p.get('contrast_transfer'),
+                                                           DEFAULT_CONTRAST_TRANSFER),
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
@@ -131,11 +133,6 @@ class CARL(ArrayEngine):
         params['label_weight'] = float(weight)
         if params['io_train'] not in ('all', 'refine'):
             raise ValueError(f"io_train must be 'all' or 'refine', not {params['io_train']!r}")
-        from ..contrast import CONTRAST_TRANSFER_MODES
-        if params['contrast_transfer'] not in CONTRAST_TRANSFER_MODES:
-            raise ValueError(f'contrast_transfer must be one of '
-                             f'{", ".join(CONTRAST_TRANSFER_MODES)}, not '
-                             f'{params["contrast_transfer"]!r}')
         if not isinstance(params['symmetric'], bool):
             raise ValueError(f'symmetric must be true or false, not {params["symmetric"]!r}')
         return params
@@ -169,7 +166,6 @@ class CARL(ArrayEngine):
                 text += (f', with label prompting: the soft Dice of the structure labels of '
                          f'both images, weight {params["label_weight"]:g}')
             text += ')'
-        from ..contrast import transfer_boilerplate
         text += transfer_boilerplate(params['contrast_transfer'], 'registration')
         if params['symmetric']:
             text += ('; each variant exports the average of the network\'s forward field and '
@@ -200,7 +196,7 @@ class CARL(ArrayEngine):
         labels, prompt = None, {'weight': 0.0, 'used': False, 'why': 'no instance optimisation'}
         if io_any:
             labels, prompt = self.prompt_labels(fixed, out_dir, options, params['label_weight'])
-        # label-guided contrast transfer: the moving image painted in the fixed one's contrast
+        # label-guided contrast transfer: the images painted in the fixed one's contrast
         f, m, transfer = self.transfer_contrast(f, m, fixed, out_dir, options,
                                                 params['contrast_transfer'], labels)
         mode = transfer['mode']

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from .base import EngineOptions, LearnedModel, lazy, register_engine, register_model
+from ..contrast import contrast_transfer_setting, transfer_boilerplate
 from .fields import ArrayEngine
 
 __all__ = ['DIO', 'VARIANT_NAMES', 'DEFAULT_LABEL_WEIGHT', 'AUTO_LABEL_WEIGHTS',
@@ -126,17 +127,12 @@ class DIO(ArrayEngine):
             'iterations': p.get('iterations'),
             'init': str(p.get('init') or self.default_init),
             'label_weight': _label_weight_setting(p.get('label_weight')),
-            'contrast_transfer': (DEFAULT_CONTRAST_TRANSFER if p.get('contrast_transfer') is None
-                                  else str(p['contrast_transfer']).strip().lower()),
+            'contrast_transfer': contrast_transfer_setting(p.get('contrast_transfer'),
+                                                           DEFAULT_CONTRAST_TRANSFER),
         }
         unknown = sorted(set(p) - set(params))
         if unknown:
             raise ValueError(f'{self.name}: unknown parameter(s) {", ".join(unknown)}')
-        from ..contrast import CONTRAST_TRANSFER_MODES
-        if params['contrast_transfer'] not in CONTRAST_TRANSFER_MODES:
-            raise ValueError(f'contrast_transfer must be one of '
-                             f'{", ".join(CONTRAST_TRANSFER_MODES)}, not '
-                             f'{params["contrast_transfer"]!r}')
         params['solver'] = _solver_settings()  # not a user's parameter: sidecar and cache_key
         bad = [r for r in params['representations'] if r not in VARIANT_NAMES]
         if bad:
@@ -174,7 +170,6 @@ class DIO(ArrayEngine):
         elif setting > 0:
             text += (f'; label prompting (weight {setting:g}) with the structure labels of both '
                      'images')
-        from ..contrast import transfer_boilerplate
         text += transfer_boilerplate(self.parameters(options)['contrast_transfer'],
                                      'the feature network')
         return text
