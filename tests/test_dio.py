@@ -582,6 +582,92 @@ def test_implicit_gradient_reaches_the_network(toy_maps):
         assert all(g is not None and float(g.abs().sum()) > 0 for g in heads.values()), mode
 
 
+def _toy_real(n=36, seed=0):
+    """A toy label map with a real-like image on the uncropped grid (the map is cropped, so
+    the two grids differ): smooth texture inside the brain, independent of the labels."""
+    from keyprep.pipeline.synth.generator import RealImage, label_map_from_array
+    from tests.test_keymorph_network import toy_volume
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = -35.0
+    vol = toy_volume(n, seed)
+    g = np.indices(vol.shape).astype(float)
+    img = 100 + 40 * np.sin(g[0] / 3.0) * np.cos(g[1] / 4.0) + 20 * np.sin(g[2] / 5.0)
+    img[np.isin(vol, (0, 502))] = 0
+    return label_map_from_array(vol, aff, f'real_{seed}'), RealImage(img, aff, f'real_{seed}')
+
+
+def test_real_pair_moves_image_and_labels_together():
+    """Two copies of one real image, each moved by the synthesizer's spatial model: the
+    moving copy sampled at the exact correspondence is the fixed copy (trilinear error
+    only), the image is zero exactly where the labels are background, and a generator seed
+    gives the same pair."""
+    from keyprep.pipeline.synth.generator import SynthConfig, Synthesizer, sample_field
+
+    lm, im = _toy_real()
+    cfg = SynthConfig(shape=(32, 32, 32), rotation_deg=10, translation_mm=4, scaling=0.05,
+                      nonlin_std_mm=2.0, bias_std=0.0, gamma_std=0.0, res_prob=0.0,
+                      noise_std=0.0, flip_prob=0.5)
+    syn = Synthesizer([lm], cfg)
+    a = syn.real_pair({0: im}, torch.Generator().manual_seed(3))
+    b = syn.real_pair({0: im}, torch.Generator().manual_seed(3))
+    assert torch.equal(a['fixed']['image'], b['fixed']['image'])
+    assert torch.equal(a['moving']['labels'], b['moving']['labels'])
+    for side in ('fixed', 'moving'):
+        img, lab = a[side]['image'][0, 0], a[side]['labels'][0]
+        assert torch.all(img[lab == 0] == 0) and float((img[lab > 0] > 0).float().mean()) > 0.99
+    fixed, moving = a['fixed']['image'], a['moving']['image']
+    assert not torch.allclose(fixed, moving, atol=0.05)  # two different poses
+    back = sample_field(moving, a['fixed_to_moving'])[0, 0]
+    lab_back = sample_field(a['moving']['labels'][None].float(), a['fixed_to_moving'],
+                            mode='nearest')[0, 0]
+    inner = (a['fixed']['labels'][0] > 0) & (lab_back > 0)
+    from scipy.ndimage import binary_erosion
+
+    inner = torch.as_tensor(binary_erosion(inner.numpy(), iterations=2))
+    err = (back[0] if back.ndim == 4 else back)[inner] - fixed[0, 0][inner]
+    assert inner.sum() > 2000 and float(err.abs().mean()) < 0.02
+    brain = a['fixed']['labels'][0] > 0
+    agree = float((lab_back.long() == a['fixed']['labels'][0])[brain].float().mean())
+    same_voxel = float((a['moving']['labels'][0] == a['fixed']['labels'][0])[brain].float().mean())
+    # two nearest-neighbour resamplings of thin 2 mm structures: boundary voxels disagree
+    assert agree > 0.85 and agree > same_voxel + 0.1, (agree, same_voxel)
+
+
+def test_real_pairs_in_training_and_init_from_weights(toy_maps, tmp_path):
+    """``real_prob``: that fraction of the steps trains on a real image's pair (logged
+    ``<side>/real``); ``init_weights`` starts a new run from exported weights exactly."""
+    from keyprep.pipeline.dio.train import (DioTrainer, export_weights, init_from_weights,
+                                            train)
+
+    real = [_toy_real(36, 7)]
+    cfg = _tiny_train_cfg(real_prob=1.0, real_anatomies=('icbm',), val_every=0)
+    trainer = DioTrainer(toy_maps[:3], cfg, real=real)
+    batch = trainer.batch(0)
+    assert batch['real'] and batch['fixed'].shape == (1, 1, 32, 32, 32)
+    terms = trainer.step(0, batch)
+    assert terms['side'].endswith('/real') and np.isfinite(terms['loss'])
+    ckpt = train(None, tmp_path / 'a', cfg, maps=(toy_maps[:3], toy_maps[3:]), real=real,
+                 log=lambda *_: None)
+    sides = [r.split('\t')[5] for r in
+             (tmp_path / 'a' / 'train_log.tsv').read_text().splitlines()[1:]]
+    assert len(sides) == 3 and all(x.endswith('/real') for x in sides)
+    meta = export_weights(ckpt, tmp_path / 'w.pt', half=False)
+    fresh = DioTrainer(toy_maps[:3], _tiny_train_cfg())
+    assert init_from_weights(fresh.model, meta['path']) > 0
+    done = torch.load(ckpt, weights_only=True)['model']
+    for k, v in fresh.model.state_dict().items():
+        assert torch.equal(v, done[k]), k
+    cfg2 = _tiny_train_cfg(init_weights=meta['path'], steps=1, val_every=0)
+    first = train(None, tmp_path / 'b', cfg2, maps=(toy_maps[:3], toy_maps[3:]),
+                  log=lambda *_: None)
+    assert torch.load(first, weights_only=True)['step'] == 1
+    with pytest.raises(ValueError):
+        _tiny_train_cfg(real_prob=0.5)  # real pairs need a real image
+    with pytest.raises(ValueError):
+        _tiny_train_cfg(real_prob=0.5, real_anatomies=('colin27',))  # the benchmark's brain
+
+
 # ---------------------------------------------------------------------------- shipped model
 def test_shipped_weights_register_a_real_brain():
     """The shipped model matches its card's checksum and step, passes the run-time check, and

@@ -4,7 +4,7 @@
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
     keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper|cpu-dice|cpu-postaffine]
                      [--init-from CKPT] [--device cuda]
-    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|gpu-2mm] [--steps N]
+    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|cpu-2mm-real|gpu-2mm] [--steps N]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
@@ -137,7 +137,11 @@ def _add_dio_parser(sub) -> None:
     d.add_argument('--output', type=Path, required=True, help='run folder (checkpoint, logs)')
     d.add_argument('--recipe', choices=sorted(DIO_RECIPES), default='cpu-2mm',
                    help='cpu-2mm: 64^3 pairs at 2 mm, short inner solves (default); gpu-2mm: '
-                   "the paper's inner iterations (200/100/50)")
+                   "the paper's inner iterations (200/100/50); cpu-2mm-real: fine-tune of the "
+                   'shipped weights with half the steps on pairs of the real ICBM 2009a T1')
+    d.add_argument('--init-weights', type=Path,
+                   help='start a new run from these exported DIO weights (default: the '
+                   "recipe's; cpu-2mm-real starts from the shipped ones)")
     d.add_argument('--steps', type=int, help='total optimisation steps (default: the recipe)')
     d.add_argument('--lr', type=float, help='peak learning rate (default: the recipe, 3e-4)')
     d.add_argument('--seed', type=int, help='training seed (default: the recipe)')
@@ -343,6 +347,11 @@ def _dio(opts) -> int:
             changes[key] = value
     if opts.init_encoder:
         changes['init_encoder'] = True
+    if opts.init_weights is not None:
+        if not opts.init_weights.is_file():
+            LOGGER.error('--init-weights %s: no such file', opts.init_weights)
+            return EXIT_NO_INPUT
+        changes['init_weights'] = str(opts.init_weights.resolve())
     cfg = replace(cfg, **changes)
     ckpt = train(opts.label_maps, opts.output, cfg, device=device, held_out=tuple(opts.held_out),
                  extra_maps=_extra_maps(opts.extra_anatomies, opts.label_maps), log=LOGGER.info,

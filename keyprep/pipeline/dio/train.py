@@ -18,6 +18,15 @@ Every step (``paper_dio.md`` §1.5, §2.2, adapted to synthetic data):
    background excluded) + ``img_weight * (1 - LNCC^2)`` (window 7) of the warped moving image;
 6. Adam (lr 3e-4 after a short warm-up, polynomial decay with power 0.9), gradient-norm clip 10.
 
+With ``real_prob > 0`` (recipe ``cpu-2mm-real``, keyprep's addition) that fraction of the
+steps registers two independently moved and corrupted copies of a *real* image instead
+(:meth:`~keyprep.pipeline.synth.generator.Synthesizer.real_pair`: the same spatial and
+acquisition models, the image's own intensities and texture; the labels of its anatomy map
+move with it, so the Dice term is exact whatever their anatomical accuracy). The real image
+is ICBM 2009a (``real_anatomies``): never Colin27, which the benchmarks' real known-truth
+pairs use. ``init_weights`` starts a new run from exported weights (``'shipped'``: the
+packaged model) instead of a random network.
+
 The batch of a step comes from ``torch.Generator().manual_seed(seed * 1_000_003 + step)``, so
 a run resumed from ``checkpoint.pt`` (written atomically) sees exactly the batches it would
 have seen. Curves: ``train_log.tsv`` (every step) and ``val_log.tsv``: fixed pairs of the
@@ -39,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..synth.generator import LabelMap, SynthConfig, Synthesizer
+from ..synth.generator import LabelMap, RealImage, SynthConfig, Synthesizer
 from ..synth.labels import OUTPUT_LABELS
 from ..synth.train import HELD_OUT, _atomic_save, dice_per_class, load_training_maps
 from .implicit import MODES, implicit_displacement
@@ -48,6 +57,7 @@ from .register import normalise_intensity, register_arrays, warp_array
 from .solver import SolverConfig, jacobian_determinant, solve, upsample_field, warp
 
 __all__ = ['DioTrainConfig', 'RECIPES', 'DioTrainer', 'train', 'export_weights',
+           'REAL_ANATOMIES', 'load_real_images', 'init_from_weights',
            'TRAIN_LOG_HEADER', 'VAL_LOG_HEADER']
 
 N_LABELS = len(OUTPUT_LABELS)
@@ -88,8 +98,23 @@ class DioTrainConfig:
     #: deployment default, ``net.iterations``); the CPU recipe halves them to keep a
     #: validation near a few minutes
     val_iterations: tuple[int, ...] | None = None
+    #: fraction of the steps on a real image's pair (:meth:`DioTrainer.batch`)
+    real_prob: float = 0.0
+    #: the real images of those steps (``'icbm'``: ICBM 2009a T1 with its anatomy map)
+    real_anatomies: tuple[str, ...] = ()
+    #: a new run starts from these exported weights (``'shipped'``: the packaged model)
+    init_weights: str | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, 'real_anatomies', tuple(self.real_anatomies))
+        unknown = set(self.real_anatomies) - set(REAL_ANATOMIES)
+        if unknown:
+            raise ValueError(f'real_anatomies: unknown {sorted(unknown)}; choose from '
+                             f'{sorted(REAL_ANATOMIES)}')
+        if not 0.0 <= self.real_prob <= 1.0:
+            raise ValueError('real_prob must be in [0, 1]')
+        if self.real_prob > 0 and not self.real_anatomies:
+            raise ValueError('real_prob > 0 needs real_anatomies')
         if self.val_iterations is not None:
             object.__setattr__(self, 'val_iterations',
                                tuple(int(i) for i in self.val_iterations))
@@ -118,6 +143,30 @@ class DioTrainConfig:
         return cls(**d)
 
 
+#: real images for ``real_anatomies`` (Colin27 is left out on purpose: the benchmarks' real
+#: known-truth pairs are Colin27)
+REAL_ANATOMIES = ('icbm',)
+
+
+def load_real_images(names: Sequence[str]) -> list[tuple[LabelMap, RealImage]]:
+    """Each named real image with its anatomy label map (built once, cached by
+    :mod:`keyprep.pipeline.synth.anatomies`)."""
+    out = []
+    for name in names:
+        if name == 'icbm':
+            import nibabel as nib
+
+            from ..synth.anatomies import icbm_label_map
+            from ..synth.anatomies.common import _icbm
+
+            img = nib.as_closest_canonical(nib.load(str(_icbm('T1w'))))
+            out.append((icbm_label_map(), RealImage(np.asarray(img.dataobj, np.float32),
+                                                    img.affine, 'icbm2009a')))
+        else:
+            raise ValueError(f'unknown real anatomy {name!r}; choose from {REAL_ANATOMIES}')
+    return out
+
+
 #: ``cpu-2mm``: 64^3 synthetic pairs at 2 mm (128 mm field of view, the brain centred), the
 #: label network's encoder widths. ``gpu-2mm``: the same network and data with the paper's
 #: inner iterations during training and scales switched on earlier.
@@ -126,6 +175,12 @@ RECIPES: dict[str, DioTrainConfig] = {
     'gpu-2mm': DioTrainConfig(steps=20_000, level_steps=(0, 100, 300),
                               train_iterations=(200, 100, 50), checkpoint_every=100,
                               val_every=500),
+    # fine-tune of the shipped weights (step 2250 of cpu-2mm): half the steps on real ICBM
+    # 2009a pairs, every scale from the start, a lower learning rate
+    'cpu-2mm-real': DioTrainConfig(steps=1500, lr=1e-4, warmup=10, level_steps=(0, 0, 0),
+                                   val_iterations=(100, 50, 25), val_every=125, seed=2026,
+                                   real_prob=0.5, real_anatomies=('icbm',),
+                                   init_weights='shipped'),
 }
 
 
@@ -133,7 +188,8 @@ class DioTrainer:
     """Model, optimiser, data and one step (exposed for tests and scripts)."""
 
     def __init__(self, train_maps: Sequence[LabelMap], cfg: DioTrainConfig,
-                 device: str | torch.device = 'cpu', held_out: Sequence[LabelMap] = ()):
+                 device: str | torch.device = 'cpu', held_out: Sequence[LabelMap] = (),
+                 real: Sequence[tuple[LabelMap, RealImage]] | None = None):
         self.cfg = cfg
         self.dev = torch.device(device)
         self.train_maps = list(train_maps)
@@ -143,6 +199,12 @@ class DioTrainer:
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.synth = Synthesizer(self.train_maps, cfg.synth, device=self.dev)
         self.val_items: list[dict] | None = None
+        self.real_synth, self.real_images = None, {}
+        if cfg.real_prob > 0:
+            if real is None:
+                real = load_real_images(cfg.real_anatomies)
+            self.real_synth = Synthesizer([m for m, _ in real], cfg.synth, device=self.dev)
+            self.real_images = {i: im for i, (_, im) in enumerate(real)}
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
@@ -161,14 +223,19 @@ class DioTrainer:
     def batch(self, step: int) -> dict:
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        pair = self.synth.sample_pair(gen, same_anatomy=False)
+        # the draw is only made when real pairs are on, so older recipes see their batches
+        real = cfg.real_prob > 0 and float(torch.rand((), generator=gen)) < cfg.real_prob
+        if real:
+            pair = self.real_synth.real_pair(self.real_images, gen)
+        else:
+            pair = self.synth.sample_pair(gen, same_anatomy=False)
         side = float(torch.rand((), generator=gen))
         side = 'both' if not cfg.single_side else ('fixed' if side < 0.5 else 'moving')
         fixed, moving = pair['fixed'], pair['moving']
         return {'fixed': normalise_intensity(fixed['image'][0, 0])[None, None],
                 'moving': normalise_intensity(moving['image'][0, 0])[None, None],
                 'fixed_labels': fixed['labels'], 'moving_labels': moving['labels'],
-                'side': side, 'maps': pair['maps']}
+                'side': side, 'maps': pair['maps'], 'real': real}
 
     # -------------------------------------------------------------- step
     def _features(self, image: torch.Tensor, grad: bool) -> list[torch.Tensor]:
@@ -223,6 +290,8 @@ class DioTrainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimiser.step()
+        if batch.get('real'):  # logged in the side column: 'fixed/real', 'moving/real'
+            terms['side'] = f"{terms['side']}/real"
         return {'loss': float(loss.detach()), **terms}
 
     # -------------------------------------------------------------- validation
@@ -277,6 +346,21 @@ class DioTrainer:
         return {k: float(np.mean(v)) for k, v in rows.items()}
 
 
+def init_from_weights(model: DioFeatureNet, weights: str | Path) -> int:
+    """Load exported DIO weights (``'shipped'``: the packaged ones) into ``model`` (same
+    architecture; the solver iterations they carry are not part of it); returns the number
+    of tensors."""
+    from .network import default_weights, load_dio
+
+    path = default_weights() if str(weights) == 'shipped' else Path(weights)
+    src = load_dio(path)
+    if replace(src.config, iterations=model.config.iterations) != model.config:
+        raise ValueError(f'{path}: another network architecture than this run\'s')
+    state = {k: v.float() for k, v in src.state_dict().items()}
+    model.load_state_dict(state)
+    return len(state)
+
+
 def _mean_dice(pred: np.ndarray, target: np.ndarray) -> float:
     """Mean hard Dice over the structures (not background) present in either map."""
     d = dice_per_class(torch.as_tensor(pred).long(), torch.as_tensor(target).long(), N_LABELS)
@@ -304,7 +388,8 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
           cfg: DioTrainConfig = DioTrainConfig(), device: str = 'cpu',
           held_out: Sequence[str] = HELD_OUT, extra_maps: Sequence[LabelMap] = (),
           maps: tuple[Sequence[LabelMap], Sequence[LabelMap]] | None = None, log=print,
-          max_minutes: float | None = None, label_network: str | Path | None = None) -> Path:
+          max_minutes: float | None = None, label_network: str | Path | None = None,
+          real: Sequence[tuple[LabelMap, RealImage]] | None = None) -> Path:
     """Train (or resume) the feature network; returns the checkpoint path.
 
     ``label_maps``: folder (or bundle) of SynthSeg label maps, the ``held_out`` names kept for
@@ -324,7 +409,10 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     log(f'training maps: {", ".join(m.name for m in train_maps)}')
     log(f'held-out maps: {", ".join(m.name for m in test_maps)}')
-    trainer = DioTrainer(train_maps, cfg, dev, test_maps)
+    trainer = DioTrainer(train_maps, cfg, dev, test_maps, real=real)
+    if cfg.real_prob > 0:
+        log(f'real images ({cfg.real_prob:.0%} of the steps): '
+            + ', '.join(im.name for im in trainer.real_images.values()))
     ckpt_path = out / 'checkpoint.pt'
     step = 0
     if ckpt_path.exists():
@@ -336,6 +424,9 @@ def train(label_maps: str | Path | None, out_dir: str | Path,
         step = int(ckpt['step'])
         log(f'resumed from {ckpt_path} at step {step}')
         _truncate_logs(out, step)
+    elif cfg.init_weights:
+        n = init_from_weights(trainer.model, cfg.init_weights)
+        log(f'network initialised from {cfg.init_weights} ({n} tensors)')
     elif cfg.init_encoder:
         n = init_from_label_network(trainer.model, label_network)
         log(f'encoder initialised from the label network ({n} tensors)')

@@ -46,6 +46,7 @@ from .labels import (
 __all__ = [
     'SynthConfig', 'LabelMap', 'Synthesizer', 'load_label_map', 'grid_affine', 'integrate_svf',
     'CONTRASTS', 'gaussian_blur', 'identity_grid', 'sample_field', 'label_map_from_array',
+    'RealImage',
 ]
 
 
@@ -171,6 +172,31 @@ def label_map_from_array(data: np.ndarray, affine: np.ndarray, name: str,
     return LabelMap(index=index, affine=affine, name=name, labels=tuple(labels))
 
 
+@dataclass
+class RealImage:
+    """A real image (intensities, any grid: ``affine`` voxel to RAS mm) for
+    :meth:`Synthesizer.real_pair`; scaled so that its brain's 99.5th percentile is 255 (the
+    range of the synthetic intensities)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    name: str = 'real'
+
+    def __post_init__(self):
+        data = np.asarray(self.data, dtype=np.float32)
+        inside = data[data > 0]
+        top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
+        self.data = np.clip(data, 0, None) * (255.0 / max(top, 1e-6))
+        self.affine = np.asarray(self.affine, dtype=float)
+        self._cache: dict = {}
+
+    def tensor(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(self.data, device=device)[None, None]
+        return self._cache[key]
+
+
 def grid_affine(shape: Sequence[int], res_mm: float) -> np.ndarray:
     """RAS voxel-to-world matrix of a synthetic grid whose centre is the world origin."""
     aff = np.diag([res_mm, res_mm, res_mm, 1.0])
@@ -283,8 +309,9 @@ class Synthesizer:
             velocity = torch.randn([1, 3, *coarse], generator=gen) * std / cfg.res_mm  # voxels
         return mat.float(), centre, flip, velocity
 
-    def _source_coords(self, map_id: int, mat, centre, disp):
-        """Voxel coordinates in label map ``map_id`` of every output voxel ([1, 3, *shape])."""
+    def _source_coords(self, map_id: int, mat, centre, disp, affine=None):
+        """Voxel coordinates in label map ``map_id`` (or in the grid of ``affine``, voxel to
+        world mm) of every output voxel ([1, 3, *shape])."""
         cfg = self.config
         base = identity_grid(cfg.shape, self.device)
         if disp is not None:
@@ -293,8 +320,8 @@ class Synthesizer:
         x_mm = (base - half.view(3, 1, 1, 1)) * cfg.res_mm  # output mm, grid centre at 0
         world = torch.einsum('ab,bijk->aijk', mat.to(self.device), x_mm) \
             + centre.to(self.device).view(3, 1, 1, 1)
-        inv = torch.as_tensor(np.linalg.inv(self.maps[map_id].affine), dtype=torch.float32,
-                              device=self.device)
+        grid = self.maps[map_id].affine if affine is None else affine
+        inv = torch.as_tensor(np.linalg.inv(grid), dtype=torch.float32, device=self.device)
         vox = torch.einsum('ab,bijk->aijk', inv[:3, :3], world) + inv[:3, 3].view(3, 1, 1, 1)
         return vox.unsqueeze(0)
 
@@ -334,6 +361,12 @@ class Synthesizer:
         means, stds = means.to(self.device), stds.to(self.device)
         noise = torch.randn(gen_idx.shape, generator=gen).to(self.device)
         img = means[gen_idx] + stds[gen_idx] * noise
+        return self._corrupt(gen, img)
+
+    def _corrupt(self, gen: torch.Generator, img: torch.Tensor) -> torch.Tensor:
+        """The acquisition model on an image of intensities (about 0-255): bias field,
+        clipping, gamma, resolution, noise; the result rescaled to [0, 1]."""
+        cfg = self.config
         # bias field
         if cfg.bias_std > 0:
             coarse = [max(2, int(round(n_ * cfg.res_mm / cfg.bias_spacing_mm)) + 1) for n_ in cfg.shape]
@@ -394,6 +427,41 @@ class Synthesizer:
             'matrix': mat, 'centre': centre, 'disp': disp, 'velocity': velocity, 'map': map_id,
             'flip': flip,
         }
+
+    def _one_real(self, gen: torch.Generator, map_id: int, image: 'RealImage',
+                  flip: bool | None = None):
+        """A real image moved like a synthetic one: the spatial model of :meth:`_one`, the
+        image sampled trilinearly (its label map, nearest), zero outside the brain labels
+        (as a skull-stripped synthetic image), then the acquisition model (:meth:`_corrupt`)."""
+        mat, centre, flip, velocity = self._spatial(gen, map_id, flip)
+        disp = self._velocity_to_disp(velocity)
+        coords = self._source_coords(map_id, mat, centre, disp)
+        vol = self._volumes[map_id][None, None].float()
+        gen_idx = sample_field(vol, coords, mode='nearest')[0, 0].round().long()
+        src = image.tensor(self.device)
+        img = sample_field(src, self._source_coords(map_id, mat, centre, disp, image.affine))[0, 0]
+        if flip:
+            gen_idx = self.flip[gen_idx]
+        gen_idx = torch.where(self.extra[gen_idx], torch.zeros_like(gen_idx), gen_idx)
+        img = torch.where(gen_idx > 0, img, torch.zeros_like(img))
+        return {'image': self._corrupt(gen, img), 'labels': self.to_output[gen_idx],
+                'generation': gen_idx, 'matrix': mat, 'centre': centre, 'disp': disp,
+                'velocity': velocity, 'map': map_id, 'flip': flip}
+
+    def real_pair(self, images: dict[int, 'RealImage'], generator: torch.Generator) -> dict:
+        """Two independently moved and corrupted copies of one real image (a label map of
+        this synthesizer with the image on its own grid, ``images``: map index -> image),
+        both mirrored or neither; the same keys as :meth:`sample_pair` (with
+        ``fixed_to_moving``: the exact correspondence)."""
+        ids = sorted(images)
+        if not ids:
+            raise ValueError('real_pair needs at least one real image')
+        map_id = ids[int(torch.randint(0, len(ids), (), generator=generator))]
+        fixed = self._one_real(generator, map_id, images[map_id])
+        moving = self._one_real(generator, map_id, images[map_id], flip=fixed['flip'])
+        return {'fixed': {'image': fixed['image'][None, None], 'labels': fixed['labels'][None]},
+                'moving': {'image': moving['image'][None, None], 'labels': moving['labels'][None]},
+                'maps': (map_id, map_id), 'fixed_to_moving': self.correspondence(fixed, moving)}
 
     def sample(self, batch_size: int = 1, generator: torch.Generator | None = None,
                map_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
