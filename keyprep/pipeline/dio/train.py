@@ -181,6 +181,14 @@ RECIPES: dict[str, DioTrainConfig] = {
                                    val_iterations=(100, 50, 25), val_every=125, seed=2026,
                                    real_prob=0.5, real_anatomies=('icbm',),
                                    init_weights='shipped'),
+    # the same with the LNCC term weighted as the Dice term (0.25 above): after 375 steps of
+    # cpu-2mm-real the engine's real-field Dice had not moved, and DIO's field there equals
+    # the true one smoothed at 8 mm (benchmarks/results/dio-field-diagnosis/): the fine
+    # intensity alignment LNCC rewards is what is missing
+    'cpu-2mm-real-lncc': DioTrainConfig(steps=1500, lr=1e-4, warmup=10, level_steps=(0, 0, 0),
+                                        val_iterations=(100, 50, 25), val_every=125,
+                                        seed=2027, real_prob=0.5, real_anatomies=('icbm',),
+                                        init_weights='shipped', img_weight=1.0),
 }
 
 
