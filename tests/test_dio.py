@@ -634,6 +634,22 @@ def test_real_pair_moves_image_and_labels_together():
     assert agree > 0.85 and agree > same_voxel + 0.1, (agree, same_voxel)
 
 
+def test_real_image_rejects_bad_input_and_ignores_nan():
+    from keyprep.pipeline.synth.generator import RealImage
+
+    aff = np.eye(4)
+    with pytest.raises(ValueError, match='3-D'):
+        RealImage(np.ones((4, 4, 4, 2)), aff)
+    with pytest.raises(ValueError, match='no positive voxel'):
+        RealImage(np.zeros((4, 4, 4)), aff)
+    with pytest.raises(ValueError, match='invertible'):
+        RealImage(np.ones((4, 4, 4)), np.zeros((4, 4)))
+    data = np.full((4, 4, 4), 10.0)
+    data[0, 0, 0] = np.nan
+    im = RealImage(data, aff)
+    assert np.isfinite(im.data).all() and im.data[0, 0, 0] == 0 and im.data.max() == 255.0
+
+
 def test_real_pairs_in_training_and_init_from_weights(toy_maps, tmp_path):
     """``real_prob``: that fraction of the steps trains on a real image's pair (logged
     ``<side>/real``); ``init_weights`` starts a new run from exported weights exactly."""

@@ -4,7 +4,7 @@
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
     keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper|cpu-dice|cpu-postaffine]
                      [--init-from CKPT] [--device cuda]
-    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|cpu-2mm-real|gpu-2mm] [--steps N]
+    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|cpu-2mm-real|cpu-2mm-real-lncc|gpu-2mm] [--steps N]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
@@ -138,7 +138,8 @@ def _add_dio_parser(sub) -> None:
     d.add_argument('--recipe', choices=sorted(DIO_RECIPES), default='cpu-2mm',
                    help='cpu-2mm: 64^3 pairs at 2 mm, short inner solves (default); gpu-2mm: '
                    "the paper's inner iterations (200/100/50); cpu-2mm-real: fine-tune of the "
-                   'shipped weights with half the steps on pairs of the real ICBM 2009a T1')
+                   'shipped weights with half the steps on pairs of the real ICBM 2009a T1; '
+                   'cpu-2mm-real-lncc: the same with the LNCC term weighted 1 (training/README.md)')
     d.add_argument('--init-weights', type=Path,
                    help='start a new run from these exported DIO weights (default: the '
                    "recipe's; cpu-2mm-real starts from the shipped ones)")

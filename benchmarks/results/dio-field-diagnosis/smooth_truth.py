@@ -1,19 +1,21 @@
 """How much AAL Dice the exact transform of the `field` pair keeps when its displacement is
 only represented at 2 mm or smoothed (the caps a 2 mm, smoothed warp puts on any solver)."""
 import sys, json
-import numpy as np, nibabel as nib
 from pathlib import Path
+import numpy as np, nibabel as nib
 from scipy.ndimage import gaussian_filter, zoom
-sys.path.insert(0, '/work/main')
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from keyprep.pipeline.benchmark import warp_labels, load_array
 from keyprep.pipeline.qc import dice_per_label
 
-W = Path('/tmp/dioeval/regwork/res-1_seed-0')
+import os
+W = Path(os.environ.get('WORK', '/tmp/dioeval/regwork')) / 'res-1_seed-0'  # the benchmark's --work-dir
 truth = W / 'pairs/field/truth_fwd.nii.gz'
 img = nib.load(str(truth))
 d = np.asarray(img.dataobj, np.float32)  # (X, Y, Z, 1, 3), mm
 ref = load_array(W / 'fixed/colin27_aal.nii.gz').astype(np.int64)
-out = Path('/tmp/oracle')
+out = Path(os.environ.get('OUT', '/tmp/oracle'))
+out.mkdir(parents=True, exist_ok=True)
 
 def score(field, name):
     f = out / f'{name}.nii.gz'

@@ -1,7 +1,7 @@
 #!/bin/bash
 # usage: eval.sh STEP  (exports training/dio-cpu-2mm-real/checkpoint.pt as it is now)
 set -e
-cd /work/main
+cd "$(dirname "$0")/../../.."
 source .venv/bin/activate
 S=$1
 D=/tmp/dioeval/s$S

@@ -184,10 +184,18 @@ class RealImage:
 
     def __post_init__(self):
         data = np.asarray(self.data, dtype=np.float32)
+        if data.ndim != 3:
+            raise ValueError(f'{self.name}: a real image must be 3-D, not {data.shape}')
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)  # no intensity there
         inside = data[data > 0]
-        top = float(np.percentile(inside, 99.5)) if inside.size else 1.0
+        if not inside.size:
+            raise ValueError(f'{self.name}: the real image has no positive voxel')
+        top = float(np.percentile(inside, 99.5))
         self.data = np.clip(data, 0, None) * (255.0 / max(top, 1e-6))
         self.affine = np.asarray(self.affine, dtype=float)
+        if (self.affine.shape != (4, 4) or not np.isfinite(self.affine).all()
+                or abs(np.linalg.det(self.affine[:3, :3])) < 1e-9):
+            raise ValueError(f'{self.name}: the affine must be an invertible 4x4 matrix')
         self._cache: dict = {}
 
     def tensor(self, device) -> torch.Tensor:
@@ -408,45 +416,47 @@ class Synthesizer:
         return x[0, 0]
 
     # ------------------------------------------------------------------ public API
-    def _one(self, gen: torch.Generator, map_id: int, flip: bool | None = None):
-        cfg = self.config
-        spatial = self._spatial(gen, map_id, flip)
-        mat, centre, flip, velocity = spatial
-        disp = self._velocity_to_disp(velocity)
-        coords = self._source_coords(map_id, mat, centre, disp)
-        vol = self._volumes[map_id][None, None].float()
-        gen_idx = sample_field(vol, coords, mode='nearest')[0, 0].round().long()
-        if flip:
-            gen_idx = self.flip[gen_idx]
-        strip = float(torch.rand((), generator=gen)) < cfg.skull_strip_prob
-        if strip:
-            gen_idx = torch.where(self.extra[gen_idx], torch.zeros_like(gen_idx), gen_idx)
-        image = self._intensities(gen, gen_idx, strip)
-        return {
-            'image': image, 'labels': self.to_output[gen_idx], 'generation': gen_idx,
-            'matrix': mat, 'centre': centre, 'disp': disp, 'velocity': velocity, 'map': map_id,
-            'flip': flip,
-        }
-
-    def _one_real(self, gen: torch.Generator, map_id: int, image: 'RealImage',
-                  flip: bool | None = None):
-        """A real image moved like a synthetic one: the spatial model of :meth:`_one`, the
-        image sampled trilinearly (its label map, nearest), zero outside the brain labels
-        (as a skull-stripped synthetic image), then the acquisition model (:meth:`_corrupt`)."""
+    def _placed(self, gen: torch.Generator, map_id: int, flip: bool | None = None) -> dict:
+        """One random placement of label map ``map_id`` on the output grid (the spatial
+        model): its generation-label indices there (mirrored labels when flipped) and the
+        transform (``matrix``, ``centre``, ``disp``, ``velocity``, ``flip``, ``coords``: the
+        map's voxel coordinates of every output voxel)."""
         mat, centre, flip, velocity = self._spatial(gen, map_id, flip)
         disp = self._velocity_to_disp(velocity)
         coords = self._source_coords(map_id, mat, centre, disp)
         vol = self._volumes[map_id][None, None].float()
         gen_idx = sample_field(vol, coords, mode='nearest')[0, 0].round().long()
-        src = image.tensor(self.device)
-        img = sample_field(src, self._source_coords(map_id, mat, centre, disp, image.affine))[0, 0]
         if flip:
             gen_idx = self.flip[gen_idx]
+        return {'generation': gen_idx, 'matrix': mat, 'centre': centre, 'disp': disp,
+                'velocity': velocity, 'map': map_id, 'flip': flip, 'coords': coords}
+
+    def _one(self, gen: torch.Generator, map_id: int, flip: bool | None = None):
+        out = self._placed(gen, map_id, flip)
+        gen_idx = out.pop('generation')
+        out.pop('coords')
+        strip = float(torch.rand((), generator=gen)) < self.config.skull_strip_prob
+        if strip:
+            gen_idx = torch.where(self.extra[gen_idx], torch.zeros_like(gen_idx), gen_idx)
+        image = self._intensities(gen, gen_idx, strip)
+        return {'image': image, 'labels': self.to_output[gen_idx], 'generation': gen_idx, **out}
+
+    def _one_real(self, gen: torch.Generator, map_id: int, image: 'RealImage',
+                  flip: bool | None = None):
+        """A real image moved like a synthetic one (:meth:`_placed`): the image sampled
+        trilinearly on its own grid, its label map's labels moving with it, zero outside the
+        brain labels (as a skull-stripped synthetic image), then the acquisition model
+        (:meth:`_corrupt`)."""
+        out = self._placed(gen, map_id, flip)
+        gen_idx = out.pop('generation')
+        out.pop('coords')
+        coords = self._source_coords(map_id, out['matrix'], out['centre'], out['disp'],
+                                     image.affine)
+        img = sample_field(image.tensor(self.device), coords)[0, 0]
         gen_idx = torch.where(self.extra[gen_idx], torch.zeros_like(gen_idx), gen_idx)
         img = torch.where(gen_idx > 0, img, torch.zeros_like(img))
         return {'image': self._corrupt(gen, img), 'labels': self.to_output[gen_idx],
-                'generation': gen_idx, 'matrix': mat, 'centre': centre, 'disp': disp,
-                'velocity': velocity, 'map': map_id, 'flip': flip}
+                'generation': gen_idx, **out}
 
     def real_pair(self, images: dict[int, 'RealImage'], generator: torch.Generator) -> dict:
         """Two independently moved and corrupted copies of one real image (a label map of
