@@ -380,6 +380,81 @@ def test_invert_displacement_fixed_point_on_a_smooth_field():
     assert info0['iterations'] == 1 and float(zero.abs().max()) == 0.0
 
 
+# ---------------------------------------------------------------------------- image prompting
+def test_lncc_matches_direct_windowed_formula_and_ignores_affine_contrast():
+    from keyprep.pipeline.dio.solver import image_loss, lncc
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(9, 10, 8))
+    b = 0.5 * a + rng.normal(scale=0.7, size=a.shape)
+    got = lncc(torch.tensor(a)[None, None], torch.tensor(b)[None, None], window=3,
+               eps=0.0)[0, 0].numpy()
+
+    def direct(x, y, idx):  # the window clipped to the grid, as the box mean is
+        sl = tuple(slice(max(i - 1, 0), i + 2) for i in idx)
+        xs, ys = x[sl].ravel(), y[sl].ravel()
+        cov = ((xs - xs.mean()) * (ys - ys.mean())).mean()
+        return cov ** 2 / (xs.var() * ys.var())
+
+    for idx in [(4, 5, 3), (0, 0, 0), (8, 9, 7), (0, 5, 7)]:
+        assert got[idx] == pytest.approx(direct(a, b, idx), rel=1e-8, abs=1e-10)
+    assert 0.0 <= got.min() and got.max() <= 1.0 + 1e-9
+    # squared, so an inverted contrast (negative slope, any offset) correlates the same
+    flipped = lncc(torch.tensor(a)[None, None], torch.tensor(3.0 - 2.0 * b)[None, None],
+                   window=3, eps=0.0)[0, 0].numpy()
+    assert np.allclose(flipped, got, atol=1e-9)
+    same = lncc(torch.tensor(a)[None, None], torch.tensor(a)[None, None], window=5)
+    assert float(same.min()) > 0.99
+    assert float(image_loss(torch.tensor(a)[None, None], torch.tensor(a)[None, None])) < 0.01 * a.size
+    with pytest.raises(ValueError):
+        lncc(torch.tensor(a)[None, None], torch.tensor(b)[None, None], window=4)
+
+
+def test_image_term_off_is_dio_alone_and_with_no_feature_channel_is_the_image_term():
+    fixed = torch.tensor(_blob((32, 32, 32)))[None, None]
+    moving = torch.roll(fixed, 2, dims=3)
+    ff, fm = intensity_features(fixed), intensity_features(moving)
+    images = (intensity_features(fixed), intensity_features(moving))
+    cfg = SolverConfig(iterations=(10, 10, 10), patience=0)
+    plain = solve(ff, fm, 'diffeo', cfg)  # weight 0: exactly DIO's feature solve
+    zero = solve(ff, fm, 'diffeo', cfg, images=images, image_weight=0.0)
+    assert torch.equal(plain.final.field, zero.final.field)
+    blank = [f * 0 for f in ff]  # constant features: the image term alone moves anything
+    still = solve(blank, blank, 'ffd', cfg)
+    assert float(still.final.field.abs().max()) == 0.0
+    moved = solve(blank, blank, 'ffd', cfg, images=images, image_weight=1.0)
+    assert float(moved.final.field.abs().max()) > 0.5
+    empty = [f[:, :0] for f in ff]  # features with no channel
+    alone = solve(empty, empty, 'ffd', cfg, images=images, image_weight=1.0)
+    assert torch.allclose(alone.final.field, moved.final.field, atol=1e-5)
+    with pytest.raises(ValueError):
+        solve(empty, empty, 'ffd', cfg)  # nothing to register
+    with pytest.raises(ValueError):
+        solve(ff, fm, 'ffd', cfg, image_weight=1.0)  # a weight without images
+
+
+def test_image_prompting_registers_what_the_features_cannot():
+    """With uninformative features, the images' LNCC term alone recovers a 3-voxel shift of
+    two boxes of different intensity (every representation); without it nothing moves."""
+    fixed_lab = np.zeros((32, 32, 32), np.int16)
+    fixed_lab[8:18, 8:24, 8:24] = 4
+    fixed_lab[18:24, 8:24, 8:24] = 17
+    moving_lab = np.roll(fixed_lab, 3, axis=0)
+    img = np.where(fixed_lab == 4, 1.0, np.where(fixed_lab == 17, 0.4, 0.0)).astype(np.float32)
+    kw = dict(iterations=(60, 40, 20), spacing_mm=(1.0, 1.0, 1.0), res_mm=1.0)
+    plain = register_arrays(img, np.roll(img, 3, 0), _blank_features, **kw)
+    prompted = register_arrays(img, np.roll(img, 3, 0), _blank_features, image_weight=1.0,
+                               **kw)
+    assert plain['image_weight'] == 0.0 and prompted['image_weight'] == 1.0
+    assert prompted['image_window'] == 5
+    for rep in ('ffd', 'diffeo', 'affine'):
+        assert np.abs(plain[rep]['disp_fwd']).max() < 1e-6
+        warped = warp_array(moving_lab, prompted[rep]['disp_fwd'], order=0)
+        before = np.mean([_dice(moving_lab == k, fixed_lab == k) for k in (4, 17)])
+        after = [_dice(warped == k, fixed_lab == k) for k in (4, 17)]
+        assert after[0] > 0.95 and np.mean(after) > before + 0.15, (rep, after, before)
+
+
 # ---------------------------------------------------------------------------- engine API
 def test_register_arrays_shapes_dtypes_and_inverse():
     torch.manual_seed(0)
@@ -388,7 +463,8 @@ def test_register_arrays_shapes_dtypes_and_inverse():
     moving = np.roll(fixed, 2, axis=1)
     out = register_arrays(fixed, moving, model, spacing_mm=(2.0, 2.0, 2.0))
     assert set(out) == {'ffd', 'diffeo', 'affine', 'timings', 'label_channels',
-                        'kept_variance', 'solver_channels'}
+                        'kept_variance', 'solver_channels', 'image_weight', 'image_window'}
+    assert out['image_weight'] == 0.0  # DIO's feature objective alone by default
     assert out['label_channels'] == 0
     assert {'features_s', 'ffd_s', 'diffeo_s', 'affine_s', 'total_s'} <= set(out['timings'])
     for rep in ('ffd', 'diffeo', 'affine'):

@@ -194,7 +194,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     spacing_mm: Sequence[float] | None = None,
                     solver: SolverConfig | None = None, res_mm: float | None = None,
                     labels: tuple[np.ndarray, np.ndarray] | None = None,
-                    label_weight: float = 0.0, prompt_channels: int = 12) -> dict:
+                    label_weight: float = 0.0, prompt_channels: int = 12,
+                    image_weight: float = 0.0, image_window: int = 5) -> dict:
     """Register ``moving`` to ``fixed`` (3-D arrays on one grid) with DIO; see the module
     docstring for the conventions.
 
@@ -215,6 +216,13 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     (features without variance count as unit energy). With ``solver.channels`` set, the
     prompted pyramids are reduced together to ``max(solver.channels, prompt_channels)``
     principal components (12 keep 95-97 % of their variance on a held-out T2->T1 pair).
+
+    Image prompting (keyprep's addition): with ``image_weight`` ``mu > 0`` the normalised
+    images themselves are registered alongside the features, by the local squared normalised
+    cross-correlation in an ``image_window``-voxel box at every scale
+    (:func:`.solver.image_loss`; the feature term is made dimensionless by the fixed features'
+    energy, so ``mu = 1`` weighs a perfect feature match and a perfect local correlation
+    alike). ``mu = 0`` (default) is DIO's feature objective alone.
 
     Returns ``{rep: {'disp_fwd', 'disp_inv', 'affine_vox' (affine only), 'iterations' (per
     level), 'loss' (final feature MSE per voxel), 'seconds'}, 'timings': {...},
@@ -288,9 +296,15 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
             out['solver_channels'] = feats_f[0].shape[1]
             timings['channels_s'] = time.perf_counter() - t0
         cfg = replace(cfg, channels=0)
+        images = None
+        if image_weight > 0:
+            images = tuple(intensity_features(x, scales) for x in imgs)
+        out['image_weight'] = float(image_weight)
+        out['image_window'] = int(image_window)
         for rep in representations:
             t0 = time.perf_counter()
-            result = solve(feats_f, feats_m, rep, cfg, tuple(scales), res)
+            result = solve(feats_f, feats_m, rep, cfg, tuple(scales), res, images=images,
+                           image_weight=image_weight, image_window=image_window)
             entry = _to_input(rep, result, work, res, spacing, shape_in)
             entry['iterations'] = result.iterations
             entry['loss'] = result.final.loss

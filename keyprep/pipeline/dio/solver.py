@@ -6,7 +6,16 @@ mismatch (``paper_dio.md`` §1.3, Algorithm 2)::
 
     C(phi) = sum_x mean_c (F_m,c(phi(x)) - F_f,c(x))^2        (losses are reported per voxel)
 
-level by level, starting each level from the previous level's result upsampled. The
+level by level, starting each level from the previous level's result upsampled. With image
+pyramids ``I_f[l], I_m[l]`` and an image weight ``mu > 0`` (keyprep's *image prompting*, a test-time
+term like the paper's label prompting) the objective becomes, per voxel::
+
+    C(phi) = sum_x [ mean_c (F_m,c(phi(x)) - F_f,c(x))^2 / E_l + mu (1 - NCC_w^2(I_f, I_m o phi)(x)) ]
+
+with ``E_l`` the fixed features' energy at the level (mean channel variance; it makes the
+feature term dimensionless, about 0-2 per voxel) and ``NCC_w`` the local normalised
+cross-correlation in a ``w``-voxel box window, squared as in ANTs' CC and the authors'
+unsigned LNCC (:func:`lncc`), so locally inverted contrasts match too. The
 transformation representation is chosen at call time, on the same features (no retraining):
 
 ``'ffd'``
@@ -53,7 +62,7 @@ from ..optim import Adam
 from ..synth.generator import gaussian_blur, identity_grid
 
 __all__ = ['SolverConfig', 'REPRESENTATIONS', 'solve', 'warp', 'sample', 'integrate_velocity',
-           'upsample_field', 'feature_loss', 'jacobian_determinant', 'LevelResult',
+           'upsample_field', 'feature_loss', 'lncc', 'image_loss', 'Objective', 'jacobian_determinant', 'LevelResult',
            'SolveResult', 'affine_grid_vox', 'principal_channels', 'invert_displacement']
 
 REPRESENTATIONS = ('ffd', 'diffeo', 'affine')
@@ -200,6 +209,79 @@ def feature_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
     return (warped - fixed).square().mean(1).sum()
 
 
+def _box(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of ``x [B, C, D, H, W]`` over a ``window``-voxel cube around each voxel, separable;
+    at the borders over the voxels inside the grid."""
+    for axis in range(3):
+        size = x.shape[2 + axis]
+        k = min(window, size if size % 2 else size - 1)
+        if k <= 1:
+            continue
+        kernel = tuple(k if a == axis else 1 for a in range(3))
+        x = F.avg_pool3d(x, kernel, stride=1, padding=tuple(n // 2 for n in kernel),
+                         count_include_pad=False)
+    return x
+
+
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5,
+         eps: float = 1e-5) -> torch.Tensor:
+    """Local squared normalised cross-correlation ``[B, C, *grid]`` of two images
+    ``[B, C, *grid]`` (channel by channel): ``cov^2 / (var_f var_w + eps)`` over a box of
+    ``window`` voxels (odd; on a grid smaller than the window, the largest odd size that
+    fits along that axis). In [0, 1) for any affine intensity relation with either sign;
+    about 0 where either image is flat (background)."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f'the LNCC window must be an odd number of voxels, not {window}')
+    c = fixed.shape[1]
+    means = _box(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1),
+                 window)
+    mf, mw, ff, ww, fw = means.split(c, 1)
+    cov = fw - mf * mw
+    var_f = (ff - mf * mf).clamp_min(0)
+    var_w = (ww - mw * mw).clamp_min(0)
+    return cov * cov / (var_f * var_w + eps)
+
+
+def image_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """The image term: ``1 - LNCC`` summed over voxels, averaged over channels."""
+    return (1 - lncc(fixed, warped, window)).mean(1).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The inner objective of one level (see the module docstring): the features' MSE,
+    scaled by ``feature_scale``, plus ``image_weight`` times :func:`image_loss` of the images
+    carried as the last ``image_channels`` channels of the sampled maps."""
+
+    image_weight: float = 0.0
+    window: int = 5
+    feature_scale: float = 1.0
+    image_channels: int = 0
+
+    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
+        n = self.image_channels
+        if n == 0:
+            return feature_loss(fixed, warped) * self.feature_scale
+        loss = self.image_weight * image_loss(fixed[:, -n:], warped[:, -n:], self.window)
+        if fixed.shape[1] > n:
+            loss = loss + feature_loss(fixed[:, :-n], warped[:, :-n]) * self.feature_scale
+        return loss
+
+
+def _level_objective(ff: torch.Tensor, fm: torch.Tensor, images, level: int,
+                     image_weight: float, window: int):
+    """The level's fixed and moving maps to sample (images appended as channels when they
+    take part) and its :class:`Objective`."""
+    if images is None or image_weight <= 0:
+        return ff, fm, Objective()
+    imf, imm = images[0][level].detach(), images[1][level].detach()
+    energy = (float(ff.reshape(ff.shape[1], -1).var(1, unbiased=False).mean())
+              if ff.shape[1] else 0.0)
+    scale = 1.0 / energy if energy > 1e-12 else 1.0
+    obj = Objective(float(image_weight), int(window), scale, imf.shape[1])
+    return torch.cat([ff, imf], 1), torch.cat([fm, imm], 1), obj
+
+
 def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
     """``det(I + grad disp)`` ``[D-2, H-2, W-2]`` by central differences (interior voxels) of a
     displacement ``[1, 3, D, H, W]`` or ``[3, D, H, W]`` in voxels."""
@@ -315,7 +397,7 @@ def _stop(losses: list[float], cfg: SolverConfig) -> bool:
 
 
 def _dense_level(rep: str, f_fix: torch.Tensor, f_mov: torch.Tensor, init: torch.Tensor,
-                 iters: int, cfg: SolverConfig) -> LevelResult:
+                 iters: int, cfg: SolverConfig, objective=feature_loss) -> LevelResult:
     x = init.detach().clone()
     stepper = _Stepper(cfg, x)
     fshape = tuple(f_fix.shape[2:])
@@ -336,7 +418,7 @@ def _dense_level(rep: str, f_fix: torch.Tensor, f_mov: torch.Tensor, init: torch
             var.requires_grad_(True)
         with torch.enable_grad():
             disp = displacement(var) if var is x else var
-            loss = feature_loss(f_fix, sample(f_mov, base + disp))
+            loss = objective(f_fix, sample(f_mov, base + disp))
             (grad,) = torch.autograd.grad(loss, var)
         x = x.detach()
         losses.append(float(loss.detach()) / n_vox)
@@ -348,12 +430,12 @@ def _dense_level(rep: str, f_fix: torch.Tensor, f_mov: torch.Tensor, init: torch
         if sigma > 0:
             x = gaussian_blur(x, (sigma,) * 3)
     with torch.no_grad():
-        final = float(feature_loss(f_fix, sample(f_mov, base + displacement(x)))) / n_vox
+        final = float(objective(f_fix, sample(f_mov, base + displacement(x)))) / n_vox
     return LevelResult(x, len(losses), final, losses)
 
 
 def _affine_level(f_fix, f_mov, init: torch.Tensor, iters: int, cfg: SolverConfig, scale: int,
-                  res_mm: float, level: int) -> LevelResult:
+                  res_mm: float, level: int, objective=feature_loss) -> LevelResult:
     mat = init.detach().clone().requires_grad_(True)
     opt = Adam([mat], lr=cfg.lr_affine * 0.5 ** level, betas=cfg.betas)
     n_vox = f_fix[0, 0].numel()
@@ -362,7 +444,7 @@ def _affine_level(f_fix, f_mov, init: torch.Tensor, iters: int, cfg: SolverConfi
     for _ in range(iters):
         with torch.enable_grad():
             coords = affine_grid_vox(mat, shape, scale, res_mm)
-            loss = feature_loss(f_fix, sample(f_mov, coords))
+            loss = objective(f_fix, sample(f_mov, coords))
             opt.zero_grad()
             loss.backward()
         losses.append(float(loss.detach()) / n_vox)
@@ -370,26 +452,43 @@ def _affine_level(f_fix, f_mov, init: torch.Tensor, iters: int, cfg: SolverConfi
             break
         opt.step()
     with torch.no_grad():
-        final = float(feature_loss(f_fix, sample(f_mov, affine_grid_vox(mat, shape, scale,
-                                                                          res_mm)))) / n_vox
+        final = float(objective(f_fix, sample(f_mov, affine_grid_vox(mat, shape, scale,
+                                                                        res_mm)))) / n_vox
     return LevelResult(mat.detach(), len(losses), final, losses)
 
 
 def solve(fixed: list[torch.Tensor], moving: list[torch.Tensor], representation: str = 'ffd',
           cfg: SolverConfig = SolverConfig(), scales: tuple[int, ...] = (4, 2, 1),
-          res_mm: float = 1.0, init=None) -> SolveResult:
+          res_mm: float = 1.0, init=None, images=None, image_weight: float = 0.0,
+          image_window: int = 5) -> SolveResult:
     """Register the feature pyramids (coarsest first, ``[1, C, *grid_l]``, level ``l``
     ``scales[l]`` times coarser than the working grid of voxel size ``res_mm``).
 
     Returns every level's result (``ffd``: displacement ``u``, ``diffeo``: velocity ``v``,
     both ``[1, 3, *grid_l]`` in level voxels; ``affine``: ``[3, 4]`` on centred normalised
     coordinates). ``init``: a starting field of the coarsest level (or matrix). Runs without
-    building a graph for the features (they are detached)."""
+    building a graph for the features (they are detached).
+
+    ``images``: optional ``(fixed, moving)`` image pyramids (``[1, 1, *grid_l]`` per level,
+    like the features) registered alongside them with weight ``image_weight`` through
+    :func:`image_loss` (window ``image_window`` voxels of each level); the feature term is then
+    divided by the fixed features' energy at each level (module docstring). Features with
+    no channel (``[1, 0, *grid]``) leave the image term alone. The principal components
+    (``cfg.channels``) are taken of the features only."""
     if representation not in REPRESENTATIONS:
         raise ValueError(f'unknown representation {representation!r}; '
                          f'choose from {REPRESENTATIONS}')
     if len(fixed) != len(moving) or len(fixed) != len(scales):
         raise ValueError('one fixed and one moving feature map per scale')
+    if images is not None and (len(images) != 2 or any(len(p) != len(fixed) for p in images)):
+        raise ValueError('images: one fixed and one moving image pyramid, one map per scale')
+    if not image_weight >= 0:
+        raise ValueError(f'image_weight must be >= 0, not {image_weight}')
+    if image_weight > 0 and images is None:
+        raise ValueError('image_weight > 0 needs the image pyramids')
+    if images is None or image_weight == 0:
+        if any(f.shape[1] == 0 for f in fixed):
+            raise ValueError('features without channels need an image term')
     iters = list(cfg.iterations)
     if len(iters) != len(fixed):
         iters = (iters + [iters[-1]] * len(fixed))[:len(fixed)]
@@ -400,16 +499,17 @@ def solve(fixed: list[torch.Tensor], moving: list[torch.Tensor], representation:
     for level, (ff, fm, s) in enumerate(zip(fixed, moving, scales)):
         ff, fm, frac = principal_channels(ff.detach(), fm.detach(), cfg.channels)
         kept.append(frac)
+        ff, fm, objective = _level_objective(ff, fm, images, level, image_weight, image_window)
         if representation == 'affine':
             if state is None:
                 state = torch.eye(3, 4, device=ff.device, dtype=ff.dtype)
-            res = _affine_level(ff, fm, state, iters[level], cfg, s, res_mm, level)
+            res = _affine_level(ff, fm, state, iters[level], cfg, s, res_mm, level, objective)
         else:
             shape = ff.shape[2:]
             if state is None:
                 state = torch.zeros(1, 3, *shape, device=ff.device, dtype=ff.dtype)
             state = upsample_field(state.detach(), shape)
-            res = _dense_level(representation, ff, fm, state, iters[level], cfg)
+            res = _dense_level(representation, ff, fm, state, iters[level], cfg, objective)
         levels.append(res)
         state = res.field
     return SolveResult(representation, levels, time.perf_counter() - t0, kept)
