@@ -183,6 +183,25 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
                                    '--dio-label-weight', '-2'])
     assert 'dio' not in engine_params(build_parser().parse_args(
         [str(tmp_path), str(tmp_path / 'out'), 'participant']))
+    # image prompting: on by default (weight 4, window 5), set or switched off from the CLI
+    params = engine.parameters(EngineOptions())
+    assert (params['image_weight'], params['image_window']) == (4.0, 5)
+    assert 'image prompting (weight 4)' in engine.boilerplate(EngineOptions())
+    off = EngineOptions(params={'image_weight': 0})
+    assert 'image prompting' not in engine.boilerplate(off)
+    assert engine.cache_key(off)['image'] != engine.cache_key(EngineOptions())['image']
+    for bad in ({'image_weight': -1}, {'image_weight': 'x'}, {'image_weight': float('nan')},
+                {'image_window': 4}, {'image_window': 1}, {'image_window': 2.5},
+                {'image_window': True}):
+        with pytest.raises(ValueError):
+            engine.parameters(EngineOptions(params=bad))
+    opts = build_parser().parse_args([str(tmp_path), str(tmp_path / 'out'), 'participant',
+                                      '--dio-image-weight', '0', '--dio-image-window', '7'])
+    assert engine_params(opts)['dio'] == {'image_weight': 0.0, 'image_window': 7}
+    for bad in (['--dio-image-weight', '-1'], ['--dio-image-window', '4']):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([str(tmp_path), str(tmp_path / 'out'), 'participant',
+                                       *bad])
 
 
 def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):

@@ -70,6 +70,16 @@ def _non_negative_float(value: str) -> float:
     return out
 
 
+def _odd_window(value: str) -> int:
+    try:
+        out = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a whole number') from None
+    if out < 3 or out % 2 == 0:
+        raise argparse.ArgumentTypeError(f'{value!r} must be an odd number >= 3')
+    return out
+
+
 def _positive_float(value: str) -> float:
     out = _non_negative_float(value)
     if out == 0:
@@ -263,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
                         'images, with LAMBDA times the features\' energy (1 weighs them alike; '
                         '0: features only); default auto: 1 for images of one contrast, 16 '
                         'across contrasts (benchmarks/results/dio-label-prompt/)')
+    g.add_argument('--dio-image-weight', type=_non_negative_float, default=None, metavar='MU',
+                   help='image prompting: add the images\' own local squared normalised '
+                        'cross-correlation to the solver\'s objective with weight MU (1 weighs '
+                        'a perfect local correlation like a perfect feature match; 0: DIO\'s '
+                        'features alone); default 4 (benchmarks/results/dio-image-prompt/)')
+    g.add_argument('--dio-image-window', type=_odd_window, default=None, metavar='VOXELS',
+                   help='box window of the image term, in voxels of DIO\'s working grid '
+                        '(2 mm for the shipped model); odd, at least 3; default 5')
     _add_contrast_transfer(g, 'dio', 'the feature network', 'off')
 
     g = parser.add_argument_group('CARL engines', 'Options of carl and carlIO.')
@@ -358,6 +376,10 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
             out.setdefault(name, {})['init'] = init
         if cls.family == 'dio' and getattr(opts, 'dio_label_weight', None) is not None:
             out.setdefault(name, {})['label_weight'] = opts.dio_label_weight
+        if cls.family == 'dio' and getattr(opts, 'dio_image_weight', None) is not None:
+            out.setdefault(name, {})['image_weight'] = float(opts.dio_image_weight)
+        if cls.family == 'dio' and getattr(opts, 'dio_image_window', None) is not None:
+            out.setdefault(name, {})['image_window'] = int(opts.dio_image_window)
         transfer = getattr(opts, f'{cls.family}_contrast_transfer', None)
         if cls.family in ('dio', 'carl') and transfer is not None:
             out.setdefault(name, {})['contrast_transfer'] = transfer
