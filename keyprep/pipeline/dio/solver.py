@@ -59,11 +59,12 @@ import torch
 import torch.nn.functional as F
 
 from ..optim import Adam
+from ..similarity import lncc
 from ..synth.generator import gaussian_blur, identity_grid
 
 __all__ = ['SolverConfig', 'REPRESENTATIONS', 'solve', 'warp', 'sample', 'integrate_velocity',
-           'upsample_field', 'feature_loss', 'lncc', 'image_loss', 'Objective', 'jacobian_determinant', 'LevelResult',
-           'SolveResult', 'affine_grid_vox', 'principal_channels', 'invert_displacement']
+           'upsample_field', 'feature_loss', 'lncc', 'image_loss', 'Objective',
+           'jacobian_determinant', 'LevelResult', 'SolveResult', 'affine_grid_vox', 'principal_channels', 'invert_displacement']
 
 REPRESENTATIONS = ('ffd', 'diffeo', 'affine')
 
@@ -209,41 +210,9 @@ def feature_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
     return (warped - fixed).square().mean(1).sum()
 
 
-def _box(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean of ``x [B, C, D, H, W]`` over a ``window``-voxel cube around each voxel, separable;
-    at the borders over the voxels inside the grid."""
-    for axis in range(3):
-        size = x.shape[2 + axis]
-        k = min(window, size if size % 2 else size - 1)
-        if k <= 1:
-            continue
-        kernel = tuple(k if a == axis else 1 for a in range(3))
-        x = F.avg_pool3d(x, kernel, stride=1, padding=tuple(n // 2 for n in kernel),
-                         count_include_pad=False)
-    return x
-
-
-def lncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5,
-         eps: float = 1e-5) -> torch.Tensor:
-    """Local squared normalised cross-correlation ``[B, C, *grid]`` of two images
-    ``[B, C, *grid]`` (channel by channel): ``cov^2 / (var_f var_w + eps)`` over a box of
-    ``window`` voxels (odd; on a grid smaller than the window, the largest odd size that
-    fits along that axis). In [0, 1) for any affine intensity relation with either sign;
-    about 0 where either image is flat (background)."""
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f'the LNCC window must be an odd number of voxels, not {window}')
-    c = fixed.shape[1]
-    means = _box(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1),
-                 window)
-    mf, mw, ff, ww, fw = means.split(c, 1)
-    cov = fw - mf * mw
-    var_f = (ff - mf * mf).clamp_min(0)
-    var_w = (ww - mw * mw).clamp_min(0)
-    return cov * cov / (var_f * var_w + eps)
-
-
 def image_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 5) -> torch.Tensor:
-    """The image term: ``1 - LNCC`` summed over voxels, averaged over channels."""
+    """The image term: ``1 - LNCC`` (:func:`keyprep.pipeline.similarity.lncc`) summed over
+    voxels, averaged over channels."""
     return (1 - lncc(fixed, warped, window)).mean(1).sum()
 
 

@@ -64,16 +64,6 @@ SIMILARITIES = ('auto', 'lncc', 'mind', 'mi')
 # Similarities (losses: lower is better)
 # --------------------------------------------------------------------------------------
 
-def _box(x: torch.Tensor, win: int) -> torch.Tensor:
-    """Local mean over a ``win^3`` box (same size output; at the borders, over the voxels
-    inside the image), as three separable 1-D averages."""
-    r = win // 2
-    for kernel, pad in (((win, 1, 1), (r, 0, 0)), ((1, win, 1), (0, r, 0)),
-                        ((1, 1, win), (0, 0, r))):
-        x = F.avg_pool3d(x, kernel, stride=1, padding=pad, count_include_pad=False)
-    return x
-
-
 def lncc_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
               win: int = 7, eps: float = 1e-5) -> torch.Tensor:
     """``-mean(local correlation^2... )``: minus the local normalised cross-correlation of
@@ -81,12 +71,9 @@ def lncc_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None
 
     The squared correlation ``cov^2 / (var_a var_b)`` of VoxelMorph's LNCC is used, so the
     loss is in ``[-1, 0]``."""
-    ma, mb = _box(a, win), _box(b, win)
-    cov = _box(a * b, win) - ma * mb
-    va = (_box(a * a, win) - ma * ma).clamp_min(0)
-    vb = (_box(b * b, win) - mb * mb).clamp_min(0)
-    cc = cov * cov / (va * vb + eps)
-    return -_masked_mean(cc, mask)
+    from ..similarity import lncc
+
+    return -_masked_mean(lncc(a, b, win, eps), mask)
 
 
 def mind_descriptor(x: torch.Tensor, sigma: float = 0.8, radius: int = 1) -> torch.Tensor:
