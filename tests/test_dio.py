@@ -410,6 +410,43 @@ def test_lncc_matches_direct_windowed_formula_and_ignores_affine_contrast():
         lncc(torch.tensor(a)[None, None], torch.tensor(b)[None, None], window=4)
 
 
+def test_box_mean_equals_average_pooling_forward_and_backward():
+    """The shifted-sum box mean (shared by DIO's image term and KeyMorph's refinement) is
+    the border-clipped average: bit-identical on CPU to ``avg_pool3d`` with
+    ``count_include_pad=False``, values and gradients, including windows longer than an
+    axis (largest odd size that fits) and even-sized axes."""
+    import torch.nn.functional as F
+
+    from keyprep.pipeline.similarity import box_mean
+
+    def pooled(x, window):
+        for axis in range(3):
+            size = x.shape[2 + axis]
+            k = min(window, size if size % 2 else size - 1)
+            if k <= 1:
+                continue
+            kernel = tuple(k if a == axis else 1 for a in range(3))
+            x = F.avg_pool3d(x, kernel, stride=1, padding=tuple(n // 2 for n in kernel),
+                             count_include_pad=False)
+        return x
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, window in [((1, 5, 12, 9, 10), 5), ((2, 3, 7, 2, 9), 7), ((1, 1, 6, 6, 6), 3)]:
+        x0 = torch.rand(*shape, generator=gen)
+        w = torch.rand(*shape, generator=gen)
+        out, grads = [], []
+        for fn in (box_mean, pooled):
+            x = x0.clone().requires_grad_(True)
+            y = fn(x, window)
+            (y * w).sum().backward()
+            out.append(y.detach())
+            grads.append(x.grad)
+        assert torch.equal(out[0], out[1]) and torch.equal(grads[0], grads[1])
+    # a hand-checked value: the corner of a 3-voxel window averages the 2x2x2 voxels inside
+    x = torch.arange(27.0).reshape(1, 1, 3, 3, 3)
+    assert float(box_mean(x, 3)[0, 0, 0, 0, 0]) == pytest.approx(
+        float(x[0, 0, :2, :2, :2].mean()))
+
 def test_image_term_off_is_dio_alone_and_with_no_feature_channel_is_the_image_term():
     fixed = torch.tensor(_blob((32, 32, 32)))[None, None]
     moving = torch.roll(fixed, 2, dims=3)

@@ -165,10 +165,13 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
     for bad in (-1, 'often', float('nan'), 'inf', 1e400):
         with pytest.raises(ValueError):
             engine.parameters(EngineOptions(params={'label_weight': bad}))
-    # by default the weight follows the contrasts: 1 for one contrast, 16 across contrasts
+    # by default the weight follows the contrasts: 16 across contrasts; for one contrast
+    # none with the image term on (the default), 1 without it
     assert engine.parameters(EngineOptions())['label_weight'] == 'auto'
+    assert 'across contrasts (weight 16; none for images of one contrast)' in \
+        engine.boilerplate(EngineOptions())
     assert 'weight 1 for images of one contrast, 16 across' in engine.boilerplate(
-        EngineOptions())
+        EngineOptions(params={'image_weight': 0}))
     # the command line's --dio-label-weight reaches the engine
     from keyprep.bids_app.parser import build_parser, engine_params
 
@@ -280,15 +283,23 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
 
 def test_dio_auto_label_weight_follows_the_contrasts(small_brains, dio_weights, start,
                                                      tmp_path):
-    """'auto' prompting: weight 16 for a T2w image registered to a T1w one, 1 for two T1w
-    images and where the contrasts are not known; the sidecar says which and why."""
-    from keyprep.pipeline.engines.dio import AUTO_LABEL_WEIGHTS, resolve_label_weight
+    """'auto' prompting: weight 16 for a T2w image registered to a T1w one; with the image
+    term on (the default) none for two T1w images and where the contrasts are not known, and
+    1 for them with the image term off; the sidecar says which and why."""
+    from keyprep.pipeline.engines.dio import (AUTO_LABEL_WEIGHTS,
+                                              AUTO_LABEL_WEIGHTS_FEATURES_ONLY,
+                                              resolve_label_weight)
     from keyprep.pipeline.registration import run_engine_variants
 
     assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T2w'})[0] == 16.0
-    assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T1w'})[0] == 1.0
+    assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T1w'})[0] == 0.0
     assert resolve_label_weight('auto', {'fixed': 'T1w'}) == (
-        1.0, 'auto: contrasts unknown, taken as one contrast')
+        0.0, 'auto: contrasts unknown, taken as one contrast, image term on')
+    assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T2w'}, 0.0)[0] == 16.0
+    assert resolve_label_weight('auto', {'fixed': 'T1w', 'moving': 'T1w'}, 0.0)[0] == 1.0
+    assert resolve_label_weight('auto', {'fixed': 'T1w'}, 0.0) == (
+        1.0, 'auto: contrasts unknown, taken as one contrast, features only')
+    assert AUTO_LABEL_WEIGHTS_FEATURES_ONLY == {'same': 1.0, 'cross': 16.0}
     assert resolve_label_weight(0.0, {'fixed': 'T1w', 'moving': 'T2w'}) == (0.0, 'given')
     labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
               for k in ('fixed', 'moving')}
@@ -301,7 +312,9 @@ def test_dio_auto_label_weight_follows_the_contrasts(small_brains, dio_weights, 
                                    tmp_path / moving, contrasts={'fixed': 'T1w',
                                                                 'moving': moving}, **kw)
         said[moving] = run.extras['label_prompt']
-    assert said['T1w']['weight'] == AUTO_LABEL_WEIGHTS['same'] == 1.0
+    assert said['T1w']['weight'] == AUTO_LABEL_WEIGHTS['same'] == 0.0
+    assert said['T1w']['used'] is False
+    assert 'T1w to T1w, one contrast, image term on' in said['T1w']['weight_from']
     assert said['T2w']['weight'] == AUTO_LABEL_WEIGHTS['cross'] == 16.0
     assert said['T2w']['setting'] == 'auto' and said['T2w']['used'] is True
     assert 'T2w to T1w, across contrasts' in said['T2w']['weight_from']

@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='label prompting: add a label-fidelity term to the solver\'s feature '
                         'loss, on the structure labels keyprep\'s label network gives both '
                         'images, with LAMBDA times the features\' energy (1 weighs them alike; '
-                        '0: features only); default auto: 1 for images of one contrast, 16 '
-                        'across contrasts (benchmarks/results/dio-label-prompt/)')
+                        '0: features only); default auto: 16 across contrasts, none for images '
+                        'of one contrast while the image term is on (1 with --dio-image-weight '
+                        '0) (benchmarks/results/dio-label-prompt/, dio-image-prompt/)')
     g.add_argument('--dio-image-weight', type=_non_negative_float, default=None, metavar='MU',
                    help='image prompting: add the images\' own local squared normalised '
                         'cross-correlation to the solver\'s objective with weight MU (1 weighs '
