@@ -695,6 +695,33 @@ def test_implicit_gradient_reaches_the_network(toy_maps):
         assert all(g is not None and float(g.abs().sum()) > 0 for g in heads.values()), mode
 
 
+def test_prompted_training_solves_the_engines_objective(toy_maps):
+    """With ``image_weight`` the trainer's inner solves add the images' LNCC (the engine's
+    objective): on one batch the optimum moves and the outer loss changes, the gradient
+    still reaches the network, and the recipe validates through the engine with it."""
+    from keyprep.pipeline.dio.train import RECIPES, DioTrainConfig, DioTrainer
+
+    losses, grads = {}, {}
+    for weight in (0.0, 4.0):
+        trainer = DioTrainer(toy_maps[:3], _tiny_train_cfg(image_weight=weight))
+        batch = trainer.batch(0)
+        batch['side'] = 'both'
+        loss, terms = trainer.loss(2, batch)
+        loss.backward()
+        losses[weight] = float(loss.detach())
+        grads[weight] = [p.grad for k, p in trainer.model.named_parameters()
+                         if k.startswith('heads')]
+        assert terms['levels'] == 3
+    assert losses[0.0] != losses[4.0]
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads[4.0])
+    recipe = RECIPES['cpu-2mm-prompted']
+    assert (recipe.image_weight, recipe.image_window, recipe.init_weights) == (4.0, 5, 'shipped')
+    assert DioTrainConfig.from_dict(recipe.to_dict()) == recipe
+    for bad in ({'image_weight': -1.0}, {'image_weight': float('nan')}, {'image_window': 4}):
+        with pytest.raises(ValueError):
+            _tiny_train_cfg(**bad)
+
+
 def _toy_real(n=36, seed=0):
     """A toy label map with a real-like image on the uncropped grid (the map is cropped, so
     the two grids differ): smooth texture inside the brain, independent of the labels."""

@@ -4,7 +4,7 @@
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
     keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper|cpu-dice|cpu-postaffine]
                      [--init-from CKPT] [--device cuda]
-    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|cpu-2mm-real|cpu-2mm-real-lncc|gpu-2mm] [--steps N]
+    keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|cpu-2mm-real|cpu-2mm-real-lncc|cpu-2mm-prompted|gpu-2mm] [--steps N]
 
 Training resumes from ``<output>/checkpoint.pt`` when it exists (same seed: same batches),
 logs its curves to ``<output>/train_log.tsv`` and ``val_log.tsv``, and ``--export PATH`` writes
@@ -139,10 +139,13 @@ def _add_dio_parser(sub) -> None:
                    help='cpu-2mm: 64^3 pairs at 2 mm, short inner solves (default); gpu-2mm: '
                    "the paper's inner iterations (200/100/50); cpu-2mm-real: fine-tune of the "
                    'shipped weights with half the steps on pairs of the real ICBM 2009a T1; '
-                   'cpu-2mm-real-lncc: the same with the LNCC term weighted 1 (training/README.md)')
+                   'cpu-2mm-real-lncc: the same with the LNCC term weighted 1; cpu-2mm-prompted: '
+                   "fine-tune of the shipped weights with the engine's image term in the inner "
+                   'solves (training/README.md)')
     d.add_argument('--init-weights', type=Path,
                    help='start a new run from these exported DIO weights (default: the '
-                   "recipe's; cpu-2mm-real starts from the shipped ones)")
+                   "recipe's; the cpu-2mm-real* and cpu-2mm-prompted fine-tunes start from the "
+                   'shipped ones)')
     d.add_argument('--steps', type=int, help='total optimisation steps (default: the recipe)')
     d.add_argument('--lr', type=float, help='peak learning rate (default: the recipe, 3e-4)')
     d.add_argument('--seed', type=int, help='training seed (default: the recipe)')

@@ -27,6 +27,14 @@ is ICBM 2009a (``real_anatomies``): never Colin27, which the benchmarks' real kn
 pairs use. ``init_weights`` starts a new run from exported weights (``'shipped'``: the
 packaged model) instead of a random network.
 
+With ``image_weight > 0`` (recipe ``cpu-2mm-prompted``, keyprep's addition) the inner solves
+of step 3 also register the images' local squared NCC (the engine's image prompting,
+:func:`.register.register_arrays`), so the outer loss is taken at the optimum the deployed
+objective reaches and the features learn what the image term lacks; the implicit gradient of
+step 4 is still that of the feature term (the image term does not depend on the features;
+it moves the optimum and the curvature, which the Jacobian-free gradient ignores). The
+validation registrations use the same image term.
+
 The batch of a step comes from ``torch.Generator().manual_seed(seed * 1_000_003 + step)``, so
 a run resumed from ``checkpoint.pt`` (written atomically) sees exactly the batches it would
 have seen. Curves: ``train_log.tsv`` (every step) and ``val_log.tsv``: fixed pairs of the
@@ -53,7 +61,7 @@ from ..synth.labels import OUTPUT_LABELS
 from ..synth.train import HELD_OUT, _atomic_save, dice_per_class, load_training_maps
 from .implicit import MODES, implicit_displacement
 from .network import FORMAT, DioConfig, DioFeatureNet, init_from_label_network
-from .register import normalise_intensity, register_arrays, warp_array
+from .register import intensity_features, normalise_intensity, register_arrays, warp_array
 from .solver import SolverConfig, jacobian_determinant, solve, upsample_field, warp
 
 __all__ = ['DioTrainConfig', 'RECIPES', 'DioTrainer', 'train', 'export_weights',
@@ -104,6 +112,14 @@ class DioTrainConfig:
     real_anatomies: tuple[str, ...] = ()
     #: a new run starts from these exported weights (``'shipped'``: the packaged model)
     init_weights: str | None = None
+    #: image prompting inside training (keyprep's addition): the inner solves register the
+    #: images' local squared NCC with this weight alongside the features (the engine's
+    #: objective, :func:`.register.register_arrays`), so the features learn what the
+    #: deployed objective lacks; the validation registrations use it too. 0: DIO's
+    #: features-only inner objective (the paper's)
+    image_weight: float = 0.0
+    #: the image term's box window, voxels of each level
+    image_window: int = 5
 
     def __post_init__(self):
         object.__setattr__(self, 'real_anatomies', tuple(self.real_anatomies))
@@ -129,6 +145,10 @@ class DioTrainConfig:
             raise ValueError(f'implicit must be one of {MODES}')
         if any(s % self.net.divisor for s in self.synth.shape):
             raise ValueError(f'the synthetic shape must be divisible by {self.net.divisor}')
+        if not 0.0 <= self.image_weight < float('inf'):
+            raise ValueError('image_weight must be a finite number >= 0')
+        if self.image_window < 1 or self.image_window % 2 == 0:
+            raise ValueError('image_window must be an odd number of voxels')
         if abs(self.synth.res_mm - self.net.res_mm) > 1e-9:
             object.__setattr__(self, 'synth', replace(self.synth, res_mm=self.net.res_mm))
 
@@ -189,6 +209,14 @@ RECIPES: dict[str, DioTrainConfig] = {
                                         val_iterations=(100, 50, 25), val_every=125,
                                         seed=2027, real_prob=0.5, real_anatomies=('icbm',),
                                         init_weights='shipped', img_weight=1.0),
+    # fine-tune of the shipped weights inside the deployed objective: the inner solves add
+    # the images' LNCC at the engine's default weight and window (image prompting), so the
+    # outer loss is measured at the optimum the engine reaches; on these weights the image
+    # term alone registers as well as features + image (benchmarks/results/dio-image-prompt/)
+    'cpu-2mm-prompted': DioTrainConfig(steps=1500, lr=1e-4, warmup=10, level_steps=(0, 0, 0),
+                                       val_iterations=(100, 50, 25), val_every=125,
+                                       seed=2028, init_weights='shipped', image_weight=4.0,
+                                       image_window=5),
 }
 
 
@@ -267,11 +295,18 @@ class DioTrainer:
         dice_terms, img_terms, iters = [], [], []
         from ..keymorph.losses import lncc_loss, soft_dice_loss
 
+        images = None
+        if cfg.image_weight > 0:  # the engine's image pyramids (register_arrays)
+            images = [intensity_features(batch[k], net.scales) for k in ('fixed', 'moving')]
         for level in self.active_levels(step):
             ff, fm = feats_f[level], feats_m[level]
             scfg = replace(solver, iterations=(cfg.train_iterations[level],))
+            prompt = {}
+            if images is not None:
+                prompt = {'images': ([images[0][level]], [images[1][level]]),
+                          'image_weight': cfg.image_weight, 'image_window': cfg.image_window}
             res = solve([ff.detach()], [fm.detach()], 'ffd', scfg, (net.scales[level],),
-                        net.res_mm, init=state)
+                        net.res_mm, init=state, **prompt)
             state = res.final.field
             iters.append(res.final.iterations)
             u = implicit_displacement(state, ff, fm, cfg.implicit)
@@ -340,7 +375,9 @@ class DioTrainer:
         for it in self.val_items:
             out = register_arrays(it['fixed'], it['moving'], self.model,
                                   representations=('ffd', 'diffeo'), device=self.dev,
-                                  iterations=iterations, spacing_mm=(res_mm,) * 3)
+                                  iterations=iterations, spacing_mm=(res_mm,) * 3,
+                                  image_weight=self.cfg.image_weight,
+                                  image_window=self.cfg.image_window)
             rows.setdefault('dice_identity', []).append(
                 _mean_dice(it['moving_labels'], it['fixed_labels']))
             for rep in ('ffd', 'diffeo'):
