@@ -63,9 +63,14 @@ __all__ = ['DEFAULT_SOLVER', 'register_arrays', 'normalise_intensity', 'intensit
 #: 2.4x less time. The velocity keeps its 1-voxel smoothing: 0.5 raised dioDiffeo's Dice
 #: (held-out synthetic pairs, the real head) by making the warp irregular (real head: std of
 #: log J 0.29 -> 0.67, over keyprep's QC limit of 0.5; antsSyN 0.20), not by aligning
-#: better (``benchmarks/results/dio-svf-smoothing/``). The trainer's inner solves keep
+#: better (``benchmarks/results/dio-svf-smoothing/``). The gradient is smoothed at 2 voxels
+#: (4 mm on the 2 mm working grid) instead of 1, chosen with the image term on (weight 4,
+#: labels off for one contrast): real ``field`` pair AAL Dice 93.9 / 94.4 / 94.7 at 1 / 2 / 3
+#: voxels (antsSyN 94.2), four held-out synthetic 1 mm pairs 77.4, 76.1, 75.25, 73.8 at 1,
+#: 77.4, 75.7, 74.9, 73.7 at 2 and 76.2, 74.4, 73.85, 72.5 at 3
+#: (``benchmarks/results/dio-auto-labels/explore/``). The trainer's inner solves keep
 #: :class:`SolverConfig`'s exact defaults.
-DEFAULT_SOLVER = SolverConfig(svf_gradient='displacement', channels=4)
+DEFAULT_SOLVER = SolverConfig(svf_gradient='displacement', channels=4, sigma_grad=2.0)
 
 
 def normalise_intensity(x: torch.Tensor) -> torch.Tensor:
