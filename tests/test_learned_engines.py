@@ -193,6 +193,12 @@ def test_dio_engine_label_prompting(small_brains, dio_weights, start, tmp_path):
     off = EngineOptions(params={'image_weight': 0})
     assert 'image prompting' not in engine.boilerplate(off)
     assert engine.cache_key(off)['image'] != engine.cache_key(EngineOptions())['image']
+    # the label components kept in the solver are register_arrays' default, in the cache key
+    import inspect
+
+    from keyprep.pipeline.dio.register import register_arrays
+    assert engine.cache_key(EngineOptions())['prompt_channels'] == 6 == \
+        inspect.signature(register_arrays).parameters['prompt_channels'].default
     for bad in ({'image_weight': -1}, {'image_weight': 'x'}, {'image_weight': float('nan')},
                 {'image_window': 4}, {'image_window': 1}, {'image_window': 2.5},
                 {'image_window': True}):

@@ -109,6 +109,16 @@ def _solver_settings() -> dict:
             for k, v in asdict(DEFAULT_SOLVER).items()}
 
 
+def _prompt_channels() -> int:
+    """The principal components kept with the label channels (``register_arrays``'s
+    default): part of the cache key, so results made with another number are not reused."""
+    import inspect
+
+    from ..dio.register import register_arrays
+
+    return int(inspect.signature(register_arrays).parameters['prompt_channels'].default)
+
+
 def _image_settings(weight, window) -> tuple[float, int]:
     """``image_weight`` (a finite number >= 0) and ``image_window`` (an odd number of voxels
     >= 3) checked."""
@@ -189,7 +199,8 @@ class DIO(ArrayEngine):
         params = self.parameters(options)
         return {**super().cache_key(options), 'solver': _solver_settings(),
                 'contrast_transfer': params['contrast_transfer'],
-                'image': [params['image_weight'], params['image_window']]}
+                'image': [params['image_weight'], params['image_window']],
+                'prompt_channels': _prompt_channels()}
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
         reps = self.parameters(options)['representations']
