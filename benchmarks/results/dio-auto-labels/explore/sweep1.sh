@@ -1,4 +1,6 @@
 #!/bin/bash
+# The drivers of this folder (and run_thick.sh) are ../../dio-image-prompt/explore/{hook.py,run.sh,run_syn.sh},
+# copied to /tmp/exp; the hook gained PC (prompt_channels) for run_thick.sh.
 L0='"representations": ["diffeo"], "label_weight": 0'
 NAME=f_lw0 DIOP="{\"dio\": {$L0}}" bash run.sh
 NAME=f_lw0_sv05 SV=0.5 DIOP="{\"dio\": {$L0}}" bash run.sh

@@ -70,6 +70,8 @@ def wrapped(fixed, moving, model=None, **k):
         k['iterations'] = net.config.iterations
     if 'ITERS' in os.environ:
         k['iterations'] = R.DEFAULT_SOLVER.iterations
+    if 'PC' in os.environ:
+        k['prompt_channels'] = int(os.environ['PC'])
     if os.environ.get('DUMP'):
         import numpy as np
         lab = k.get('labels')
