@@ -678,3 +678,73 @@ def test_symmetric_register_arrays_leaves_an_image_registered_to_itself():
     d_inv = np.linalg.norm(sym['disp_inv'], axis=0)[brain].mean()
     assert d_sym < 0.2 and d_inv < 0.2 and d_sym < 0.3 * d_raw, (d_raw, d_sym, d_inv)
     assert raw['inverse_consistency_vox'] == pytest.approx(sym['inverse_consistency_vox'])
+
+
+class _Translation(nn.Module):
+    """A stand-in for a trained network with a known output, to check the cascade's
+    bookkeeping exactly: ``+t`` (working voxels) for the forward half of the batch, ``-t``
+    for the backward half, whatever the images."""
+
+    def __init__(self, cfg: CarlConfig, t):
+        super().__init__()
+        self.cfg = cfg
+        self.t = nn.Parameter(torch.as_tensor(t, dtype=torch.float32).view(1, 3, 1, 1, 1),
+                              requires_grad=False)
+
+    def forward(self, moving, fixed):
+        n = moving.shape[0] // 2
+        out = self.t.expand(moving.shape[0], 3, *moving.shape[2:]).clone()
+        out[n:] *= -1
+        return out
+
+
+def test_cascade_composes_the_passes():
+    """``passes=N`` composes N network passes: with a network that always outputs the
+    translation t (and -t backwards), the exported fields are N t and -N t (scaled from
+    working to caller voxels), unsymmetrised and symmetrised; ``passes=1`` is the single pass;
+    bad counts are refused."""
+    fixed, moving = _ball_pair()
+    net = _Translation(TINY, (0.5, -0.25, 0.75))
+    one = register_arrays(fixed, moving, net, spacing_mm=(2.0, 2.0, 2.0))
+    assert np.array_equal(one['disp_fwd'], register_arrays(
+        fixed, moving, net, spacing_mm=(2.0, 2.0, 2.0), passes=1)['disp_fwd'])
+    scale = one['working_grid']['res_mm'] / 2.0
+    t = np.array([0.5, -0.25, 0.75]) * scale
+    inner = (slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    for passes in (1, 2, 3):
+        for sym in (False, True):
+            out = register_arrays(fixed, moving, net, spacing_mm=(2.0, 2.0, 2.0),
+                                  passes=passes, symmetric=sym)
+            fwd = out['disp_fwd'][inner].reshape(3, -1)
+            inv = out['disp_inv'][inner].reshape(3, -1)
+            assert np.allclose(fwd, passes * t[:, None], atol=2e-3), (passes, sym)
+            assert np.allclose(inv, -passes * t[:, None], atol=2e-3), (passes, sym)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match='passes'):
+            register_arrays(fixed, moving, net, passes=bad)
+
+
+def test_cascade_of_a_trained_network_stays_inverse_consistent_without_folds():
+    """The shipped network in cascade (2 passes) on a real brain (Colin27, 2 mm) against a
+    shifted and bent copy: the symmetrised fields compose into a pair that round-trips within
+    0.05 voxel on average inside the brain (0.007 measured), with no fold, and the second pass
+    changes the result."""
+    from scipy.ndimage import map_coordinates as mc
+
+    from tests.conftest import CH2BET, coarse
+
+    fixed = np.asarray(coarse(CH2BET, 2.0).dataobj, dtype=np.float32)
+    grid = np.indices(fixed.shape, dtype=np.float64)
+    t = np.stack([np.full(fixed.shape, 4.0), np.full(fixed.shape, -3.0),
+                  3.0 + 1.5 * np.sin(2 * np.pi * grid[0] / fixed.shape[0])])
+    moving = mc(fixed, grid - t, order=1, mode='constant').astype(np.float32)
+    brain = fixed > 0
+    one = register_arrays(fixed, moving, None, spacing_mm=(2.0, 2.0, 2.0), symmetric=True)
+    two = register_arrays(fixed, moving, None, spacing_mm=(2.0, 2.0, 2.0), symmetric=True,
+                          passes=2)
+    d, v = (torch.as_tensor(two[k])[None] for k in ('disp_fwd', 'disp_inv'))
+    rt = v + eval_disp(d, 0, cell_centres(fixed.shape, 0) + v)  # phi_fwd(phi_inv(y)) - y
+    assert float(rt[0].norm(dim=0)[torch.as_tensor(brain)].mean()) < 0.05
+    assert int((L.jacobian_determinant(d) <= 0).sum()) == 0
+    assert np.abs(two['disp_fwd'] - one['disp_fwd'])[:, brain].mean() > 0.05
+    assert two['inverse_consistency_vox'] == pytest.approx(one['inverse_consistency_vox'])

@@ -285,6 +285,20 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     for bad in ('on', 1, None.__class__):
         with pytest.raises(ValueError, match='symmetric'):
             engine.parameters(EngineOptions(params={'symmetric': bad}))
+    # keyprep's cascade: --carl-passes, validated, in the boilerplate and the cache key
+    assert defaults['passes'] == 1
+    opts = build_parser().parse_args([*base, '--carl-passes', '2'])
+    assert engine_params(opts)['carl'] == {'passes': 2}
+    for bad in (['--carl-passes', '0'], ['--carl-passes', '1.5']):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
+    for bad in (0, -1, 1.5, '2', True):
+        with pytest.raises(ValueError, match='passes'):
+            engine.parameters(EngineOptions(params={'passes': bad}))
+    assert 'cascade' in engine.boilerplate(EngineOptions(params={'passes': 2}))
+    assert 'cascade' not in engine.boilerplate(EngineOptions(params={'passes': 1}))
+    assert engine.cache_key(EngineOptions(params={'passes': 2}))['passes'] == 2
+    assert engine.cache_key(EngineOptions())['passes'] == 1
 
 
 def test_dio_auto_label_weight_follows_the_contrasts(small_brains, dio_weights, start,

@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                         'paper\'s; default on: it removes the shipped network\'s bias of 1-2 voxels '
                         'on an image registered to itself and raised AAL Dice on two real '
                         'known-truth heads by 2-13 points; keyprep/models/carl/MODEL_CARD.md)')
+    g.add_argument('--carl-passes', type=_positive_int, default=None, metavar='N',
+                   help='network passes of carl and carlIO: each further pass registers the '
+                        'moving image warped by the fields so far, and the fields compose '
+                        '(keyprep\'s cascade, not the paper\'s; default 1)')
     _add_contrast_transfer(g, 'carl', 'registration', 'auto')
 
     g = parser.add_argument_group(
@@ -393,6 +397,8 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
                 out.setdefault(name, {})['io_lr'] = float(opts.carl_io_lr)
             if getattr(opts, 'carl_label_weight', None) is not None:
                 out.setdefault(name, {})['label_weight'] = float(opts.carl_label_weight)
+            if getattr(opts, 'carl_passes', None) is not None:
+                out.setdefault(name, {})['passes'] = int(opts.carl_passes)
             if getattr(opts, 'carl_symmetric', None) is not None:
                 out.setdefault(name, {})['symmetric'] = opts.carl_symmetric == 'on'
         if cls.family == 'ants':

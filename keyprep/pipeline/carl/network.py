@@ -612,7 +612,7 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     precision: str = 'fp32', io_similarity: str = 'lncc',
                     labels: tuple[np.ndarray, np.ndarray] | None = None,
                     io_label_weight: float = 0.0, symmetric: bool = False,
-                    io_train: str = 'all') -> dict:
+                    io_train: str = 'all', passes: int = 1) -> dict:
     """Register ``moving`` to ``fixed`` (3-D arrays on the same grid, brain-masked, any
     intensity scale) with CARL.
 
@@ -629,6 +629,11 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     ``'refine'``: the refinement networks only, about 30 % faster per step on a CPU).
     ``symmetric``: the exported pair is :func:`symmetrise` of the network's two passes
     (keyprep's, not the paper's).
+    ``passes``: how many times the network runs (keyprep's cascade, in the paper's own algebra
+    ``TwoStep{CARL, CARL}``): each pass registers the moving image warped by the fields so
+    far (on the working grid) to the fixed one, and the fields compose, forward
+    ``phi_1 o phi_2 o ...`` and inverse ``... o phi_2^-1 o phi_1^-1`` (each pass symmetrised
+    first when ``symmetric``).
 
     Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
     ``moving(x + disp_fwd(x)) ~ fixed(x)``; ``disp_inv`` (the network run with the images
@@ -641,6 +646,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     fixed = np.asarray(fixed)
     moving = np.asarray(moving)
     label_channels = 0
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+        raise ValueError(f'passes must be an integer >= 1, not {passes!r}')
     if fixed.ndim != 3 or fixed.shape != moving.shape:
         raise ValueError(f'fixed {fixed.shape} and moving {moving.shape} must be 3-D arrays '
                          'of one shape')
@@ -678,19 +685,29 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
         t2 = time.time()
         from ..resources import autocast
 
-        with torch.no_grad(), autocast(dev, precision):
-            u = net(torch.cat([m, f]), torch.cat([f, m])).float()
+        ic = None
+        with torch.no_grad():
+            u_fwd = u_inv = None
+            for _ in range(passes):
+                mp = m if u_fwd is None else warp(m, 0, u_fwd, 0)
+                with autocast(dev, precision):
+                    u = net(torch.cat([mp, f]), torch.cat([f, mp])).float()
+                a, b = u[:1], u[1:]
+                if ic is None:  # the network's own inverse consistency, on its first pass
+                    pts = cell_centres(cfg.shape, 0, dev)
+                    resid = b + eval_disp(a, 0, pts + b)  # phi_fwd(phi_inv(y)) - y
+                    scale = torch.as_tensor(res / spacing, dtype=torch.float32, device=dev)
+                    brain = ((f > 0) | (m > 0))[0, 0]
+                    norm = (resid[0] * scale.view(3, 1, 1, 1)).norm(dim=0)
+                    ic = float(norm[brain].mean()) if bool(brain.any()) else float(norm.mean())
+                if symmetric:  # after measuring the network's own inverse consistency
+                    a, b = symmetrise(a, b)
+                if u_fwd is None:
+                    u_fwd, u_inv = a, b
+                else:
+                    u_fwd, u_inv = compose(u_fwd, 0, a, 0), compose(b, 0, u_inv, 0)
         t3 = time.time()
         with torch.no_grad():
-            u_fwd, u_inv = u[:1], u[1:]
-            pts = cell_centres(cfg.shape, 0, dev)
-            resid = u_inv + eval_disp(u_fwd, 0, pts + u_inv)  # phi_fwd(phi_inv(y)) - y
-            scale = torch.as_tensor(res / spacing, dtype=torch.float32, device=dev)
-            brain = ((f > 0) | (m > 0))[0, 0]
-            norm = (resid[0] * scale.view(3, 1, 1, 1)).norm(dim=0)
-            ic = float(norm[brain].mean()) if bool(brain.any()) else float(norm.mean())
-            if symmetric:  # after measuring the network's own inverse consistency
-                u_fwd, u_inv = symmetrise(u_fwd, u_inv)
             disp_fwd = _to_input(u_fwd, centre, res, spacing, fixed.shape)[0].cpu().numpy()
             disp_inv = _to_input(u_inv, centre, res, spacing, fixed.shape)[0].cpu().numpy()
     finally:

@@ -20,6 +20,7 @@ label network's structure labels of both images in instance optimisation's loss,
 workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels),
 ``symmetric`` (default on: export the symmetrised pair of fields,
 :func:`keyprep.pipeline.carl.network.symmetrise`; see ``DEFAULT_SYMMETRIC``),
+``passes`` (network passes per variant, default ``DEFAULT_PASSES``: keyprep's cascade),
 ``contrast_transfer`` (``auto``, ``moving``, ``both`` or ``off``: re-render the moving image, or
 both images, in the fixed image's contrast from their structure labels before the network
 sees them (``auto``: both, across contrasts),
@@ -71,6 +72,10 @@ DEFAULT_IO_TRAIN = 'all'
 #: carl 51.9 / 49.0 off, 66.1 / 64.9 moving, 67.9 / 65.4 both (affine start 66.0 / 64.3);
 #: carlIO with both 67.4 / 67.3 (63.4 / 61.4 off).
 DEFAULT_CONTRAST_TRANSFER = 'auto'
+#: Network passes per variant (keyprep's cascade ``TwoStep{CARL, CARL}``: each further pass
+#: registers the moving image warped by the fields so far, and the fields compose;
+#: :func:`keyprep.pipeline.carl.network.register_arrays`).
+DEFAULT_PASSES = 1
 
 
 register_model(LearnedModel('carl', 'CARL',
@@ -105,6 +110,7 @@ class CARL(ArrayEngine):
                              else p['label_weight']),
             'symmetric': DEFAULT_SYMMETRIC if p.get('symmetric') is None else p['symmetric'],
             'io_train': DEFAULT_IO_TRAIN if p.get('io_train') is None else p['io_train'],
+            'passes': DEFAULT_PASSES if p.get('passes') is None else p['passes'],
             'contrast_transfer': contrast_transfer_setting(p.get('contrast_transfer'),
                                                            DEFAULT_CONTRAST_TRANSFER),
         }
@@ -133,15 +139,20 @@ class CARL(ArrayEngine):
         params['label_weight'] = float(weight)
         if params['io_train'] not in ('all', 'refine'):
             raise ValueError(f"io_train must be 'all' or 'refine', not {params['io_train']!r}")
+        if (isinstance(params['passes'], bool) or not isinstance(params['passes'], int)
+                or params['passes'] < 1):
+            raise ValueError(f'passes must be an integer >= 1, not {params["passes"]!r}')
         if not isinstance(params['symmetric'], bool):
             raise ValueError(f'symmetric must be true or false, not {params["symmetric"]!r}')
         return params
 
     def cache_key(self, options: EngineOptions) -> dict:
-        """The weights' checksum and the contrast-transfer setting (its default decides the
-        images the network sees): results made otherwise are not taken from Nipype's cache."""
-        return {**super().cache_key(options),
-                'contrast_transfer': self.parameters(options)['contrast_transfer']}
+        """The weights' checksum, the contrast-transfer setting (its default decides the
+        images the network sees) and the number of passes (its default decides the fields):
+        results made otherwise are not taken from Nipype's cache."""
+        params = self.parameters(options)
+        return {**super().cache_key(options), 'contrast_transfer': params['contrast_transfer'],
+                'passes': params['passes']}
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
         steps = self.parameters(options)['io_steps']
@@ -156,6 +167,10 @@ class CARL(ArrayEngine):
         params = self.parameters(options)
         init = self.init_method(options)
         text += (f', starting from the affine of {init}' if init else '')
+        if params['passes'] > 1:
+            text += (f'; the network runs {params["passes"]} times in cascade, each pass '
+                     'registering the moving image warped by the fields so far, and the fields '
+                     'compose (keyprep\'s, not the paper\'s)')
         if params['io_steps']:
             text += (f'; carlIO adds {params["io_steps"]} steps of instance optimisation '
                      f'(Adam, learning rate {params["io_lr"]:g}, on '
@@ -209,13 +224,14 @@ class CARL(ArrayEngine):
                                   labels=labels if io else None,
                                   io_label_weight=params['label_weight'] if io else 0.0,
                                   symmetric=params['symmetric'],
-                                  io_train=params['io_train'])
+                                  io_train=params['io_train'], passes=params['passes'])
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
                           float(out['inverse_consistency_vox']), 4),
                       'working_grid': out['working_grid'],
                       'model_step': meta.get('step') if isinstance(meta, dict) else None,
+                      'passes': params['passes'],
                       # this variant's own time (its IO and network pass, not the shared
                       # loading and prealignment), for benchmarks that time variants apart
                       'variant_time_s': round(out['timings']['total_s'], 3),
