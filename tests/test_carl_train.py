@@ -202,3 +202,8 @@ def test_cross_contrast_pairs_and_older_recipes_keep_their_pairs(toy_maps):
     assert torch.equal(a['a'], Trainer._brain(ref['moving']))
     post = RECIPES['cpu-postaffine']
     assert post.synth.translation_mm <= 3 and post.val_translation_mm == 0
+    dep = RECIPES['cpu-deployed']  # one contrast per pair, label term at full resolution
+    assert dep.p_same_contrast == 1.0 and dep.label_level == 0 and dep.dice_weight > 0
+    t = Trainer(toy_maps[0], tiny_cfg(p_same_contrast=dep.p_same_contrast,
+                                      p_cross_contrast=dep.p_cross_contrast))
+    assert all(t.pair_batch(step)['contrast'] in CONTRASTS for step in range(4))

@@ -2,7 +2,7 @@
 
     keyprep train synthseg --label-maps DIR --output DIR [--recipe cpu-2mm|gpu-1mm]
     keyprep train keymorph --label-maps DIR --output DIR [--recipe cpu-2.5mm|gpu-2mm]
-    keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper|cpu-dice|cpu-postaffine]
+    keyprep train carl --label-maps DIR --output DIR [--recipe cpu|paper|cpu-dice|cpu-postaffine|cpu-deployed]
                      [--init-from CKPT] [--device cuda]
     keyprep train dio --output DIR [--label-maps DIR] [--recipe cpu-2mm|cpu-2mm-real|cpu-2mm-real-lncc|cpu-2mm-prompted|gpu-2mm] [--steps N]
 
@@ -187,7 +187,10 @@ def _add_carl_parser(sub) -> None:
                    '(not in the paper), to continue a trained network (--init-from); '
                    'cpu-postaffine: cpu-dice on pairs in the post-affine regime the engine '
                    'runs CARL in (at most 3 mm, 3 degrees, 4 %% scaling; a quarter of the '
-                   'pairs in two different named contrasts), to fine-tune (--init-from)')
+                   'pairs in two different named contrasts), to fine-tune (--init-from); '
+                   'cpu-deployed: that pose on pairs of one contrast (what the engine gives '
+                   'the network after its contrast transfer), label term of weight 2 at the '
+                   'working resolution, to fine-tune (--init-from)')
     c.add_argument('--dice-weight', type=float,
                    help='weight of the label term (soft Dice of the synthetic pairs\' labels, '
                    'both directions; default: the recipe, 0 for cpu and paper)')

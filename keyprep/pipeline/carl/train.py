@@ -123,6 +123,12 @@ class CarlTrainConfig:
 #: affine start), lr 1e-4, validated every 125 steps on untranslated held-out pairs through
 #: the symmetrised export (the engine's default); meant to fine-tune a ``cpu-dice`` network
 #: (``--init-from``, a training checkpoint or a weights file such as the shipped one).
+#: ``cpu-deployed``: ``cpu-postaffine``'s pose, on the pairs the engine now gives the network:
+#: two images of one contrast (across contrasts the engine paints both in the fixed image's
+#: contrast from their labels, ``--carl-contrast-transfer auto``), and a stronger label term,
+#: compared at the working resolution (``dice_weight`` 2, ``label_level`` 0: the network's
+#: warps were about half as rough as antsSyN's, and the label term at half resolution
+#: rewards only coarse alignment); meant to fine-tune the shipped network (``--init-from``).
 RECIPES: dict[str, CarlTrainConfig] = {
     'cpu': CarlTrainConfig(),
     'paper': CarlTrainConfig(model=PRESETS['paper'], steps=51_500, diffusion_steps=1500,
@@ -133,6 +139,11 @@ RECIPES: dict[str, CarlTrainConfig] = {
                           scaling=0.04, shear=0.01, nonlin_std_mm=3.0),
         dice_weight=1.0, diffusion_steps=0, lr=1e-4, seed=2468, p_cross_contrast=0.5,
         val_translation_mm=0.0, val_symmetric=True, val_every=125),
+    'cpu-deployed': CarlTrainConfig(
+        synth=SynthConfig(translation_mm=3.0, skull_strip_prob=1.0, rotation_deg=3.0,
+                          scaling=0.04, shear=0.01, nonlin_std_mm=3.0),
+        dice_weight=2.0, label_level=0, diffusion_steps=0, lr=1e-4, seed=97531,
+        p_same_contrast=1.0, val_translation_mm=0.0, val_symmetric=True, val_every=125),
 }
 
 
