@@ -1,7 +1,7 @@
 """Judge a CARL training checkpoint on the path users run: through the engine, after its affine.
 
     python benchmarks/check_carl_checkpoint.py training/carl-postaffine/checkpoint.pt \
-        --out /tmp/check-500 [--work-dir /tmp/bench/work] [--io-steps 0] [--threads 1]
+        --out /tmp/check-500 [--work-dir /tmp/bench/work] [--io-steps 0] [--passes 1] [--threads 1]
 
 The trainer's own validation registers centred synthetic brains on its 2 mm working grid; a
 participant run registers 1 mm images after keymorphAffine, through the ``carl`` engine and
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--resolution', type=float, default=1.0)
     p.add_argument('--io-steps', type=int, default=0, help='carlIO steps (0: carl only)')
     p.add_argument('--symmetric', choices=('on', 'off'), default='on')
+    p.add_argument('--passes', type=int, default=1,
+                   help='network passes of carl and carlIO (keyprep\'s cascade; default 1)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--recipe', default=None, help='recipe name recorded in the weights')
     return p
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     exported = export_weights(opts.checkpoint, out / 'carl.pt', recipe=opts.recipe)
     params = {'carl': {'weights': exported['path'], 'io_steps': opts.io_steps,
-                       'symmetric': opts.symmetric == 'on'}}
+                       'symmetric': opts.symmetric == 'on', 'passes': opts.passes}}
     cmd = [sys.executable, str(HERE / 'run_intersubject_benchmark.py'),
            '--pairs', *opts.pairs, '--contrasts', *opts.contrasts, '--rotations', '0',
            '--methods', 'keymorphAffine', 'carl', '--engine-params', json.dumps(params),
@@ -106,9 +108,9 @@ def main(argv=None) -> int:
         f'# CARL checkpoint through the engine: {opts.checkpoint} (step {exported["step"]})',
         '',
         f'Weights: `{exported["path"]}` (sha256 `{exported["sha256"]}`); symmetrised export '
-        f'{opts.symmetric}; carlIO steps {opts.io_steps}. Dice of the exact labels over 32 '
-        f'structures (%), {opts.resolution:g} mm, CARL after keymorphAffine (its start). Full rows: '
-        '`intersubject_benchmark.tsv`.',
+        f'{opts.symmetric}; carlIO steps {opts.io_steps}; passes {opts.passes}. Dice of the '
+        f'exact labels over 32 structures (%), {opts.resolution:g} mm, CARL after '
+        'keymorphAffine (its start). Full rows: `intersubject_benchmark.tsv`.',
         '', *lines, '',
         f'carl above its start on every case: **{verdict_text}**', ''])
     (out / 'check.md').write_text(text)

@@ -291,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '8-15 s (benchmarks/results/carl-io/)')
     g.add_argument('--carl-io-lr', type=_positive_float, default=None, metavar='LR',
                    help='Adam learning rate of carlIO\'s instance optimisation (default '
-                        '0.0025 / N: 5e-4 for the default 5 steps, measured 4.5 Dice points '
-                        'above the paper\'s 2e-5 at 5 steps; the paper: 2e-5 for 50 steps)')
+                        '0.0005 / N: 1e-4 for the default 5 steps, measured 0.8 Dice points '
+                        'above 5e-4 and about 5 above the paper\'s 2e-5 at 5 steps; the paper: '
+                        '2e-5 for 50 steps; benchmarks/results/carl-io-lr/)')
     g.add_argument('--carl-io-train', choices=('all', 'refine'), default=None,
                    help='weights carlIO adapts: all (the paper\'s) or refine (the refinement '
                         'networks only: about 30 %% less time per step on a CPU; '

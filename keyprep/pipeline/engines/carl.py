@@ -14,7 +14,7 @@ engine's affine (``init``, default ``keymorphAffine``; :mod:`.fields`).
 Parameters (``params``; the CLI's ``--carl-*`` options): ``weights`` (default: the shipped
 model, :func:`keyprep.pipeline.carl.network.default_weights`), ``io_steps`` (default 5; the
 paper's 50 on request; 0 drops ``carlIO``), ``io_lr`` (default ``IO_LR_BUDGET / io_steps``:
-5e-4 for 5 steps; the paper's 2e-5 on request),
+1e-4 for 5 steps; the paper's 2e-5 on request),
 ``init``, ``label_weight`` (label prompting of ``carlIO``: the weight of the soft Dice of the
 label network's structure labels of both images in instance optimisation's loss, when the
 workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels),
@@ -39,18 +39,21 @@ from .fields import ArrayEngine
 
 __all__ = ['CARL', 'DEFAULT_IO_STEPS']
 
-#: keyprep's instance optimisation: 5 Adam steps at learning rate 5e-4 (the paper's is 50
+#: keyprep's instance optimisation: 5 Adam steps at learning rate 1e-4 (the paper's is 50
 #: steps at 2e-5: on one CPU thread about 15 minutes per 1 mm pair, never measured at that
 #: size). Measured with the shipped weights on 4 held-out synthetic 1 mm pairs (structure
 #: Dice, 32 structures; ``benchmarks/results/carl-io/``): 5 steps at 2e-5 gave carlIO 60.9
-#: (carl 58.7), at 5e-4 65.4, at 1e-3 and 2e-3 worse; carlIO took 0.82 of antsSyN's time in
-#: one run (51 s against 64 s on one thread).
+#: (carl 58.7), at 5e-4 65.4, at 1e-3 and 2e-3 worse. On 2026-12-07 1e-4 beat 5e-4 on the
+#: same 4 pairs at today's defaults (contrast transfer, symmetrised export): 68.1 against
+#: 67.3, 2e-4 in between; at 5e-4 Adam's first step raises IO's loss (2.25 -> 2.79 on one
+#: pair) and the next ones only win it back, at 1e-4 the loss falls at every step
+#: (``benchmarks/results/carl-io-lr/``).
 DEFAULT_IO_STEPS = 5
 SLOPPY_IO_STEPS = 5
-#: learning rate x steps of the default (5 steps at 5e-4): other step counts get
-#: ``IO_LR_BUDGET / io_steps`` (measured at 2, 3 and 5 steps: 61.0, 64.4, 65.4; more steps
-#: are an extrapolation: 50 give 5e-5, near the paper's 2e-5).
-IO_LR_BUDGET = 5 * 5e-4
+#: learning rate x steps of the default (5 steps at 1e-4): other step counts get
+#: ``IO_LR_BUDGET / io_steps`` (more steps are an extrapolation: 50 give 1e-5, half the
+#: paper's 2e-5).
+IO_LR_BUDGET = 5 * 1e-4
 #: Default weight of carlIO's label term (soft Dice of the label network's structure maps, next
 #: to the similarity and GradICON: the weight the ``cpu-dice`` training recipe gives it).
 DEFAULT_IO_LABEL_WEIGHT = 1.0
@@ -147,12 +150,12 @@ class CARL(ArrayEngine):
         return params
 
     def cache_key(self, options: EngineOptions) -> dict:
-        """The weights' checksum, the contrast-transfer setting (its default decides the
-        images the network sees) and the number of passes (its default decides the fields):
-        results made otherwise are not taken from Nipype's cache."""
+        """The weights' checksum and every resolved parameter (the defaults of the
+        contrast transfer, passes and IO's learning rate decide the images and the fields):
+        results made under other defaults are not taken from Nipype's cache."""
         params = self.parameters(options)
-        return {**super().cache_key(options), 'contrast_transfer': params['contrast_transfer'],
-                'passes': params['passes']}
+        params.pop('weights')  # the checksum stands for the weights
+        return {**super().cache_key(options), **params}
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
         steps = self.parameters(options)['io_steps']
