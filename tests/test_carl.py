@@ -3,6 +3,7 @@ inference API and the weights checks. Small grids, random weights, one CPU threa
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -370,6 +371,22 @@ def test_io_can_adapt_the_refinement_networks_only():
     res = register_arrays(fixed, moving, net, io_steps=1, io_lr=1e-3,
                           spacing_mm=(2.0, 2.0, 2.0), io_train='refine')
     assert len(res['io_losses']) == 1
+    # the frozen first stage runs once: the same losses as the whole network run every step
+    ref = copy.deepcopy(net).train()
+    for name, p in ref.named_parameters():
+        p.requires_grad_(not name.startswith('first.'))
+    opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    expected = []
+    for _ in range(3):
+        terms = L.pair_loss(torch.cat([m, f]), torch.cat([f, m]),
+                            ref(torch.cat([m, f]), torch.cat([f, m])), generator=gen)
+        opt.zero_grad()
+        terms['loss'].backward()
+        opt.step()
+        expected.append(float(terms['loss']))
+    _, losses = _io_copy(net, m, f, 3, 1e-2, 0, train='refine', similarity='lncc')
+    assert losses == pytest.approx(expected, rel=1e-5)
 
 
 def test_register_arrays_translation_convention():

@@ -372,10 +372,16 @@ class CarlNet(nn.Module):
         self.refine2 = RefineUNet(cfg.refine2, scale=cfg.refine_scale,
                                   padding_mode=cfg.padding_mode)
 
-    def steps(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
+    def steps(self, moving: torch.Tensor, fixed: torch.Tensor,
+              u2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The fields of the three stages (``u2`` at 1/4, ``u1`` at 1/2, ``u0`` full); a
+        given ``u2`` (the first stage's output for these images) is used instead of running
+        the first stage again."""
         m1, f1 = F.avg_pool3d(moving, 2), F.avg_pool3d(fixed, 2)
         m2, f2 = F.avg_pool3d(m1, 2), F.avg_pool3d(f1, 2)
-        if self.cfg.first == 'attention':
+        if u2 is not None:
+            pass
+        elif self.cfg.first == 'attention':
             u2 = self.first(m2, f2)
         else:
             u2 = self.first(torch.cat([m2, f2], 1)).float()
@@ -551,7 +557,7 @@ def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: f
     Dice of the structure maps ``labels = (fixed, moving)`` when given, compared at half the
     working resolution); the given model is left untouched. ``train``: ``'all'`` the
     weights (the paper's), or ``'refine'`` those of the refinement networks only (the
-    coordinate-attention step stays as trained and needs no backward pass)."""
+    coordinate-attention step stays as trained: its output is computed once)."""
     from ..resources import autocast
     from .losses import pair_loss
 
@@ -569,10 +575,15 @@ def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: f
         prompt = {'onehot_moving': torch.cat([lm, lf]), 'onehot_fixed': torch.cat([lf, lm]),
                   'dice_weight': float(label_weight), 'label_level': 1}
     losses = []
+    moving, fixed = torch.cat([m, f]), torch.cat([f, m])
+    u2 = None
+    if train == 'refine':  # the first stage is frozen: its output is computed once
+        with torch.no_grad(), autocast(m.device, precision):
+            u2 = net.steps(moving, fixed)['u2'].float()
     for _ in range(steps):
         with autocast(m.device, precision):
-            u = net(torch.cat([m, f]), torch.cat([f, m]))
-        terms = pair_loss(torch.cat([m, f]), torch.cat([f, m]), u.float(), phase='gradicon',
+            u = net.steps(moving, fixed, u2)['u0']
+        terms = pair_loss(moving, fixed, u.float(), phase='gradicon',
                           generator=gen, squared=similarity == 'lncc2', **prompt)
         opt.zero_grad(set_to_none=True)
         terms['loss'].backward()
