@@ -92,6 +92,35 @@ def test_validation_through_register_arrays_and_export(tmp_path, toy_maps):
     assert info['config'] == TINY.to_dict() and info['recipe']['diffusion_steps'] == 2
 
 
+def test_validation_pairs_get_the_engines_contrast_transfer(toy_maps):
+    """With ``val_contrast_transfer`` (recipe ``cpu-deployed``) a cross-contrast validation
+    pair is re-rendered from its labels (``both``: every structure one intensity, the fixed
+    image's median there, in both images); one-contrast pairs are left as synthesised."""
+    from keyprep.pipeline.carl.train import RECIPES
+    from keyprep.pipeline.contrast import label_medians
+
+    assert RECIPES['cpu-deployed'].val_contrast_transfer
+    train_maps, held = toy_maps
+    maps = held + [train_maps[0]]
+    plain = Trainer(train_maps, tiny_cfg(), held_out=maps)._validation_set()
+    moved = Trainer(train_maps, tiny_cfg(val_contrast_transfer=True),
+                    held_out=maps)._validation_set()
+    assert [p['name'] for p in plain] == [p['name'] for p in moved]
+    for p, q in zip(plain, moved):
+        cross = p['name'].split(' ')[1].split('<-')
+        if cross[0] == cross[1]:
+            assert np.array_equal(p['fixed'], q['fixed']) and np.array_equal(p['moving'], q['moving'])
+            continue
+        fl, ml = p['fixed_labels'].numpy(), p['moving_labels'].numpy()
+        med = label_medians(p['fixed'], fl, p['fixed'] != 0)
+        inside = q['fixed'] != 0
+        want = np.vectorize(lambda v: med.get(int(v), np.nan))(fl[inside])
+        assert np.allclose(q['fixed'][inside], want)
+        m_in = q['moving'] != 0
+        assert len(np.unique(q['moving'][m_in & (ml == ml[m_in][0])])) == 1
+        assert not np.array_equal(p['moving'], q['moving'])
+
+
 def test_held_out_maps_never_train(toy_maps):
     train_maps, held = toy_maps
     leaked = [replace(train_maps[0], name='training_seg_14')]

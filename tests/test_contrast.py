@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from keyprep.pipeline.contrast import (label_contrast_transfer, label_medians,
-                                       resolve_contrast_transfer)
+from keyprep.pipeline.contrast import (apply_contrast_transfer, label_contrast_transfer,
+                                       label_medians, resolve_contrast_transfer)
 
 
 def test_label_medians_closed_form():
@@ -77,3 +77,22 @@ def test_resolve_contrast_transfer():
     assert resolve_contrast_transfer('OFF', across, True)[0] == 'off'
     with pytest.raises(ValueError):
         resolve_contrast_transfer('sometimes', across, True)
+
+
+def test_apply_contrast_transfer_modes():
+    """'off' returns the inputs, 'moving' paints only the moving image, 'both' also paints
+    the fixed image from its own labels: every fixed structure becomes its own median."""
+    fixed = np.array([[0, 10, 20, 30], [0, 40, 50, 60]], dtype=np.float32)
+    fl = np.array([[0, 1, 1, 1], [0, 2, 2, 2]])
+    moving = np.array([[1, 1, 0, 5], [5, 5, 0, 0]], dtype=np.float32)
+    ml = np.array([[1, 1, 0, 2], [2, 2, 0, 0]])
+    f, m = apply_contrast_transfer(fixed, moving, fl, ml, 'off')
+    assert f is fixed and m is moving
+    f, m = apply_contrast_transfer(fixed, moving, fl, ml, 'moving')
+    assert f is fixed
+    assert np.array_equal(m, [[20, 20, 0, 50], [50, 50, 0, 0]])
+    f, m = apply_contrast_transfer(fixed, moving, fl, ml, 'both')
+    assert np.array_equal(f, [[0, 20, 20, 20], [0, 50, 50, 50]])
+    assert np.array_equal(m, [[20, 20, 0, 50], [50, 50, 0, 0]])
+    with pytest.raises(ValueError, match='mode'):
+        apply_contrast_transfer(fixed, moving, fl, ml, 'auto')

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ['label_medians', 'label_contrast_transfer', 'CONTRAST_TRANSFER_MODES',
+__all__ = ['label_medians', 'label_contrast_transfer', 'apply_contrast_transfer',
+           'CONTRAST_TRANSFER_MODES',
            'resolve_contrast_transfer', 'transfer_boilerplate', 'contrast_transfer_setting']
 
 #: ``contrast_transfer`` settings of the engines that offer it: ``auto`` (``both`` when the
@@ -84,6 +85,28 @@ def label_contrast_transfer(fixed: np.ndarray, moving: np.ndarray, fixed_labels:
     idx = np.searchsorted(lut_keys, mlab[m_in])
     out[m_in] = lut_vals[idx]
     return out
+
+
+def apply_contrast_transfer(fixed: np.ndarray, moving: np.ndarray, fixed_labels: np.ndarray,
+                            moving_labels: np.ndarray, mode: str
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(fixed, moving)`` pair a resolved ``mode`` gives (``'off'``, ``'moving'`` or
+    ``'both'``, as :func:`resolve_contrast_transfer` returns it): ``moving`` re-renders the
+    moving image in the fixed image's contrast; ``both`` also re-renders the fixed image from
+    its own labels with its own medians, so both images are label paintings of one contrast.
+    Brains are the images' non-zero voxels. The engines and CARL's trainer validation call
+    this one function."""
+    if mode == 'off':
+        return fixed, moving
+    if mode not in ('moving', 'both'):
+        raise ValueError(f"mode must be 'off', 'moving' or 'both', not {mode!r}")
+    f_in, m_in = fixed != 0, moving != 0
+    new_m = label_contrast_transfer(fixed, moving, fixed_labels, moving_labels,
+                                    fixed_inside=f_in, moving_inside=m_in)
+    if mode == 'both':
+        fixed = label_contrast_transfer(fixed, fixed, fixed_labels, fixed_labels,
+                                        fixed_inside=f_in, moving_inside=f_in)
+    return fixed, new_m
 
 
 def contrast_transfer_setting(value, default: str) -> str:

@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..contrast import apply_contrast_transfer
 from ..resources import PRECISIONS, autocast
 from ..synth.generator import CONTRASTS, LabelMap, SynthConfig, Synthesizer, identity_grid, \
     sample_field
@@ -79,6 +80,10 @@ class CarlTrainConfig:
     val_every: int = 250
     val_translation_mm: float = 15.0
     val_symmetric: bool = False  # validate the symmetrised export (the engine's default)
+    #: validate cross-contrast pairs as the engine registers them (``--carl-contrast-transfer
+    #: auto``: both images re-rendered from their labels in the fixed image's contrast; here
+    #: from the synthetic labels, where the engine uses the label network's)
+    val_contrast_transfer: bool = False
     precision: str = 'fp32'
     dice_weight: float = 0.0
     label_level: int = 1
@@ -129,6 +134,9 @@ class CarlTrainConfig:
 #: compared at the working resolution (``dice_weight`` 2, ``label_level`` 0: the network's
 #: warps were about half as rough as antsSyN's, and the label term at half resolution
 #: rewards only coarse alignment); meant to fine-tune the shipped network (``--init-from``).
+#: Its validation re-renders the cross-contrast held-out pairs as the engine does
+#: (``val_contrast_transfer``; the trainer uses the synthetic labels, the engine the label
+#: network's).
 RECIPES: dict[str, CarlTrainConfig] = {
     'cpu': CarlTrainConfig(),
     'paper': CarlTrainConfig(model=PRESETS['paper'], steps=51_500, diffusion_steps=1500,
@@ -143,7 +151,8 @@ RECIPES: dict[str, CarlTrainConfig] = {
         synth=SynthConfig(translation_mm=3.0, skull_strip_prob=1.0, rotation_deg=3.0,
                           scaling=0.04, shear=0.01, nonlin_std_mm=3.0),
         dice_weight=2.0, label_level=0, diffusion_steps=0, lr=1e-4, seed=97531,
-        p_same_contrast=1.0, val_translation_mm=0.0, val_symmetric=True, val_every=125),
+        p_same_contrast=1.0, val_translation_mm=0.0, val_symmetric=True,
+        val_contrast_transfer=True, val_every=125),
 }
 
 
@@ -260,7 +269,9 @@ class Trainer:
     # -------------------------------------------------------------- validation
     def _validation_set(self) -> list[dict]:
         """Fixed held-out pairs (anatomy a fixed, b moving, named contrasts), each image
-        translated independently (seeded, up to ``val_translation_mm``)."""
+        translated independently (seeded, up to ``val_translation_mm``); cross-contrast pairs
+        re-rendered as the engine's contrast transfer ``auto`` does when
+        ``val_contrast_transfer``."""
         cfg = self.cfg
         maps = self.held_out
         if len(maps) < 2:
@@ -276,9 +287,13 @@ class Trainer:
                 a, torch.Generator().manual_seed(50_000 + k))
             sb = Synthesizer(maps, replace(base, contrast=cb), device='cpu').synthesize(
                 b, torch.Generator().manual_seed(60_000 + k))
+            fixed = (sa['image'] * (sa['labels'] > 0)).numpy()
+            moving = (sb['image'] * (sb['labels'] > 0)).numpy()
+            if cfg.val_contrast_transfer and ca != cb:
+                fixed, moving = apply_contrast_transfer(fixed, moving, sa['labels'].numpy(),
+                                                        sb['labels'].numpy(), 'both')
             items.append({'name': f'{maps[a].name}<-{maps[b].name} {ca}<-{cb}',
-                          'fixed': (sa['image'] * (sa['labels'] > 0)).numpy(),
-                          'moving': (sb['image'] * (sb['labels'] > 0)).numpy(),
+                          'fixed': fixed, 'moving': moving,
                           'fixed_labels': sa['labels'], 'moving_labels': sb['labels']})
         return items
 

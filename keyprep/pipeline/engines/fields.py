@@ -95,7 +95,7 @@ class ArrayEngine(Engine):
         (:meth:`prompt_labels`); otherwise they are made here when the setting needs them."""
         import time
 
-        from ..contrast import label_contrast_transfer, resolve_contrast_transfer
+        from ..contrast import apply_contrast_transfer, resolve_contrast_transfer
 
         if labels is None and str(setting).strip().lower() != 'off':
             labels, _ = self.prompt_labels(fixed, out_dir, options, 1.0)
@@ -104,12 +104,7 @@ class ArrayEngine(Engine):
         if mode == 'off':
             return f, m, info
         t0 = time.time()
-        f_in, m_in = f != 0, m != 0
-        m = label_contrast_transfer(f, m, labels[0], labels[1], fixed_inside=f_in,
-                                    moving_inside=m_in)
-        if mode == 'both':
-            f = label_contrast_transfer(f, f, labels[0], labels[0], fixed_inside=f_in,
-                                        moving_inside=f_in)
+        f, m = apply_contrast_transfer(f, m, labels[0], labels[1], mode)
         info['seconds'] = round(time.time() - t0, 3)
         return f, m, info
 
