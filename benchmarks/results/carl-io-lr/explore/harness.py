@@ -17,7 +17,7 @@ import numpy as np, nibabel as nb, torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from run_intersubject_benchmark import region_dice
 from keyprep.pipeline.transforms import apply_transforms
-from keyprep.pipeline.contrast import label_contrast_transfer
+from keyprep.pipeline.contrast import apply_contrast_transfer
 from keyprep.pipeline.carl.network import register_arrays, load_carl, warp
 from keyprep.pipeline.carl import network as cn
 
@@ -54,11 +54,7 @@ def prepare(case):
 
 def inputs(d):
     f, m = d['f'], d['m']
-    if bool(d['cross']):
-        fi, mi = f != 0, m != 0
-        m = label_contrast_transfer(f, m, d['fl'], d['ml'], fixed_inside=fi, moving_inside=mi)
-        f = label_contrast_transfer(f, f, d['fl'], d['fl'], fixed_inside=fi, moving_inside=fi)
-    return f, m
+    return apply_contrast_transfer(f, m, d['fl'], d['ml'], 'both' if bool(d['cross']) else 'off')
 
 def warp_labels(lab, disp):
     t = torch.from_numpy(lab.astype(np.float32))[None, None]
