@@ -389,6 +389,43 @@ def test_io_can_adapt_the_refinement_networks_only():
     assert losses == pytest.approx(expected, rel=1e-5)
 
 
+def test_first_stage_is_shared_between_calls_without_changing_the_fields():
+    """``first_stage``: the carl engine's two variants run the frozen first stage (coordinate
+    attention) once between them when carlIO adapts the refinement networks only; the fields
+    are bit-identical to calls without the cache; other images, or IO on all weights, do
+    not reuse it."""
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    with torch.no_grad():
+        net.refine2.out.weight.normal_(0, 0.01)
+        net.refine1.out.weight.normal_(0, 0.01)
+    fixed, moving = _ball_pair()
+    kw = dict(spacing_mm=(2.0, 2.0, 2.0), symmetric=True)
+    io = dict(io_steps=2, io_lr=1e-3, io_train='refine')
+    plain, plain_io = register_arrays(fixed, moving, net, **kw), \
+        register_arrays(fixed, moving, net, **kw, **io)
+    calls = []  # first-stage runs (the hook goes with IO's copy of the network)
+    net.first.register_forward_hook(lambda *a: calls.append(1))
+    cache = {}
+    shared = register_arrays(fixed, moving, net, first_stage=cache, **kw)
+    shared_io = register_arrays(fixed, moving, net, first_stage=cache, **kw, **io)
+    assert len(calls) == 1 and len(cache) == 1
+    for a, b in ((plain, shared), (plain_io, shared_io)):
+        assert np.array_equal(a['disp_fwd'], b['disp_fwd'])
+        assert np.array_equal(a['disp_inv'], b['disp_inv'])
+    assert plain_io['io_losses'] == shared_io['io_losses']
+    # IO on all weights changes the first stage: it runs it in its step and after, and
+    # stores nothing
+    calls.clear()
+    key = next(iter(cache))
+    register_arrays(fixed, moving, net, first_stage=cache, io_steps=1, io_lr=1e-3, **kw)
+    assert len(calls) == 2 and list(cache) == [key]
+    # other images: computed again, and the cache holds the new pair only
+    calls.clear()
+    register_arrays(np.roll(fixed, 2, 0), moving, net, first_stage=cache, **kw)
+    assert len(calls) == 1 and len(cache) == 1 and key not in cache
+
+
 def test_register_arrays_translation_convention():
     """A constant working-grid displacement comes back on a finer input grid scaled by the
     ratio of the voxel sizes, with the documented sign (moving(x + d(x)) ~ fixed(x))."""

@@ -287,8 +287,9 @@ def _prepare(opts) -> str | None:
     logged), torch threads, and the resolved device."""
     import torch
 
-    from ..pipeline.resources import resolve_device
+    from ..pipeline.resources import resolve_device, tune_allocator
 
+    tune_allocator()
     if not (opts.label_maps.is_dir() or opts.label_maps.is_file()):
         LOGGER.error('label-map folder (or bundle file) not found: %s', opts.label_maps)
         return None

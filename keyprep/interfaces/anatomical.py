@@ -213,11 +213,12 @@ class SynthSegLabels(SimpleInterface):
 
         from ..pipeline.io import make_image, save_image
         from ..pipeline.registration import software_versions
-        from ..pipeline.resources import resolve_device, seed_everything
+        from ..pipeline.resources import resolve_device, seed_everything, tune_allocator
         from ..pipeline.synth.labeller import LabelNetwork
         from ..pipeline.synth.labels import OUTPUT_NAMES
 
         t0 = time.perf_counter()
+        tune_allocator()
         device = resolve_device(self.inputs.device)
         seed_everything(self.inputs.seed)
         weights = self.inputs.weights if isdefined(self.inputs.weights) else None

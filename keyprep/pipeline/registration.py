@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .engines import EngineOptions, RegistrationResult, engine_variants, get_engine
-from .resources import measure, resolve_device, seed_everything
+from .resources import measure, resolve_device, seed_everything, tune_allocator
 from .transforms import export_transforms
 
 _LINEAR_SUFFIXES = ('.mat', '.txt')
@@ -143,6 +143,7 @@ def run_engine_variants(method: str, fixed: str | Path, moving: str | Path,
         raise ValueError(f'{engine.name} starts from the affine of {wanted}: give its '
                          'forward transform (init_transform)')
     variants = engine_variants(engine, options)
+    tune_allocator()  # every engine, so that timings compare like with like
     if engine.uses_torch:
         import torch
 

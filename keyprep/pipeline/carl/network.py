@@ -551,13 +551,15 @@ def label_fractions(fixed_labels: np.ndarray, moving_labels: np.ndarray, centre,
 def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: float,
              seed: int, precision: str = 'fp32', similarity: str = 'lncc',
              labels: tuple[torch.Tensor, torch.Tensor] | None = None,
-             label_weight: float = 0.0, train: str = 'all') -> tuple[CarlNet, list[float]]:
+             label_weight: float = 0.0, train: str = 'all',
+             u2: torch.Tensor | None = None) -> tuple[CarlNet, list[float]]:
     """Instance optimisation: Adam on a deep copy of the weights for ``steps`` steps on this
     pair's loss (``similarity`` both ways + GradICON, plus ``label_weight`` times the soft
     Dice of the structure maps ``labels = (fixed, moving)`` when given, compared at half the
     working resolution); the given model is left untouched. ``train``: ``'all'`` the
     weights (the paper's), or ``'refine'`` those of the refinement networks only (the
-    coordinate-attention step stays as trained: its output is computed once)."""
+    coordinate-attention step stays as trained: its output is computed once, or given as
+    ``u2``, the first stage's output for ``(cat[m, f], cat[f, m])``)."""
     from ..resources import autocast
     from .losses import pair_loss
 
@@ -576,8 +578,9 @@ def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: f
                   'dice_weight': float(label_weight), 'label_level': 1}
     losses = []
     moving, fixed = torch.cat([m, f]), torch.cat([f, m])
-    u2 = None
-    if train == 'refine':  # the first stage is frozen: its output is computed once
+    if train != 'refine':
+        u2 = None
+    elif u2 is None:  # the first stage is frozen: its output is computed once
         with torch.no_grad(), autocast(m.device, precision):
             u2 = net.steps(moving, fixed)['u2'].float()
     for _ in range(steps):
@@ -616,6 +619,20 @@ def symmetrise(u_fwd: torch.Tensor, u_inv: torch.Tensor, iterations: int = 20
     return a, invert_field(a, iterations)
 
 
+def _first_stage_key(model: nn.Module, f: torch.Tensor, m: torch.Tensor,
+                     precision: str) -> tuple:
+    """What the first stage's output depends on: the model object (its weights are never
+    changed in place here: IO adapts a copy), the precision and the two working-grid images
+    (SHA-1 of their bytes)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for t in (f, m):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return (id(model), precision, h.hexdigest())
+
+
 def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None, *,
                     device: str | torch.device = 'cpu', io_steps: int = 0,
                     io_lr: float | None = None, seed: int = 0,
@@ -623,7 +640,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     precision: str = 'fp32', io_similarity: str = 'lncc',
                     labels: tuple[np.ndarray, np.ndarray] | None = None,
                     io_label_weight: float = 0.0, symmetric: bool = False,
-                    io_train: str = 'all', passes: int = 1) -> dict:
+                    io_train: str = 'all', passes: int = 1,
+                    first_stage: dict | None = None) -> dict:
     """Register ``moving`` to ``fixed`` (3-D arrays on the same grid, brain-masked, any
     intensity scale) with CARL.
 
@@ -645,6 +663,12 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     far (on the working grid) to the fixed one, and the fields compose, forward
     ``phi_1 o phi_2 o ...`` and inverse ``... o phi_2^-1 o phi_1^-1`` (each pass symmetrised
     first when ``symmetric``).
+    ``first_stage``: a dict shared by calls on the same images with the same ``model`` (the
+    carl engine's two variants): the frozen first stage's output (coordinate attention,
+    both directions, first pass) is kept there and reused by later calls whose working-grid
+    images are identical (compared by checksum). Only the network pass without IO and the
+    one after ``io_train='refine'`` use it (and IO ``'refine'`` itself): IO on all weights
+    changes the first stage. The fields are the same with or without it.
 
     Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
     ``moving(x + disp_fwd(x)) ~ fixed(x)``; ``disp_inv`` (the network run with the images
@@ -653,6 +677,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     grid); ``io_losses``; ``label_channels`` (the prompt's structures, 0 unprompted);
     ``timings`` (s) and ``working_grid``.
     """
+    from ..resources import autocast
+
     t0 = time.time()
     fixed = np.asarray(fixed)
     moving = np.asarray(moving)
@@ -680,6 +706,21 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
         m = _to_working(mn, centre, res, spacing, cfg.shape, dev).clamp(0, 1)
         t1 = time.time()
         net, io_losses = model, []
+        # the first stage's output of the first pass, shared by the calls on these images
+        frozen_first = io_steps == 0 or io_train == 'refine'
+        key = _first_stage_key(model, f, m, precision) if first_stage is not None else None
+        u2_first = first_stage.get(key) if key is not None else None
+
+        def first_u2():
+            nonlocal u2_first
+            if u2_first is None:
+                with torch.no_grad(), autocast(dev, precision):
+                    u2_first = model.steps(torch.cat([m, f]), torch.cat([f, m]))['u2'].float()
+                if key is not None:
+                    first_stage.clear()  # one pair at a time
+                    first_stage[key] = u2_first
+            return u2_first
+
         if io_steps > 0:
             if io_similarity not in ('lncc', 'lncc2'):
                 raise ValueError(f"io_similarity must be 'lncc' or 'lncc2', not {io_similarity!r}")
@@ -692,17 +733,21 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                                                          spacing, cfg.shape, dev)
                 prompt = (lf, lm) if label_channels else None
             net, io_losses = _io_copy(model, m, f, io_steps, io_lr or cfg.io_lr, seed, precision,
-                                      io_similarity, prompt, io_label_weight, io_train)
+                                      io_similarity, prompt, io_label_weight, io_train,
+                                      u2=first_u2() if io_train == 'refine' else None)
         t2 = time.time()
-        from ..resources import autocast
-
         ic = None
         with torch.no_grad():
             u_fwd = u_inv = None
             for _ in range(passes):
                 mp = m if u_fwd is None else warp(m, 0, u_fwd, 0)
                 with autocast(dev, precision):
-                    u = net(torch.cat([mp, f]), torch.cat([f, mp])).float()
+                    if u_fwd is None and frozen_first and (
+                            key is not None or (io_steps > 0 and io_train == 'refine')):
+                        u = net.steps(torch.cat([mp, f]), torch.cat([f, mp]),
+                                      first_u2())['u0'].float()
+                    else:
+                        u = net(torch.cat([mp, f]), torch.cat([f, mp])).float()
                 a, b = u[:1], u[1:]
                 if ic is None:  # the network's own inverse consistency, on its first pass
                     pts = cell_centres(cfg.shape, 0, dev)

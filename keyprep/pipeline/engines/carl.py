@@ -219,6 +219,7 @@ class CARL(ArrayEngine):
                                                 params['contrast_transfer'], labels)
         mode = transfer['mode']
         results = {}
+        first_stage = {}  # the frozen first stage's output, computed once for the variants
         for name, vparams in variants:
             io = vparams['io_steps'] > 0
             out = register_arrays(f, m, model, device=device, io_steps=vparams['io_steps'],
@@ -227,7 +228,8 @@ class CARL(ArrayEngine):
                                   labels=labels if io else None,
                                   io_label_weight=params['label_weight'] if io else 0.0,
                                   symmetric=params['symmetric'],
-                                  io_train=params['io_train'], passes=params['passes'])
+                                  io_train=params['io_train'], passes=params['passes'],
+                                  first_stage=first_stage)
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
