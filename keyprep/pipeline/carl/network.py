@@ -675,7 +675,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     swapped: ``fixed(y + disp_inv(y)) ~ moving(y)``); ``inverse_consistency_vox`` (mean norm,
     in voxels of the given grid, of ``phi_fwd(phi_inv(y)) - y`` over the brains on the working
     grid); ``io_losses``; ``label_channels`` (the prompt's structures, 0 unprompted);
-    ``timings`` (s) and ``working_grid``.
+    ``timings`` (s; ``first_stage_s``: the part of ``total_s`` spent on the shared first
+    stage when this call computed it) and ``working_grid``.
     """
     from ..resources import autocast
 
@@ -710,12 +711,15 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
         frozen_first = io_steps == 0 or io_train == 'refine'
         key = _first_stage_key(model, f, m, precision) if first_stage is not None else None
         u2_first = first_stage.get(key) if key is not None else None
+        t_first = 0.0
 
         def first_u2():
-            nonlocal u2_first
+            nonlocal u2_first, t_first
             if u2_first is None:
+                ts = time.time()
                 with torch.no_grad(), autocast(dev, precision):
                     u2_first = model.steps(torch.cat([m, f]), torch.cat([f, m]))['u2'].float()
+                t_first = time.time() - ts
                 if key is not None:
                     first_stage.clear()  # one pair at a time
                     first_stage[key] = u2_first
@@ -773,6 +777,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
             'inverse_consistency_vox': ic, 'io_losses': io_losses,
             'label_channels': label_channels,
             'timings': {'resample_s': t1 - t0, 'io_s': t2 - t1, 'network_s': t3 - t2,
-                        'upsample_s': t4 - t3, 'total_s': t4 - t0},
+                        'upsample_s': t4 - t3, 'total_s': t4 - t0,
+                        # of which: the shared first stage, when this call computed it
+                        'first_stage_s': t_first},
             'working_grid': {'shape': list(cfg.shape), 'res_mm': res,
                              'centre_vox': [float(c) for c in centre]}}
