@@ -268,11 +268,11 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     for bad in (0, -1e-4, 'fast', True, float('inf'), float('nan')):
         with pytest.raises(ValueError, match='io_lr'):
             engine.parameters(EngineOptions(params={'io_lr': bad}))
-    assert defaults['io_train'] == 'all'
+    assert defaults['io_train'] == 'refine'
     with pytest.raises(ValueError, match='io_train'):
         engine.parameters(EngineOptions(params={'io_train': 'encoder'}))
-    opts = build_parser().parse_args([*base, '--carl-io-lr', '1e-3', '--carl-io-train', 'refine'])
-    assert engine_params(opts)['carl'] == {'io_lr': 1e-3, 'io_train': 'refine'}
+    opts = build_parser().parse_args([*base, '--carl-io-lr', '1e-3', '--carl-io-train', 'all'])
+    assert engine_params(opts)['carl'] == {'io_lr': 1e-3, 'io_train': 'all'}
     opts = build_parser().parse_args([*base, '--carl-symmetric', 'off'])
     assert engine_params(opts)['carl'] == {'symmetric': False}
     assert 'symmetrisation' not in engine.boilerplate(EngineOptions(params={'symmetric': False}))

@@ -66,8 +66,13 @@ DEFAULT_IO_LABEL_WEIGHT = 1.0
 #: pairs (benchmarks/results/carl-dice/). About 3 s per pair.
 DEFAULT_SYMMETRIC = True
 #: The weights carlIO adapts: ``'all'`` (the paper's) or ``'refine'`` (the refinement networks
-#: only; the coordinate-attention step needs no backward pass).
-DEFAULT_IO_TRAIN = 'all'
+#: only; the coordinate-attention step needs no backward pass, and its output, computed once
+#: per pair, serves both variants). ``'refine'`` since 2026-12-07: with the step-575 weights
+#: on the official 8 held-out synthetic 1 mm cases it gave 67.15 against 67.44 for ``'all'``
+#: (32 structures) in about 0.6 of the time (``benchmarks/results/carl-io-lr/`` section 3),
+#: and in one run with antsSyN (``benchmarks/results/carl-refine-same-run/``) it took
+#: 0.43-0.58 of antsSyN's time.
+DEFAULT_IO_TRAIN = 'refine'
 #: Label-guided contrast transfer (:func:`keyprep.pipeline.contrast.label_contrast_transfer`):
 #: ``'auto'`` re-renders both images in the fixed image's contrast when the two differ (and
 #: both have label maps). Measured with the shipped weights on 2 held-out synthetic T2 -> T1
