@@ -341,17 +341,23 @@ def test_register_arrays_shapes_and_io_leaves_model_untouched():
         register_arrays(fixed, moving[:30], net)
 
 
+def _refining_net() -> CarlNet:
+    """A seeded TINY network whose refinement layers are not the identity."""
+    torch.manual_seed(0)
+    net = CarlNet(TINY)
+    with torch.no_grad():
+        net.refine2.out.weight.normal_(0, 0.01)
+        net.refine1.out.weight.normal_(0, 0.01)
+    return net
+
+
 def test_io_can_adapt_the_refinement_networks_only():
     """``io_train='refine'``: instance optimisation changes the refinement networks' weights
     and leaves the coordinate-attention step (``first``) exactly as trained; ``'all'`` (the
     paper's) changes both; anything else is refused."""
     from keyprep.pipeline.carl.network import _io_copy
 
-    torch.manual_seed(0)
-    net = CarlNet(TINY)
-    with torch.no_grad():
-        net.refine2.out.weight.normal_(0, 0.01)
-        net.refine1.out.weight.normal_(0, 0.01)
+    net = _refining_net()
     fixed, moving = _ball_pair()
     f = torch.as_tensor(fixed / fixed.max())[None, None]
     m = torch.as_tensor(moving / moving.max())[None, None]
@@ -394,11 +400,7 @@ def test_first_stage_is_shared_between_calls_without_changing_the_fields():
     attention) once between them when carlIO adapts the refinement networks only; the fields
     are bit-identical to calls without the cache; other images, or IO on all weights, do
     not reuse it."""
-    torch.manual_seed(0)
-    net = CarlNet(TINY)
-    with torch.no_grad():
-        net.refine2.out.weight.normal_(0, 0.01)
-        net.refine1.out.weight.normal_(0, 0.01)
+    net = _refining_net()
     fixed, moving = _ball_pair()
     kw = dict(spacing_mm=(2.0, 2.0, 2.0), symmetric=True)
     io = dict(io_steps=2, io_lr=1e-3, io_train='refine')
