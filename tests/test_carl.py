@@ -256,6 +256,33 @@ def test_lncc_identity_and_affine_intensity_invariance():
     assert L.gaussian_kernel(4.0).numel() == 17
 
 
+def test_banded_smoothing_equals_depthwise_convolution_forward_and_backward():
+    """LNCC's separable smoothing (three products with banded matrices) gives the numbers of a
+    zero-padded depthwise conv3d per axis, and the same gradient, on a non-cubic grid with
+    several channels and an asymmetric kernel (which catches a transposed band)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 11, 7, 9, generator=g, dtype=torch.float64)
+    k = torch.rand(5, generator=g, dtype=torch.float64)
+
+    def reference(v):
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = k.numel()
+            pad = [0, 0, 0]
+            pad[axis] = k.numel() // 2
+            v = F.conv3d(v, k.view(shape).expand(v.shape[1], 1, *shape[2:]),
+                         padding=tuple(pad), groups=v.shape[1])
+        return v
+
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.rand(x.shape, generator=g, dtype=torch.float64)
+    ya, yb = L._smooth(a, k), reference(b)
+    assert torch.allclose(ya, yb, atol=1e-12)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
 def _affine_field(mat: torch.Tensor, t: torch.Tensor, n: int) -> torch.Tensor:
     """Displacement of x -> mat x + t (about the grid centre) on an ``n^3`` grid."""
     x = identity_grid((n, n, n)) - (n - 1) / 2
@@ -428,6 +455,70 @@ def test_first_stage_is_shared_between_calls_without_changing_the_fields():
     calls.clear()
     register_arrays(np.roll(fixed, 2, 0), moving, net, first_stage=cache, **kw)
     assert len(calls) == 1 and len(cache) == 1 and key not in cache
+
+
+def test_field_refinement_recovers_a_known_shift():
+    """Field-space instance optimisation (keyprep's ``refine_field``), started from the
+    identity on a texture and its copy shifted by a known sub-voxel amount: its loss falls,
+    the forward field approaches the shift (``moving(x + d) = fixed(x)``) and the backward
+    field its opposite, in the interior; zero steps return the input unchanged; bad settings
+    are refused."""
+    from keyprep.pipeline.carl.network import refine_field, warp
+
+    n = 32
+    fixed = _texture(n, 0)
+    shift = torch.tensor([1.5, -1.0, 0.5])
+    const = shift.view(1, 3, 1, 1, 1).expand(1, 3, n, n, n)
+    moving = warp(fixed, 0, -const, 0)  # moving(x) = fixed(x - s): moving(x + s) = fixed(x)
+    u0 = torch.zeros(2, 3, n, n, n)
+    same, none = refine_field(u0, moving, fixed, 0)
+    assert same is u0 and none == []
+    u, losses = refine_field(u0, moving, fixed, 40, lr=0.1, level=2, seed=0, similarity='lncc')
+    assert len(losses) == 40 and losses[-1] < 0.5 * losses[0]
+    inner = (slice(None), slice(8, -8), slice(8, -8), slice(8, -8))
+    fwd = u[0][inner].reshape(3, -1).mean(1)
+    bwd = u[1][inner].reshape(3, -1).mean(1)
+    assert torch.allclose(fwd, shift, atol=0.25), fwd
+    assert torch.allclose(bwd, -shift, atol=0.25), bwd
+    for bad in (dict(lr=0.0), dict(lr=float('nan')), dict(level=-1), dict(level=1.5)):
+        with pytest.raises(ValueError):
+            refine_field(u0, moving, fixed, 1, **bad)
+
+
+def test_register_arrays_field_refinement_after_the_network():
+    """``field_steps``: the pair of fields is refined after the network (and after weight-space
+    IO when both are asked), with the call's similarity and label prompt; the network's
+    weights are untouched, its own inverse-consistency figure is the same as without
+    refinement, and ``field_steps=0`` is the plain call, bit for bit."""
+    net = _refining_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fixed, moving = _ball_pair()
+    kw = dict(spacing_mm=(2.0, 2.0, 2.0), symmetric=True)
+    plain = register_arrays(fixed, moving, net, **kw)
+    zero = register_arrays(fixed, moving, net, field_steps=0, **kw)
+    assert np.array_equal(plain['disp_fwd'], zero['disp_fwd']) and zero['field_losses'] == []
+    assert zero['timings']['field_s'] == 0.0
+    ref = register_arrays(fixed, moving, net, field_steps=3, field_lr=0.1, field_level=1, **kw)
+    assert len(ref['field_losses']) == 3 and ref['timings']['field_s'] > 0
+    assert not np.array_equal(plain['disp_fwd'], ref['disp_fwd'])
+    assert ref['inverse_consistency_vox'] == plain['inverse_consistency_vox']
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    labels = ((fixed > 0.5 * fixed.max()).astype(np.int32),
+              (moving > 0.5 * moving.max()).astype(np.int32))
+    both = register_arrays(fixed, moving, net, io_steps=1, io_lr=1e-3, field_steps=2,
+                           labels=labels, io_label_weight=1.0, field_label_weight=1.0,
+                           passes=2, **kw)
+    assert len(both['io_losses']) == 1 and len(both['field_losses']) == 2
+    assert both['label_channels'] == 1
+    # the field's own label weight: the maps alone, without it, change nothing
+    unweighted = register_arrays(fixed, moving, net, field_steps=2, labels=labels, **kw)
+    weighted = register_arrays(fixed, moving, net, field_steps=2, labels=labels,
+                               field_label_weight=1.0, **kw)
+    nolabels = register_arrays(fixed, moving, net, field_steps=2, **kw)
+    assert unweighted['field_losses'] == nolabels['field_losses'] != weighted['field_losses']
+    assert weighted['label_channels'] == 1 and unweighted['label_channels'] == 0
+    with pytest.raises(ValueError):
+        register_arrays(fixed, moving, net, field_steps=-1, **kw)
 
 
 def test_register_arrays_translation_convention():

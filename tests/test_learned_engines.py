@@ -92,6 +92,10 @@ def test_carl_engine(small_brains, carl_weights, start, tmp_path):
     assert runs[1].extras['io_loss_first_last'][0] != runs[1].extras['io_loss_first_last'][1]
     assert 'io_loss_first_last' not in runs[0].extras
     assert runs[1].extras['io_similarity'] == 'lncc'  # the fixture's weights carry no recipe
+    # keyprep's field-space IO ran after the weight-space one, and its loss fell
+    field = runs[1].extras['field_io']
+    assert field['steps'] > 0 and field['loss_first_last'][1] < field['loss_first_last'][0]
+    assert 'field_io' not in runs[0].extras
 
 
 def test_dio_engine_representations(small_brains, dio_weights, start, tmp_path):
@@ -230,7 +234,8 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
                                         tmp_path / 'prompted', labels=labels, params=params,
                                         **kw)
     assert 'label_prompt' not in carl.extras and not carl.extras.get('labels_in_objective')
-    assert carl_io.extras['label_prompt'] == {'weight': 1.0, 'used': True, 'structures': 3}
+    assert carl_io.extras['label_prompt'] == {'weight': 1.0, 'field_weight': 0.0,
+                                              'used': True, 'structures': 3}
     assert carl_io.extras['labels_in_objective'] is True
     _same_as_exported(carl_io, small_brains, tmp_path)
     # the same IO without labels: another loss, another result
@@ -298,6 +303,47 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     assert 'cascade' in engine.boilerplate(EngineOptions(params={'passes': 2}))
     assert 'cascade' not in engine.boilerplate(EngineOptions(params={'passes': 1}))
     assert engine.cache_key(EngineOptions(params={'passes': 2}))['passes'] == 2
+
+
+def test_carl_field_io_parameters_cli_and_variants(tmp_path):
+    """keyprep's field-space instance optimisation of carlIO: measured defaults, validated
+    parameters, CLI flags, the boilerplate and the cache key; carlIO exists whenever either
+    kind of IO runs."""
+    from keyprep.bids_app.parser import build_parser, engine_params
+    from keyprep.pipeline.engines import EngineOptions, get_engine
+    from keyprep.pipeline.engines.carl import (DEFAULT_FIELD_LABEL_WEIGHT, DEFAULT_FIELD_LEVEL,
+                                               DEFAULT_FIELD_LR, DEFAULT_FIELD_STEPS)
+
+    engine = get_engine('carl')
+    d = engine.parameters(EngineOptions())
+    assert (d['field_steps'], d['field_lr'], d['field_level'], d['field_label_weight']) == (
+        DEFAULT_FIELD_STEPS, DEFAULT_FIELD_LR, DEFAULT_FIELD_LEVEL, DEFAULT_FIELD_LABEL_WEIGHT)
+    names = lambda **p: [n for n, _ in engine.variants(EngineOptions(params=p))]
+    assert names(io_steps=0, field_steps=0) == ['carl']
+    assert names(io_steps=0, field_steps=5) == ['carl', 'carlIO']
+    assert names(io_steps=3, field_steps=0) == ['carl', 'carlIO']
+    carl, carl_io = engine.variants(EngineOptions(params={'io_steps': 3, 'field_steps': 7}))
+    assert carl[1] == {'io_steps': 0, 'field_steps': 0}
+    assert carl_io[1] == {'io_steps': 3, 'field_steps': 7}
+    text = engine.boilerplate(EngineOptions(params={'field_steps': 7}))
+    assert 'refines the two fields themselves with 7 Adam steps' in text
+    assert 'refines the two fields' not in engine.boilerplate(
+        EngineOptions(params={'field_steps': 0}))
+    assert 'soft Dice at weight 2' in engine.boilerplate(
+        EngineOptions(params={'field_steps': 7, 'field_label_weight': 2}))
+    assert engine.cache_key(EngineOptions(params={'field_steps': 7}))['field_steps'] == 7
+    for key, bad in (('field_steps', -1), ('field_steps', 1.5), ('field_steps', True),
+                     ('field_level', -1), ('field_lr', 0), ('field_lr', float('nan')),
+                     ('field_label_weight', -1), ('field_label_weight', 'inf')):
+        with pytest.raises(ValueError, match=key):
+            engine.parameters(EngineOptions(params={key: bad}))
+    base = [str(tmp_path), str(tmp_path / 'out'), 'participant']
+    opts = build_parser().parse_args([*base, '--carl-field-steps', '0',
+                                      '--carl-field-label-weight', '0.5'])
+    assert engine_params(opts)['carl'] == {'field_steps': 0, 'field_label_weight': 0.5}
+    for bad in (['--carl-field-steps', '-2'], ['--carl-field-label-weight', 'nan']):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*base, *bad])
     assert engine.cache_key(EngineOptions())['passes'] == 1
 
 
@@ -409,8 +455,8 @@ def test_label_guided_contrast_transfer(method, small_brains, carl_weights, dio_
     from keyprep.pipeline.registration import run_engine_variants
 
     weights = str(carl_weights if method == 'carl' else dio_weights)
-    extra = {'io_steps': 0} if method == 'carl' else {'representations': ['ffd'],
-                                                       'label_weight': 0}
+    extra = ({'io_steps': 0, 'field_steps': 0} if method == 'carl'
+             else {'representations': ['ffd'], 'label_weight': 0})
     labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
               for k in ('fixed', 'moving')}
     kw = dict(fixed_mask=start['mask'], init_transform=start['xfm'],

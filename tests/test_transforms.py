@@ -48,7 +48,7 @@ def _weights_params(name: str, request) -> dict:
     if available_engines()[name].model == 'dio':  # one variant: run_engine's contract
         return {'representations': ['diffeo']}
     if available_engines()[name].model == 'carl':  # one variant: carl without IO
-        return {'io_steps': 0}
+        return {'io_steps': 0, 'field_steps': 0}
     return {}
 
 

@@ -314,6 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help='network passes of carl and carlIO: each further pass registers the '
                         'moving image warped by the fields so far, and the fields compose '
                         '(keyprep\'s cascade, not the paper\'s; default 1)')
+    g.add_argument('--carl-field-steps', type=_non_negative_int, default=None, metavar='N',
+                   help='carlIO\'s field-space instance optimisation, after the paper\'s '
+                        'weight-space one: Adam steps on a smooth correction of the two '
+                        'fields themselves, on the same loss (keyprep\'s, not the paper\'s; '
+                        'default 20, about 1 s each at 1 mm on a CPU thread; 0: the paper\'s '
+                        'IO alone; benchmarks/results/carl-field-io/)')
+    g.add_argument('--carl-field-label-weight', type=_non_negative_float, default=None,
+                   metavar='LAMBDA',
+                   help='weight of the structure labels\' soft Dice in carlIO\'s field-space '
+                        'instance optimisation (default 0: image similarity and GradICON only)')
     _add_contrast_transfer(g, 'carl', 'registration', 'auto')
 
     g = parser.add_argument_group(
@@ -401,6 +411,11 @@ def engine_params(opts: argparse.Namespace) -> dict[str, dict]:
                 out.setdefault(name, {})['label_weight'] = float(opts.carl_label_weight)
             if getattr(opts, 'carl_passes', None) is not None:
                 out.setdefault(name, {})['passes'] = int(opts.carl_passes)
+            if getattr(opts, 'carl_field_steps', None) is not None:
+                out.setdefault(name, {})['field_steps'] = int(opts.carl_field_steps)
+            if getattr(opts, 'carl_field_label_weight', None) is not None:
+                out.setdefault(name, {})['field_label_weight'] = float(
+                    opts.carl_field_label_weight)
             if getattr(opts, 'carl_symmetric', None) is not None:
                 out.setdefault(name, {})['symmetric'] = opts.carl_symmetric == 'on'
         if cls.family == 'ants':

@@ -5,8 +5,11 @@ One run gives two variants from one loaded network (:mod:`keyprep.pipeline.carl`
 * ``carl``: one forward pass of the network (both directions in one batch: the inverse is
   the network run with the images swapped, which GradICON training makes inverse
   consistent);
-* ``carlIO``: the same after instance optimisation (``io_steps`` Adam steps of LNCC +
-  GradICON on this pair, on a copy of the weights, reset for every pair).
+* ``carlIO``: the same after instance optimisation: ``io_steps`` Adam steps of LNCC +
+  GradICON on this pair on a copy of the weights, reset for every pair (the paper's), then
+  ``field_steps`` Adam steps of the same loss on a smooth correction of the two fields
+  themselves (keyprep's field-space instance optimisation,
+  :func:`keyprep.pipeline.carl.network.refine_field`).
 
 CARL is [W,U]-equivariant to translations, not to rotations: it starts from another
 engine's affine (``init``, default ``keymorphAffine``; :mod:`.fields`).
@@ -21,6 +24,11 @@ workflow has them; default 1, 0 turns it off; ``carl`` itself never sees labels)
 ``symmetric`` (default on: export the symmetrised pair of fields,
 :func:`keyprep.pipeline.carl.network.symmetrise`; see ``DEFAULT_SYMMETRIC``),
 ``passes`` (network passes per variant, default ``DEFAULT_PASSES``: keyprep's cascade),
+``field_steps`` (default ``DEFAULT_FIELD_STEPS``; 0: the paper's IO alone), ``field_lr``
+(voxels of the working grid per step, default ``DEFAULT_FIELD_LR``), ``field_level`` (the
+correction lives on the working grid coarsened ``2**field_level`` times, default
+``DEFAULT_FIELD_LEVEL``), ``field_label_weight`` (the label term's weight in the field
+refinement, default ``DEFAULT_FIELD_LABEL_WEIGHT``),
 ``contrast_transfer`` (``auto``, ``moving``, ``both`` or ``off``: re-render the moving image, or
 both images, in the fixed image's contrast from their structure labels before the network
 sees them (``auto``: both, across contrasts),
@@ -84,6 +92,15 @@ DEFAULT_CONTRAST_TRANSFER = 'auto'
 #: registers the moving image warped by the fields so far, and the fields compose;
 #: :func:`keyprep.pipeline.carl.network.register_arrays`).
 DEFAULT_PASSES = 1
+#: keyprep's field-space instance optimisation of carlIO (after the paper's weight-space one):
+#: Adam steps on a correction of both fields, a displacement on the working grid coarsened
+#: ``2**DEFAULT_FIELD_LEVEL`` times (8 mm at the 2 mm working grid) upsampled trilinearly,
+#: ``DEFAULT_FIELD_LR`` working voxels per step, on the network's loss (squared LNCC both ways +
+#: GradICON). See ``benchmarks/results/carl-field-io/`` for the measurements behind them.
+DEFAULT_FIELD_STEPS = 20
+DEFAULT_FIELD_LR = 0.1
+DEFAULT_FIELD_LEVEL = 2
+DEFAULT_FIELD_LABEL_WEIGHT = 0.0
 
 
 register_model(LearnedModel('carl', 'CARL',
@@ -119,6 +136,14 @@ class CARL(ArrayEngine):
             'symmetric': DEFAULT_SYMMETRIC if p.get('symmetric') is None else p['symmetric'],
             'io_train': DEFAULT_IO_TRAIN if p.get('io_train') is None else p['io_train'],
             'passes': DEFAULT_PASSES if p.get('passes') is None else p['passes'],
+            'field_steps': DEFAULT_FIELD_STEPS if p.get('field_steps') is None
+            else p['field_steps'],
+            'field_lr': DEFAULT_FIELD_LR if p.get('field_lr') is None else p['field_lr'],
+            'field_level': DEFAULT_FIELD_LEVEL if p.get('field_level') is None
+            else p['field_level'],
+            'field_label_weight': (DEFAULT_FIELD_LABEL_WEIGHT
+                                   if p.get('field_label_weight') is None
+                                   else p['field_label_weight']),
             'contrast_transfer': contrast_transfer_setting(p.get('contrast_transfer'),
                                                            DEFAULT_CONTRAST_TRANSFER),
         }
@@ -136,15 +161,21 @@ class CARL(ArrayEngine):
         if not ok:
             raise ValueError(f'io_lr must be a finite number > 0, not {params["io_lr"]!r}')
         params['io_lr'] = float(params['io_lr'])
-        weight = params['label_weight']
-        try:
-            ok = not isinstance(weight, bool) and float(weight) >= 0 and math.isfinite(
-                float(weight))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f'label_weight must be a finite number >= 0, not {weight!r}')
-        params['label_weight'] = float(weight)
+        for key in ('label_weight', 'field_label_weight', 'field_lr'):
+            weight = params[key]
+            try:
+                ok = not isinstance(weight, bool) and float(weight) >= 0 and math.isfinite(
+                    float(weight)) and (key != 'field_lr' or float(weight) > 0)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f'{key} must be a finite number '
+                                 f'{"> 0" if key == "field_lr" else ">= 0"}, not {weight!r}')
+            params[key] = float(weight)
+        for key, low in (('field_steps', 0), ('field_level', 0)):
+            if (isinstance(params[key], bool) or not isinstance(params[key], int)
+                    or params[key] < low):
+                raise ValueError(f'{key} must be an integer >= {low}, not {params[key]!r}')
         if params['io_train'] not in ('all', 'refine'):
             raise ValueError(f"io_train must be 'all' or 'refine', not {params['io_train']!r}")
         if (isinstance(params['passes'], bool) or not isinstance(params['passes'], int)
@@ -163,10 +194,12 @@ class CARL(ArrayEngine):
         return {**super().cache_key(options), **params}
 
     def variants(self, options: EngineOptions) -> list[tuple[str, dict]]:
-        steps = self.parameters(options)['io_steps']
-        if steps == 0:
-            return [('carl', {'io_steps': 0})]
-        return [('carl', {'io_steps': 0}), ('carlIO', {'io_steps': steps})]
+        params = self.parameters(options)
+        steps, field = params['io_steps'], params['field_steps']
+        plain = ('carl', {'io_steps': 0, 'field_steps': 0})
+        if steps == 0 and field == 0:
+            return [plain]
+        return [plain, ('carlIO', {'io_steps': steps, 'field_steps': field})]
 
     def boilerplate(self, options: EngineOptions | None) -> str:
         text = self.description
@@ -189,6 +222,16 @@ class CARL(ArrayEngine):
                 text += (f', with label prompting: the soft Dice of the structure labels of '
                          f'both images, weight {params["label_weight"]:g}')
             text += ')'
+        if params['field_steps']:
+            text += (f'; carlIO then refines the two fields themselves with '
+                     f'{params["field_steps"]} Adam steps (learning rate '
+                     f'{params["field_lr"]:g} voxels) of the same loss on a correction '
+                     f'{2 ** params["field_level"]} times coarser than the working grid, '
+                     'upsampled trilinearly (keyprep\'s field-space instance optimisation, not '
+                     'in the paper)')
+            if params['field_label_weight'] > 0:
+                text += (f', with the structure labels\' soft Dice at weight '
+                         f'{params["field_label_weight"]:g}')
         text += transfer_boilerplate(params['contrast_transfer'], 'registration')
         if params['symmetric']:
             text += ('; each variant exports the average of the network\'s forward field and '
@@ -215,10 +258,14 @@ class CARL(ArrayEngine):
         recipe = meta.get('recipe') if isinstance(meta, dict) else None
         io_similarity = (recipe or {}).get('similarity') or 'lncc'
         variants = self.variants(options)
-        io_any = any(v['io_steps'] for _, v in variants)
+        io_any = any(v['io_steps'] or v['field_steps'] for _, v in variants)
         labels, prompt = None, {'weight': 0.0, 'used': False, 'why': 'no instance optimisation'}
         if io_any:
-            labels, prompt = self.prompt_labels(fixed, out_dir, options, params['label_weight'])
+            weight = max(params['label_weight'] if params['io_steps'] else 0.0,
+                         params['field_label_weight'] if params['field_steps'] else 0.0)
+            labels, prompt = self.prompt_labels(fixed, out_dir, options, weight)
+            prompt = {**prompt, 'weight': params['label_weight'],
+                      'field_weight': params['field_label_weight']}
         # label-guided contrast transfer: the images painted in the fixed one's contrast
         f, m, transfer = self.transfer_contrast(f, m, fixed, out_dir, options,
                                                 params['contrast_transfer'], labels)
@@ -226,7 +273,7 @@ class CARL(ArrayEngine):
         results = {}
         first_stage = {}  # the frozen first stage's output, computed once for the variants
         for name, vparams in variants:
-            io = vparams['io_steps'] > 0
+            io = vparams['io_steps'] > 0 or vparams['field_steps'] > 0
             out = register_arrays(f, m, model, device=device, io_steps=vparams['io_steps'],
                                   io_lr=params['io_lr'], seed=options.seed,
                                   spacing_mm=spacing, io_similarity=io_similarity,
@@ -234,7 +281,11 @@ class CARL(ArrayEngine):
                                   io_label_weight=params['label_weight'] if io else 0.0,
                                   symmetric=params['symmetric'],
                                   io_train=params['io_train'], passes=params['passes'],
-                                  first_stage=first_stage)
+                                  first_stage=first_stage,
+                                  field_steps=vparams['field_steps'],
+                                  field_lr=params['field_lr'], field_level=params['field_level'],
+                                  field_label_weight=(params['field_label_weight']
+                                                      if io else 0.0))
             extras = {'timings_s': {k: round(v, 3) for k, v in out['timings'].items()},
                       'load_s': round(t_load, 3),
                       'network_inverse_consistency_vox': round(
@@ -255,8 +306,16 @@ class CARL(ArrayEngine):
                 extras['label_prompt'] = {**prompt, 'used': used,
                                           'structures': out['label_channels']}
                 extras['labels_in_objective'] = used or mode != 'off'
-            if out['io_losses']:
+            if out['field_losses']:
+                extras['field_io'] = {
+                    'steps': vparams['field_steps'], 'lr': params['field_lr'],
+                    'level': params['field_level'],
+                    'label_weight': params['field_label_weight'],
+                    'loss_first_last': [round(float(out['field_losses'][0]), 5),
+                                        round(float(out['field_losses'][-1]), 5)]}
+            if out['io_losses'] or out['field_losses']:
                 extras['io_similarity'] = io_similarity
+            if out['io_losses']:
                 extras['io_loss_first_last'] = [round(float(out['io_losses'][0]), 5),
                                                 round(float(out['io_losses'][-1]), 5)]
             results[name] = self.result(fixed, moving, out_dir, options, affine, name,
