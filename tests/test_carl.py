@@ -519,6 +519,17 @@ def test_register_arrays_field_refinement_after_the_network():
     assert weighted['label_channels'] == 1 and unweighted['label_channels'] == 0
     with pytest.raises(ValueError):
         register_arrays(fixed, moving, net, field_steps=-1, **kw)
+    # field_images: the refinement's similarity on other images of the pair (the network's
+    # input unchanged); the same images give the same field, others another one
+    same = register_arrays(fixed, moving, net, field_steps=3, field_lr=0.1, field_level=1,
+                           field_images=(fixed.copy(), moving.copy()), **kw)
+    assert np.array_equal(same['disp_fwd'], ref['disp_fwd'])
+    other = register_arrays(fixed, moving, net, field_steps=3, field_lr=0.1, field_level=1,
+                            field_images=(fixed.max() - fixed, moving), **kw)
+    assert not np.array_equal(other['disp_fwd'], ref['disp_fwd'])
+    with pytest.raises(ValueError, match='field_images'):
+        register_arrays(fixed, moving, net, field_steps=1, field_images=(fixed[1:], moving),
+                        **kw)
 
 
 def test_register_arrays_translation_convention():

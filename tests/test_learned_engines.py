@@ -262,14 +262,18 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
     opts = build_parser().parse_args([*base, '--carl-io-steps', '0', '--carl-label-weight', '2'])
     assert engine_params(opts)['carl'] == {'io_steps': 0, 'label_weight': 2.0}
     assert engine.parameters(EngineOptions())['symmetric'] is True  # the measured default
-    # keyprep's IO: 5 steps at 1e-4 by default; other step counts keep lr x steps
+    # the paper's kind of IO is off by default (keyprep's field-space IO replaces it); 5
+    # steps get 1e-4, other step counts keep lr x steps
     defaults = engine.parameters(EngineOptions())
-    assert defaults['io_steps'] == 5 and defaults['io_lr'] == pytest.approx(1e-4)
+    assert defaults['io_steps'] == 0 and defaults['field_steps'] > 0
+    assert engine.parameters(EngineOptions(params={'io_steps': 5}))['io_lr'] == \
+        pytest.approx(1e-4)
     assert engine.parameters(EngineOptions(params={'io_steps': 50}))['io_lr'] == \
         pytest.approx(1e-5)
     assert engine.parameters(EngineOptions(params={'io_steps': 50, 'io_lr': 2e-5}))[
         'io_lr'] == 2e-5
-    assert 'learning rate 0.0001' in engine.boilerplate(EngineOptions())
+    assert 'learning rate 0.0001' in engine.boilerplate(EngineOptions(params={'io_steps': 5}))
+    assert 'weights reset per pair' not in engine.boilerplate(EngineOptions())
     for bad in (0, -1e-4, 'fast', True, float('inf'), float('nan')):
         with pytest.raises(ValueError, match='io_lr'):
             engine.parameters(EngineOptions(params={'io_lr': bad}))

@@ -286,12 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group('CARL engines', 'Options of carl and carlIO.')
     g.add_argument('--carl-io-steps', type=_non_negative_int, default=None, metavar='N',
-                   help='steps of instance optimisation of carlIO (default 5; the paper\'s '
-                        'is 50; 0: carl only). On a CPU thread each step at 1 mm takes '
-                        '8-15 s (benchmarks/results/carl-io/)')
+                   help='steps of the paper\'s instance optimisation of carlIO (Adam on a '
+                        'copy of the network\'s weights; default 0: carlIO uses keyprep\'s '
+                        'field-space IO, --carl-field-steps, measured better and faster; 5 '
+                        'measured; the paper\'s is 50). On a CPU thread each step at 1 mm '
+                        'takes 5-15 s (benchmarks/results/carl-io/, carl-field-io/)')
     g.add_argument('--carl-io-lr', type=_positive_float, default=None, metavar='LR',
                    help='Adam learning rate of carlIO\'s instance optimisation (default '
-                        '0.0005 / N: 1e-4 for the default 5 steps, measured 0.8 Dice points '
+                        '0.0005 / N: 1e-4 for 5 steps, measured 0.8 Dice points '
                         'above 5e-4 and about 5 above the paper\'s 2e-5 at 5 steps; the paper: '
                         '2e-5 for 50 steps; benchmarks/results/carl-io-lr/)')
     g.add_argument('--carl-io-train', choices=('all', 'refine'), default=None,
@@ -319,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'weight-space one: Adam steps on a smooth correction of the two '
                         'fields themselves, on the same loss (keyprep\'s, not the paper\'s; '
                         'default 20, about 1 s each at 1 mm on a CPU thread; 0: the paper\'s '
-                        'IO alone; benchmarks/results/carl-field-io/)')
+                        'IO alone, and 0 for both: carl only; benchmarks/results/carl-field-io/)')
     g.add_argument('--carl-field-label-weight', type=_non_negative_float, default=None,
                    metavar='LAMBDA',
                    help='weight of the structure labels\' soft Dice in carlIO\'s field-space '

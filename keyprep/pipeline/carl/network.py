@@ -697,7 +697,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     io_train: str = 'all', passes: int = 1,
                     first_stage: dict | None = None, field_steps: int = 0,
                     field_lr: float = 0.1, field_level: int = 2,
-                    field_label_weight: float = 0.0) -> dict:
+                    field_label_weight: float = 0.0,
+                    field_images: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Register ``moving`` to ``fixed`` (3-D arrays on the same grid, brain-masked, any
     intensity scale) with CARL.
 
@@ -729,7 +730,9 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     ``field_lr`` voxels per step on a level-``field_level`` correction) on the last pass's
     two fields, after the weight-space IO and before the symmetrisation, with the same
     similarity and label maps as the weight-space IO and its own label weight
-    ``field_label_weight``.
+    ``field_label_weight``; ``field_images`` (fixed, moving; the grid of ``fixed``): other
+    images of the same pair for the refinement's similarity (the originals, when the network
+    is given re-rendered ones).
 
     Returns ``disp_fwd`` ``(3, X, Y, Z)`` float32 in voxels of the given grid with
     ``moving(x + disp_fwd(x)) ~ fixed(x)``; ``disp_inv`` (the network run with the images
@@ -768,6 +771,13 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
     try:
         f = _to_working(fn, centre, res, spacing, cfg.shape, dev).clamp(0, 1)
         m = _to_working(mn, centre, res, spacing, cfg.shape, dev).clamp(0, 1)
+        f_field, m_field = f, m
+        if field_images is not None and field_steps > 0:
+            if any(np.shape(x) != fixed.shape for x in field_images):
+                raise ValueError(f'field_images must be on the grid of fixed {fixed.shape}')
+            f_field, m_field = (_to_working(normalise_intensity(np.asarray(x)), centre, res,
+                                            spacing, cfg.shape, dev).clamp(0, 1)
+                                for x in field_images)
         t1 = time.time()
         net, io_losses = model, []
         # the first stage's output of the first pass, shared by the calls on these images
@@ -835,7 +845,8 @@ def register_arrays(fixed: np.ndarray, moving: np.ndarray, model_or_weights=None
                     lab = prompt
                     if prompt is not None and u_fwd is not None:  # moving maps warped so far
                         lab = (prompt[0], warp(prompt[1], 0, u_fwd, 0))
-                    u, field_losses = refine_field(torch.cat([a, b]), mp, f, field_steps,
+                    mpf = m_field if u_fwd is None else warp(m_field, 0, u_fwd, 0)
+                    u, field_losses = refine_field(torch.cat([a, b]), mpf, f_field, field_steps,
                                                    field_lr, field_level, seed, io_similarity,
                                                    lab, field_label_weight)
                     t_field = time.time() - ts
