@@ -1,7 +1,8 @@
 """Judge a CARL training checkpoint on the path users run: through the engine, after its affine.
 
     python benchmarks/check_carl_checkpoint.py training/carl-postaffine/checkpoint.pt \
-        --out /tmp/check-500 [--work-dir /tmp/bench/work] [--io-steps 0] [--passes 1] [--threads 1]
+        --out /tmp/check-500 [--work-dir /tmp/bench/work] [--io-steps 0] [--field-steps 0] [--passes 1]
+        [--threads 1]
 
 The trainer's own validation registers centred synthetic brains on its 2 mm working grid; a
 participant run registers 1 mm images after keymorphAffine, through the ``carl`` engine and
@@ -11,7 +12,7 @@ check. It exports the checkpoint (float16, as shipped) to ``<out>/carl.pt``, run
 ``run_intersubject_benchmark.py`` on held-out label maps (default: 14 -> 15 and 16 -> 15, T1 -> T1
 and T2 -> T1, 1 mm, no rotation) with ``keymorphAffine`` (CARL's start) and ``carl``, and
 writes ``<out>/check.md``: each case's Dice (32 structures, %) for the start, carl (and
-carlIO with ``--io-steps``), and carl minus its start. Exit status 0; the verdict is in the
+carlIO with ``--io-steps`` or ``--field-steps``), and carl minus its start. Exit status 0; the verdict is in the
 table (``carl above its start on every case: yes/no``).
 """
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=['training_seg_14:training_seg_15', 'training_seg_16:training_seg_15'])
     p.add_argument('--contrasts', nargs='+', default=['t1-t1', 't2-t1'])
     p.add_argument('--resolution', type=float, default=1.0)
-    p.add_argument('--io-steps', type=int, default=0, help='carlIO steps (0: carl only)')
+    p.add_argument('--io-steps', type=int, default=0,
+                   help="carlIO's weight-space IO steps (the paper's kind; default 0)")
+    p.add_argument('--field-steps', type=int, default=0,
+                   help="carlIO's field-space IO steps (keyprep's; default 0: with --io-steps "
+                        "0, carl only, the network's own score)")
     p.add_argument('--symmetric', choices=('on', 'off'), default='on')
     p.add_argument('--passes', type=int, default=1,
                    help='network passes of carl and carlIO (keyprep\'s cascade; default 1)')
@@ -92,6 +97,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     exported = export_weights(opts.checkpoint, out / 'carl.pt', recipe=opts.recipe)
     params = {'carl': {'weights': exported['path'], 'io_steps': opts.io_steps,
+                       'field_steps': opts.field_steps,
                        'symmetric': opts.symmetric == 'on', 'passes': opts.passes}}
     cmd = [sys.executable, str(HERE / 'run_intersubject_benchmark.py'),
            '--pairs', *opts.pairs, '--contrasts', *opts.contrasts, '--rotations', '0',
@@ -108,7 +114,8 @@ def main(argv=None) -> int:
         f'# CARL checkpoint through the engine: {opts.checkpoint} (step {exported["step"]})',
         '',
         f'Weights: `{exported["path"]}` (sha256 `{exported["sha256"]}`); symmetrised export '
-        f'{opts.symmetric}; carlIO steps {opts.io_steps}; passes {opts.passes}. Dice of the '
+        f'{opts.symmetric}; carlIO steps {opts.io_steps} (weights) + {opts.field_steps} '
+        f'(field); passes {opts.passes}. Dice of the '
         f'exact labels over 32 structures (%), {opts.resolution:g} mm, CARL after '
         'keymorphAffine (its start). Full rows: `intersubject_benchmark.tsv`.',
         '', *lines, '',
