@@ -249,6 +249,17 @@ def test_carl_io_label_prompting(small_brains, carl_weights, start, tmp_path):
                                      params=params, **kw)
     assert missing.extras['labels_in_objective'] is False
     assert 'moving' in missing.extras['label_prompt']['why']
+    # the defaults: no weight-space IO, field-space IO without a label term: the sidecar
+    # says no label entered the objective (same contrast: no transfer either)
+    _, field = run_engine_variants('carl', small_brains['fixed'], small_brains['moving'],
+                                   tmp_path / 'field', labels=labels,
+                                   params={'weights': str(carl_weights), 'field_steps': 3}, **kw)
+    assert field.extras['labels_in_objective'] is False
+    assert field.extras['label_prompt']['weight'] == field.extras['label_prompt'][
+        'field_weight'] == 0.0
+    assert field.extras['label_prompt']['used'] is False
+    assert field.extras['field_io']['steps'] == 3 and 'io_loss_first_last' not in field.extras
+    assert field.extras['field_io']['images'] == 'as registered'
     engine = get_engine('carl')
     assert 'label prompting' in engine.boilerplate(EngineOptions(params=params))
     assert 'label prompting' not in engine.boilerplate(
@@ -497,3 +508,33 @@ def test_label_guided_contrast_transfer(method, small_brains, carl_weights, dio_
         engine.cache_key(EngineOptions(params={'contrast_transfer': 'off'}))
     with pytest.raises(ValueError):
         engine.parameters(EngineOptions(params={'contrast_transfer': 'sometimes'}))
+
+
+def test_carl_field_io_compares_the_real_images_across_contrasts(small_brains, carl_weights,
+                                                                 start, tmp_path):
+    """Across contrasts the network sees both images re-rendered from their labels; with a
+    network trained on squared LNCC (keyprep's recipes) the field-space IO compares the real
+    images instead (sign-blind similarity), and says so; the paper's LNCC keeps the re-rendered
+    ones. The two choices give different fields."""
+    from keyprep.pipeline.registration import run_engine_variants
+
+    payload = torch.load(carl_weights, weights_only=True)
+    lncc2 = tmp_path / 'carl_lncc2.pt'
+    torch.save({**payload, 'recipe': {'similarity': 'lncc2'}}, lncc2)
+    labels = {k: str(_intensity_labels(small_brains[k], tmp_path / f'{k}_labels.nii.gz'))
+              for k in ('fixed', 'moving')}
+    kw = dict(fixed_mask=start['mask'], init_transform=start['xfm'],
+              init_method='keymorphAffine', contrasts={'fixed': 'T1w', 'moving': 'T2w'},
+              labels=labels)
+    runs = {}
+    for name, weights in (('lncc2', lncc2), ('lncc', carl_weights)):
+        _, runs[name] = run_engine_variants(
+            'carl', small_brains['fixed'], small_brains['moving'], tmp_path / name,
+            params={'weights': str(weights), 'field_steps': 3}, **kw)
+        assert runs[name].extras['contrast_transfer']['mode'] == 'both'
+        assert runs[name].extras['io_similarity'] == name
+    assert runs['lncc2'].extras['field_io']['images'] == 'original'
+    assert runs['lncc'].extras['field_io']['images'] == 'as registered'
+    a, _ = read_displacement_field(runs['lncc2'].fwd_xfm)
+    b, _ = read_displacement_field(runs['lncc'].fwd_xfm)
+    assert not np.allclose(a, b)

@@ -268,11 +268,13 @@ class CARL(ArrayEngine):
         io_any = any(v['io_steps'] or v['field_steps'] for _, v in variants)
         labels, prompt = None, {'weight': 0.0, 'used': False, 'why': 'no instance optimisation'}
         if io_any:
-            weight = max(params['label_weight'] if params['io_steps'] else 0.0,
-                         params['field_label_weight'] if params['field_steps'] else 0.0)
-            labels, prompt = self.prompt_labels(fixed, out_dir, options, weight)
-            prompt = {**prompt, 'weight': params['label_weight'],
-                      'field_weight': params['field_label_weight']}
+            # the label term's weight in each kind of IO that runs (0 where it does not)
+            w_io = params['label_weight'] if params['io_steps'] else 0.0
+            w_field = params['field_label_weight'] if params['field_steps'] else 0.0
+            labels, prompt = self.prompt_labels(fixed, out_dir, options, max(w_io, w_field))
+            prompt = {**prompt, 'weight': w_io, 'field_weight': w_field}
+            if max(w_io, w_field) <= 0:
+                prompt['why'] = 'no label term in the instance optimisation that runs'
         # label-guided contrast transfer: the images painted in the fixed one's contrast
         f_orig, m_orig = f, m
         f, m, transfer = self.transfer_contrast(f, m, fixed, out_dir, options,
