@@ -58,8 +58,9 @@ __all__ = ['CARL', 'DEFAULT_IO_STEPS']
 #: pair) and the next ones only win it back, at 1e-4 the loss falls at every step
 #: (``benchmarks/results/carl-io-lr/``).
 #: Since 2026-12-07 (evening) the default is **0**: carlIO's instance optimisation is keyprep's
-#: field-space one (``DEFAULT_FIELD_STEPS``), which gained 4-14 points over carl on 8 held-out
-#: synthetic 1 mm pairs where these 5 weight steps gained about 2, in half their time; the two
+#: field-space one (``DEFAULT_FIELD_STEPS``), which gained 2.8-15.0 points over carl (7.0 on
+#: average) on the 8 official held-out synthetic 1 mm pairs, where these 5 weight steps gained
+#: 1.7 on average, in about half their time; the two
 #: together were 0.2 points above the field refinement alone on 4 pairs, for twice the time
 #: (``benchmarks/results/carl-field-io/``). ``--carl-io-steps 5`` gives the paper's kind of IO
 #: at the setting above.
