@@ -548,6 +548,18 @@ def label_fractions(fixed_labels: np.ndarray, moving_labels: np.ndarray, centre,
     return out[0], out[1], len(ids)
 
 
+def _label_term(labels: tuple[torch.Tensor, torch.Tensor] | None,
+                weight: float) -> dict:
+    """The label term's arguments of :func:`~.losses.pair_loss` for instance optimisation of
+    the batch ``(cat[m, f], cat[f, m])``: the structure maps ``labels = (fixed, moving)``
+    both ways, compared at half resolution; empty without maps or at weight 0."""
+    if labels is None or not weight > 0:
+        return {}
+    lf, lm = labels
+    return {'onehot_moving': torch.cat([lm, lf]), 'onehot_fixed': torch.cat([lf, lm]),
+            'dice_weight': float(weight), 'label_level': 1}
+
+
 def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: float,
              seed: int, precision: str = 'fp32', similarity: str = 'lncc',
              labels: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -571,11 +583,7 @@ def _io_copy(model: CarlNet, m: torch.Tensor, f: torch.Tensor, steps: int, lr: f
         p.requires_grad_(train == 'all' or not name.startswith('first.'))
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator(device=m.device).manual_seed(int(seed))
-    prompt = {}
-    if labels is not None and label_weight > 0:
-        lf, lm = labels
-        prompt = {'onehot_moving': torch.cat([lm, lf]), 'onehot_fixed': torch.cat([lf, lm]),
-                  'dice_weight': float(label_weight), 'label_level': 1}
+    prompt = _label_term(labels, label_weight)
     losses = []
     moving, fixed = torch.cat([m, f]), torch.cat([f, m])
     if train != 'refine':
@@ -625,11 +633,7 @@ def refine_field(u: torch.Tensor, m: torch.Tensor, f: torch.Tensor, steps: int,
     r = torch.zeros((u.shape[0], 3, *coarse), device=u.device, requires_grad=True)
     opt = torch.optim.Adam([r], lr=lr)
     gen = torch.Generator(device=u.device).manual_seed(int(seed))
-    prompt = {}
-    if labels is not None and label_weight > 0:
-        lf, lm = labels
-        prompt = {'onehot_moving': torch.cat([lm, lf]), 'onehot_fixed': torch.cat([lf, lm]),
-                  'dice_weight': float(label_weight), 'label_level': 1}
+    prompt = _label_term(labels, label_weight)
     moving, fixed = torch.cat([m, f]).float(), torch.cat([f, m]).float()
     losses = []
 
